@@ -1,0 +1,248 @@
+// Blocked CPU kernels of SCFT attention: online softmax over key tiles in the forward,
+// a hand-written single-pass backward, and nothing of size N x M ever allocated.
+//
+// Tile products go through ATen's cpublas::gemm (MKL / oneDNN): for bf16 and fp16 inputs
+// its mixed overload multiplies low-precision tiles into fp32 accumulators, which is where
+// the 2.4x bf16 speed of this class of CPU comes from. Elementwise tile work (max, exp,
+// sums) goes through ATen ops on tile views so it gets ATen's runtime-dispatched vector code.
+#include "scft_attention/scft_attention_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <type_traits>
+
+#include "scft_attention/scft_attention_checks.h"
+#include "scft_attention/tile_gemm.h"
+
+namespace sketchcolor {
+namespace {
+
+// Query rows per tile: a (BLOCK_Q x D) query tile and the (BLOCK_Q x Dv) fp32 accumulator
+// stay in L2 while all key tiles stream past them.
+constexpr int64_t BLOCK_Q = 128;
+// Keys per tile: the (BLOCK_Q x BLOCK_K) fp32 score tile is 128 KiB, small enough to stay in
+// L2 between the GEMM that writes it and the elementwise passes that read it.
+constexpr int64_t BLOCK_K = 256;
+
+// Accumulator type: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 inputs.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+// A (rows x cols) row-major view of a scratch buffer, so tile edges need no padding.
+at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.view(-1).narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// The low-precision copy of a probability tile that the second GEMM reads; fp32 and fp64
+// inputs use the tile itself.
+template <typename scalar_t>
+at::Tensor low_precision_tile(const at::Tensor& tile, const at::Tensor& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return tile;
+  } else {
+    auto view = tile_view(buffer, tile.size(0), tile.size(1));
+    view.copy_(tile);
+    return view;
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                    const at::Tensor& lse, double scale) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t heads = q.size(0) * q.size(1), n = q.size(2), m = k.size(2), d = q.size(3), dv = v.size(3);
+  const int64_t q_tiles = (n + BLOCK_Q - 1) / BLOCK_Q;
+  const at::TensorOptions acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto q_rows = q.view({heads * n, d}), k_rows = k.view({heads * m, d}), v_rows = v.view({heads * m, dv});
+  const auto out_rows = out.view({heads * n, dv}), lse_rows = lse.view({heads * n});
+
+  // One work item per (batch*head, query tile): every core is busy even at B = H = 1.
+  at::parallel_for(0, heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    const auto scores_buffer = at::empty({BLOCK_Q, BLOCK_K}, acc_options);
+    const auto probs_buffer = at::empty({BLOCK_Q, BLOCK_K}, q.options());
+    const auto acc_buffer = at::empty({BLOCK_Q, dv}, acc_options);
+    const auto stats_buffer = at::empty({4, BLOCK_Q}, acc_options);
+    TileGemm tile_gemm(BLOCK_Q * std::max(BLOCK_K, dv), q.options());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t head = item / q_tiles, q0 = (item % q_tiles) * BLOCK_Q, rows = std::min(BLOCK_Q, n - q0);
+      const auto q_tile = q_rows.narrow(0, head * n + q0, rows);
+      const auto acc = tile_view(acc_buffer, rows, dv).zero_();
+      auto row_max = stats_buffer[0].narrow(0, 0, rows).fill_(-std::numeric_limits<acc_t>::infinity());
+      auto new_max = stats_buffer[1].narrow(0, 0, rows);
+      auto row_sum = stats_buffer[2].narrow(0, 0, rows).zero_();
+      auto rescale = stats_buffer[3].narrow(0, 0, rows);
+      for (int64_t k0 = 0; k0 < m; k0 += BLOCK_K) {
+        const int64_t cols = std::min(BLOCK_K, m - k0);
+        const auto scores = tile_view(scores_buffer, rows, cols);
+        tile_gemm(q_tile, k_rows.narrow(0, head * m + k0, cols).t(), scores, scale, false);
+        // Online softmax: rescale what was accumulated under the old row max.
+        at::amax_out(new_max, scores, {1});
+        at::maximum_out(new_max, new_max, row_max);
+        at::sub_out(rescale, row_max, new_max).exp_();
+        scores.sub_(new_max.unsqueeze(1)).exp_();
+        row_sum.mul_(rescale).add_(scores.sum(1));
+        acc.mul_(rescale.unsqueeze(1));
+        row_max.copy_(new_max);
+        tile_gemm(low_precision_tile<scalar_t>(scores, probs_buffer), v_rows.narrow(0, head * m + k0, cols), acc, 1.0,
+                  true);
+      }
+      out_rows.narrow(0, head * n + q0, rows).copy_(acc.div_(row_sum.unsqueeze(1)));
+      lse_rows.narrow(0, head * n + q0, rows).copy_(row_sum.log_().add_(row_max));
+    }
+  });
+}
+
+// Work items of the backward wait for each other when adding partial dQ tiles; if one
+// item throws, the others must stop waiting instead of spinning forever.
+class OrderedTileAdd {
+ public:
+  explicit OrderedTileAdd(int64_t tiles) : turns_(new std::atomic<int64_t>[tiles]) {
+    for (int64_t i = 0; i < tiles; ++i) turns_[i].store(0, std::memory_order_relaxed);
+  }
+  // Runs add() for tile `tile` after chunks 0..chunk-1 have run theirs: the sum order, and so
+  // the result, is fixed for a given thread count.
+  template <typename F>
+  void run_in_order(int64_t tile, int64_t chunk, F&& add) {
+    while (turns_[tile].load(std::memory_order_acquire) != chunk) {
+      TORCH_CHECK(!failed_.load(std::memory_order_relaxed), "scft_attn_bwd: another work item failed");
+      std::this_thread::yield();
+    }
+    add();
+    turns_[tile].store(chunk + 1, std::memory_order_release);
+  }
+  void mark_failed() { failed_.store(true, std::memory_order_relaxed); }
+
+ private:
+  std::unique_ptr<std::atomic<int64_t>[]> turns_;
+  std::atomic<bool> failed_{false};
+};
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, double scale, const at::Tensor& grad_q_acc,
+                     const at::Tensor& grad_k_acc, const at::Tensor& grad_v_acc) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t heads = q.size(0) * q.size(1), n = q.size(2), m = k.size(2), d = q.size(3), dv = v.size(3);
+  const int64_t q_tiles = (n + BLOCK_Q - 1) / BLOCK_Q, k_tiles = (m + BLOCK_K - 1) / BLOCK_K;
+  const at::TensorOptions acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+
+  // Delta_i = rowsum(dO_i * O_i), in the accumulator type.
+  at::Tensor delta = at::empty({heads, n}, acc_options);
+  const auto grad_out_rows = grad_out.view({heads * n, dv}), out_rows = out.view({heads * n, dv});
+  at::parallel_for(0, heads * n, BLOCK_Q, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin; r0 < end; r0 += BLOCK_Q) {
+      const int64_t rows = std::min(BLOCK_Q, end - r0);
+      auto prod = grad_out_rows.narrow(0, r0, rows).to(acc_options.dtype()) * out_rows.narrow(0, r0, rows);
+      at::Tensor delta_rows = delta.view(-1).narrow(0, r0, rows);
+      at::sum_out(delta_rows, prod, {1});
+    }
+  });
+
+  // Work items are (batch*head, chunk of key tiles): each owns the dK, dV rows of its keys,
+  // so those need no synchronization, and every core has work even at B = H = 1. dQ rows
+  // receive one partial per chunk, added in chunk order.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k_tiles));
+  OrderedTileAdd dq_order(heads * q_tiles);
+  const auto q_rows = q.view({heads * n, d}), k_rows = k.view({heads * m, d}), v_rows = v.view({heads * m, dv});
+  const auto lse_rows = lse.view({heads * n, 1}), delta_rows = delta.view({heads * n, 1});
+  const auto grad_q_rows = grad_q_acc.view({heads * n, d}), grad_k_rows = grad_k_acc.view({heads * m, d});
+  const auto grad_v_rows = grad_v_acc.view({heads * m, dv});
+
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    const auto probs_buffer = at::empty({BLOCK_Q, BLOCK_K}, acc_options);
+    const auto dscores_buffer = at::empty({BLOCK_Q, BLOCK_K}, acc_options);
+    const auto probs_lp_buffer = at::empty({BLOCK_Q, BLOCK_K}, q.options());
+    const auto dscores_lp_buffer = at::empty({BLOCK_Q, BLOCK_K}, q.options());
+    const auto grad_q_partial_buffer = at::empty({BLOCK_Q, d}, acc_options);
+    TileGemm tile_gemm(std::max(BLOCK_Q, BLOCK_K) * std::max({BLOCK_K, d, dv}), q.options());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t head = item / chunks, chunk = item % chunks;
+      const int64_t tile_begin = chunk * k_tiles / chunks, tile_end = (chunk + 1) * k_tiles / chunks;
+      try {
+        for (int64_t qt = 0; qt < q_tiles; ++qt) {
+          const int64_t row0 = head * n + qt * BLOCK_Q, rows = std::min(BLOCK_Q, n - qt * BLOCK_Q);
+          const auto q_tile = q_rows.narrow(0, row0, rows), grad_out_tile = grad_out_rows.narrow(0, row0, rows);
+          const auto lse_tile = lse_rows.narrow(0, row0, rows), delta_tile = delta_rows.narrow(0, row0, rows);
+          const auto grad_q_partial = tile_view(grad_q_partial_buffer, rows, d).zero_();
+          for (int64_t kt = tile_begin; kt < tile_end; ++kt) {
+            const int64_t key0 = head * m + kt * BLOCK_K, cols = std::min(BLOCK_K, m - kt * BLOCK_K);
+            const auto k_tile = k_rows.narrow(0, key0, cols), v_tile = v_rows.narrow(0, key0, cols);
+            // P = exp(scale * Q K^T - lse), recomputed from the saved row statistics.
+            const auto probs = tile_view(probs_buffer, rows, cols);
+            tile_gemm(q_tile, k_tile.t(), probs, scale, false);
+            probs.sub_(lse_tile).exp_();
+            // dP = dO V^T
+            const auto dscores = tile_view(dscores_buffer, rows, cols);
+            tile_gemm(grad_out_tile, v_tile.t(), dscores, 1.0, false);
+            // dV += P^T dO
+            tile_gemm(low_precision_tile<scalar_t>(probs, probs_lp_buffer).t(), grad_out_tile,
+                      grad_v_rows.narrow(0, key0, cols), 1.0, true);
+            // dS = P * (dP - Delta);  dK += scale dS^T Q;  dQ_partial += scale dS K
+            dscores.sub_(delta_tile).mul_(probs);
+            const at::Tensor dscores_lp = low_precision_tile<scalar_t>(dscores, dscores_lp_buffer);
+            tile_gemm(dscores_lp.t(), q_tile, grad_k_rows.narrow(0, key0, cols), scale, true);
+            tile_gemm(dscores_lp, k_tile, grad_q_partial, scale, true);
+          }
+          dq_order.run_in_order(head * q_tiles + qt, chunk,
+                                [&] { grad_q_rows.narrow(0, row0, rows).add_(grad_q_partial); });
+        }
+      } catch (...) {
+        dq_order.mark_failed();
+        throw;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     double scale) {
+  check_attention_inputs(q, k, v);
+  // The kernel's tile views of q, k, v must not be seen by autograd.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(q.device().is_cpu(), "scft_attn_fwd (cpp): q must be a CPU tensor, got ", q.device());
+  TORCH_CHECK(std::isfinite(scale), "scft_attn_fwd: scale must be finite, got ", scale);
+  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type));
+  if (q.numel() == 0) return {out, lse};
+  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "scft_attn_fwd_cpu",
+                                  [&] { forward_kernel<scalar_t>(qc, kc, vc, out, lse, scale); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const at::Tensor& out, const at::Tensor& lse,
+                                                                 double scale) {
+  check_attention_grad_inputs(grad_out, q, k, v, out, lse);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(q.device().is_cpu(), "scft_attn_bwd (cpp): q must be a CPU tensor, got ", q.device());
+  TORCH_CHECK(std::isfinite(scale), "scft_attn_bwd: scale must be finite, got ", scale);
+  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool accumulate_in_place = q.scalar_type() == acc_type;
+  // fp32 and fp64 accumulate straight into the gradients; bf16 and fp16 into fp32 copies.
+  auto make_acc = [&](const at::Tensor& like) {
+    return at::zeros(like.sizes(), like.options().dtype(acc_type).memory_format(at::MemoryFormat::Contiguous));
+  };
+  auto grad_q = make_acc(q), grad_k = make_acc(k), grad_v = make_acc(v);
+  if (q.size(2) > 0) {
+    const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+    const auto grad_out_c = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "scft_attn_bwd_cpu", [&] {
+      backward_kernel<scalar_t>(grad_out_c, qc, kc, vc, out_c, lse_c, scale, grad_q, grad_k, grad_v);
+    });
+  }
+  if (accumulate_in_place) return {grad_q, grad_k, grad_v};
+  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_v.to(v.scalar_type())};
+}
+
+}  // namespace sketchcolor

@@ -1,0 +1,40 @@
+// Tile products of the CPU kernels: c = alpha * a @ b (+ c when accumulating), where a (m x k)
+// and b (k x n) are tile views (possibly transposed) and c (m x n) is in the accumulator type.
+//
+// fp32 and fp64 go straight through at::addmm_out (BLAS). bf16 and fp16 tiles go through
+// at::mm_out in their own dtype, which ATen sends to oneDNN: with AVX512-BF16 or AMX that is
+// about 2x the fp32 rate, where MKL's mixed bf16 x bf16 -> fp32 GEMM runs no faster than fp32
+// on some CPUs. The product is rounded once to bf16 per tile and then summed in fp32, so the
+// error stays that of one low-precision rounding, like the reference's.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace sketchcolor {
+
+class TileGemm {
+ public:
+  // max_elements: the largest m * n this instance will produce; dtype: the tiles' dtype.
+  TileGemm(int64_t max_elements, const at::TensorOptions& tile_options)
+      : scratch_(at::empty({max_elements}, tile_options)) {}
+
+  void operator()(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double alpha, bool accumulate) {
+    if (a.scalar_type() == c.scalar_type()) {
+      auto out = c;
+      at::addmm_out(out, c, a, b, accumulate ? 1.0 : 0.0, alpha);
+      return;
+    }
+    auto product = scratch_.narrow(0, 0, a.size(0) * b.size(1)).view({a.size(0), b.size(1)});
+    at::mm_out(product, a, b);
+    if (accumulate) {
+      c.add_(product, alpha);
+    } else {
+      c.copy_(product).mul_(alpha);
+    }
+  }
+
+ private:
+  at::Tensor scratch_;  // (max_elements,) in the tiles' dtype; unused for fp32 and fp64
+};
+
+}  // namespace sketchcolor

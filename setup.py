@@ -1,0 +1,63 @@
+"""Builds sketchcolor._C.
+
+C++ CPU kernels are always built. CUDA kernels (csrc/<op>/*_kernel.cu and the torch
+bindings csrc/<op>/*_cuda.cpp) are added when torch is a CUDA build and nvcc is present,
+unless SKETCHCOLOR_NO_CUDA=1. Install with `pip install --no-build-isolation -e .`:
+this file imports torch, and pip's build isolation would fetch a second torch.
+"""
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_build_wanted() -> bool:
+    if os.environ.get("SKETCHCOLOR_NO_CUDA", "0") == "1":
+        return False
+    nvcc_found = CUDA_HOME is not None or shutil.which("nvcc") is not None
+    return torch.version.cuda is not None and nvcc_found
+
+
+def _sources(pattern: str) -> list:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
+
+
+def _extension():
+    cpu_sources = _sources("ops.cpp") + _sources("*/*_cpu.cpp")
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    if not _cuda_build_wanted():
+        return CppExtension(
+            "sketchcolor._C",
+            cpu_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp", "-ldl"],
+        )
+    arch_flags = [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+    ]
+    return CUDAExtension(
+        "sketchcolor._C",
+        cpu_sources + _sources("*/*_cuda.cpp") + _sources("*/*_kernel.cu"),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=[("SKETCHCOLOR_WITH_CUDA", "1")],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *arch_flags],
+        },
+        extra_link_args=["-fopenmp", "-ldl"],
+    )
+
+
+setup(
+    packages=["sketchcolor", "sketchcolor.ops", "sketchcolor.data", "sketchcolor.models", "sketchcolor.kernels"],
+    package_dir={"sketchcolor.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

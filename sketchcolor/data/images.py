@@ -1,0 +1,55 @@
+"""Reading any image file as RGB and converting between Pillow images and tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# Errors Pillow raises for files that are not images, are truncated or corrupt, or are too
+# large to decode safely. Anything else is a bug and should propagate.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def load_rgb_image(path: str | Path) -> Image.Image:
+    """Decode an image file fully and return it as 8-bit RGB.
+
+    Grayscale and palette images are expanded to RGB; transparent images (RGBA, LA, palette
+    with transparency) are composited over white, since line art is usually drawn on
+    transparent or white paper; 16-bit images are scaled to 8 bits; EXIF orientation is
+    applied. Raises one of ``UNREADABLE_IMAGE_ERRORS`` when the file cannot be decoded.
+    """
+    with Image.open(path) as opened:
+        opened.load()
+        image = ImageOps.exif_transpose(opened)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 32-bit and 16-bit integer grayscale: Pillow's convert("RGB") would clip at 255.
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit Pillow image -> float32 tensor (C, H, W) in [0, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """Float tensor (1, H, W) or (3, H, W) in [0, 1] -> 8-bit Pillow image (L or RGB)."""
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"image must have shape (1, H, W) or (3, H, W), got {tuple(image.shape)}")
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    if array.shape[0] == 1:
+        return Image.fromarray(array[0], "L")
+    return Image.fromarray(array.transpose(1, 2, 0), "RGB")

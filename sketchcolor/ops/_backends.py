@@ -1,0 +1,83 @@
+"""Which backend runs an op: the ``impl`` argument of every public op.
+
+reference  sketchcolor.reference (any device; materializes N x M)
+cpp        C++ CPU kernels of sketchcolor._C (CPU tensors)
+triton     Triton kernels of sketchcolor.kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
+cuda       CUDA kernels of sketchcolor._C (CUDA tensors, CUDA builds only)
+auto       the fastest available for the tensors' device; falling back to reference warns once
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from . import _extension
+
+IMPLS = ("auto", "reference", "cpp", "triton", "cuda")
+_AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(impl: str, device: torch.device, op_name: str) -> str | None:
+    """None if ``impl`` can run ``op_name`` (the C++ schema name) on ``device``, else why not."""
+    if impl == "reference":
+        return None
+    if impl == "cpp":
+        if device.type != "cpu":
+            return f"impl='cpp' runs on CPU tensors, got tensors on {device}"
+        if _extension.load_error() is not None:
+            return _extension.load_error()
+        return None
+    if impl == "cuda":
+        if device.type != "cuda":
+            return f"impl='cuda' runs on CUDA tensors, got tensors on {device}"
+        if _extension.load_error() is not None:
+            return _extension.load_error()
+        if not _extension.has_kernel(op_name, "CUDA"):
+            return "the extension sketchcolor._C was built without CUDA (needs a CUDA build of torch and nvcc at install time)"
+        return None
+    if impl == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        return f"impl='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+@functools.cache
+def _warn_fallback(op_name: str, device_type: str, reasons: str) -> None:
+    warnings.warn(
+        f"sketchcolor: no fast backend for {op_name} on {device_type} ({reasons}); "
+        "using impl='reference', which materializes the N x M score matrix",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def resolve(impl: str, device: torch.device, op_name: str) -> str:
+    """The concrete backend name for ``impl``; raises with the reason if it cannot run."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        reason = unavailable_reason(impl, device, op_name)
+        if reason is not None:
+            raise RuntimeError(f"sketchcolor: impl={impl!r} is not available: {reason}")
+        return impl
+    reasons = []
+    for candidate in _AUTO_ORDER.get(device.type, ()):
+        reason = unavailable_reason(candidate, device, op_name)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate}: {reason}")
+    _warn_fallback(op_name, device.type, "; ".join(reasons) or "no fused backend for this device")
+    return "reference"
