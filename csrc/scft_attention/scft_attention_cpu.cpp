@@ -134,22 +134,42 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
 
   // Delta_i = rowsum(dO_i * O_i), in the accumulator type.
   at::Tensor delta = at::empty({heads, n}, acc_options);
-  const auto grad_out_rows = grad_out.view({heads * n, dv}), out_rows = out.view({heads * n, dv});
+  const auto out_rows = out.view({heads * n, dv});
   at::parallel_for(0, heads * n, BLOCK_Q, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = begin; r0 < end; r0 += BLOCK_Q) {
       const int64_t rows = std::min(BLOCK_Q, end - r0);
-      auto prod = grad_out_rows.narrow(0, r0, rows).to(acc_options.dtype()) * out_rows.narrow(0, r0, rows);
+      auto prod = grad_out.view({heads * n, dv}).narrow(0, r0, rows).to(acc_options.dtype()) * out_rows.narrow(0, r0, rows);
       at::Tensor delta_rows = delta.view(-1).narrow(0, r0, rows);
       at::sum_out(delta_rows, prod, {1});
     }
   });
+
+  // dP - Delta is computed by one GEMM of augmented operands: [dO | -Delta] [V | 1]^T. In bf16 and
+  // fp16 the tile GEMMs round their output once, and rounding dP alone before subtracting an
+  // exact Delta would leave an error of |dP| * 2^-8 in dS where the true dS vanishes (every row
+  // of a one-key softmax, for one); rounding the difference keeps it relative to dS. Delta enters
+  // as two low-precision columns (high and low parts), so it is represented to ~2^-16.
+  constexpr bool low_precision = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t extra = low_precision ? 2 : 0;
+  at::Tensor grad_out_aug = grad_out.view({heads * n, dv}), v_aug = v.view({heads * m, dv});
+  if constexpr (low_precision) {
+    grad_out_aug = at::empty({heads * n, dv + extra}, q.options());
+    grad_out_aug.narrow(1, 0, dv).copy_(grad_out.view({heads * n, dv}));
+    const auto delta_high = delta.view({heads * n, 1}).to(q.scalar_type());
+    grad_out_aug.narrow(1, dv, 1).copy_(delta_high).neg_();
+    grad_out_aug.narrow(1, dv + 1, 1).copy_(delta.view({heads * n, 1}) - delta_high.to(acc_options.dtype())).neg_();
+    v_aug = at::empty({heads * m, dv + extra}, q.options());
+    v_aug.narrow(1, 0, dv).copy_(v.view({heads * m, dv}));
+    v_aug.narrow(1, dv, extra).fill_(1);
+  }
+  const auto grad_out_rows = grad_out_aug.narrow(1, 0, dv);
 
   // Work items are (batch*head, chunk of key tiles): each owns the dK, dV rows of its keys,
   // so those need no synchronization, and every core has work even at B = H = 1. dQ rows
   // receive one partial per chunk, added in chunk order.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k_tiles));
   OrderedTileAdd dq_order(heads * q_tiles);
-  const auto q_rows = q.view({heads * n, d}), k_rows = k.view({heads * m, d}), v_rows = v.view({heads * m, dv});
+  const auto q_rows = q.view({heads * n, d}), k_rows = k.view({heads * m, d});
   const auto lse_rows = lse.view({heads * n, 1}), delta_rows = delta.view({heads * n, 1});
   const auto grad_q_rows = grad_q_acc.view({heads * n, d}), grad_k_rows = grad_k_acc.view({heads * m, d});
   const auto grad_v_rows = grad_v_acc.view({heads * m, dv});
@@ -168,23 +188,25 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         for (int64_t qt = 0; qt < q_tiles; ++qt) {
           const int64_t row0 = head * n + qt * BLOCK_Q, rows = std::min(BLOCK_Q, n - qt * BLOCK_Q);
           const auto q_tile = q_rows.narrow(0, row0, rows), grad_out_tile = grad_out_rows.narrow(0, row0, rows);
+          const auto grad_out_aug_tile = grad_out_aug.narrow(0, row0, rows);
           const auto lse_tile = lse_rows.narrow(0, row0, rows), delta_tile = delta_rows.narrow(0, row0, rows);
           const auto grad_q_partial = tile_view(grad_q_partial_buffer, rows, d).zero_();
           for (int64_t kt = tile_begin; kt < tile_end; ++kt) {
             const int64_t key0 = head * m + kt * BLOCK_K, cols = std::min(BLOCK_K, m - kt * BLOCK_K);
-            const auto k_tile = k_rows.narrow(0, key0, cols), v_tile = v_rows.narrow(0, key0, cols);
+            const auto k_tile = k_rows.narrow(0, key0, cols);
             // P = exp(scale * Q K^T - lse), recomputed from the saved row statistics.
             const auto probs = tile_view(probs_buffer, rows, cols);
             tile_gemm(q_tile, k_tile.t(), probs, scale, false);
             probs.sub_(lse_tile).exp_();
-            // dP = dO V^T
+            // dP - Delta = dO V^T - Delta
             const auto dscores = tile_view(dscores_buffer, rows, cols);
-            tile_gemm(grad_out_tile, v_tile.t(), dscores, 1.0, false);
+            tile_gemm(grad_out_aug_tile, v_aug.narrow(0, key0, cols).t(), dscores, 1.0, false);
+            if constexpr (!low_precision) dscores.sub_(delta_tile);
             // dV += P^T dO
             tile_gemm(low_precision_tile<scalar_t>(probs, probs_lp_buffer).t(), grad_out_tile,
                       grad_v_rows.narrow(0, key0, cols), 1.0, true);
             // dS = P * (dP - Delta);  dK += scale dS^T Q;  dQ_partial += scale dS K
-            dscores.sub_(delta_tile).mul_(probs);
+            dscores.mul_(probs);
             const at::Tensor dscores_lp = low_precision_tile<scalar_t>(dscores, dscores_lp_buffer);
             tile_gemm(dscores_lp.t(), q_tile, grad_k_rows.narrow(0, key0, cols), scale, true);
             tile_gemm(dscores_lp, k_tile, grad_q_partial, scale, true);

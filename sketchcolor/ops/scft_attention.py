@@ -9,8 +9,6 @@ torch.compile see through them, and never lets an N x M tensor exist.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import reference
@@ -66,23 +64,32 @@ def scft_attention(q, k, v, scale=None, *, impl: str = "auto", return_lse: bool 
     return (out, lse) if return_lse else out
 
 
-def _fused_ops(backend: str):
-    """The forward op of a fused backend, with its autograd registered once."""
-    if backend in ("cpp", "cuda"):
-        _register_cpp_fakes()
-        return _register_autograd("scft_attn_fwd", "scft_attn_bwd")
-    if backend == "triton":
-        from . import _triton_attention  # noqa: F401  (defines the triton_op pair and its fakes)
+# "extension" (cpp and cuda: kernels of one op pair) or "triton" -> the forward op with autograd
+# registered. A plain dict so that torch.compile
+# traces a lookup, not the one-time registration (which dynamo refuses to trace).
+_FORWARD_OPS: dict = {}
 
-        return _register_autograd("scft_attn_fwd_triton", "scft_attn_bwd_triton")
-    raise AssertionError(backend)
+
+def _fused_ops(backend: str):
+    """The forward op of a fused backend, registering its fake kernel and autograd once."""
+    key = "triton" if backend == "triton" else "extension"
+    op = _FORWARD_OPS.get(key)
+    if op is None:
+        if key == "extension":
+            _register_cpp_fakes()
+            op = _register_autograd("scft_attn_fwd", "scft_attn_bwd")
+        else:
+            from . import _triton_attention  # noqa: F401  (defines the triton_op pair and its fakes)
+
+            op = _register_autograd("scft_attn_fwd_triton", "scft_attn_bwd_triton")
+        _FORWARD_OPS[key] = op
+    return op
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.cache
 def _register_cpp_fakes() -> None:
     """Shape-only kernels of the C++ ops, for torch.compile and opcheck."""
 
@@ -97,7 +104,6 @@ def _register_cpp_fakes() -> None:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-@functools.cache
 def _register_autograd(fwd_name: str, bwd_name: str):
     """Hand-written backward for a (fwd, bwd) op pair; lse is an output without gradient."""
     bwd = getattr(torch.ops.sketchcolor, bwd_name)
@@ -123,3 +129,7 @@ def _register_autograd(fwd_name: str, bwd_name: str):
     torch.library.register_autograd(f"sketchcolor::{fwd_name}", backward, setup_context=setup_context)
     torch.library.register_autograd(f"sketchcolor::{bwd_name}", double_backward)
     return getattr(torch.ops.sketchcolor, fwd_name)
+
+
+if _backends.unavailable_reason("cpp", torch.device("cpu"), FWD_OP) is None:
+    _fused_ops("cpp")  # the C++ ops are usable (and opcheck-able) as soon as sketchcolor.ops is imported

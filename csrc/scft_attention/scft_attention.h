@@ -1,0 +1,228 @@
+// The CUDA backend of SCFT attention: parameter structs, tile configurations and launchers.
+//
+// Pure C++17 plus the CUDA runtime API header: no torch header, so that
+// scft_attention_kernel.cu compiles with nvcc anywhere, and so that the compile test can build a
+// tiny host program from this header alone to learn the shared-memory size of every kernel.
+//
+// Shapes use the op's names: B batch, H heads, N queries, M keys, D the q/k head dim,
+// Dv the v head dim. Element strides are in elements (not bytes); the last axis of every tensor
+// has stride 1. The launchers require 16-byte aligned base pointers and row/head/batch strides
+// that are multiples of 8 elements (so that every tile row starts on a 16-byte boundary and can
+// be copied with 16-byte cp.async); the torch binding guarantees that by copying inputs that do
+// not meet it into a padded buffer. Outputs and workspaces are contiguous.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace sketchcolor {
+namespace scft {
+
+enum class ScftDtype : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// Largest D and Dv the binding accepts. No tile shape depends on it: D and Dv are streamed
+// through shared memory in chunks; it bounds what the index arithmetic and tests reason about.
+constexpr int kMaxHeadDim = 4096;
+// Every row handed to the kernels starts on a 16-byte boundary: 8 fp16/bf16 elements.
+constexpr int kRowAlignElems = 8;
+// Shared-memory rows are padded by 8 elements (16 bytes): a row pitch of 16 * odd bytes puts the
+// 8 rows that one ldmatrix 8x8 reads into 8 distinct 16-byte bank groups (no bank conflicts).
+constexpr int kSmemPad = 8;
+constexpr int kElemBytes = 2;
+
+constexpr int scft_max(int a, int b) { return a > b ? a : b; }
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one CTA owns kBlockM query rows and a kBlockDv-wide slice of the output columns
+// (grid.y walks the Dv slices). It streams key tiles of kBlockN keys; for each, the score tile
+// S = q k^T is accumulated over D in kBlockK-wide "QK jobs" (q and k chunks through a cp.async
+// ring of kStages stage buffers), the online-softmax step turns S into P (bf16/fp16 in shared
+// memory), and kKeysPerVJob-row "V jobs" add P v[:, slice] into the fp32 output accumulator that
+// stays in registers. Warps form a kWarpsM x kWarpsN grid: warp (wm, wn) owns query rows
+// [wm*BM/WM, ...) of both S and O, S columns [wn*BN/WN, ...) and O columns [wn*BDv/WN, ...).
+template <int kBlockDv_>
+struct ScftFwdTile {
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 128;
+  static constexpr int kBlockK = 64;
+  static constexpr int kBlockDv = kBlockDv_;
+  static constexpr int kKeysPerVJob = 32;
+  static constexpr int kWarpsM = 2;
+  static constexpr int kWarpsN = 4;
+  static constexpr int kThreads = kWarpsM * kWarpsN * 32;
+  static constexpr int kStages = 4;
+  static constexpr int kQkStride = kBlockK + kSmemPad;    // q and k chunk rows in a stage
+  static constexpr int kVStride = kBlockDv + kSmemPad;    // v chunk rows in a stage
+  static constexpr int kPStride = kBlockN + kSmemPad;     // probability tile rows
+  static constexpr int kStageElems =
+      scft_max((kBlockM + kBlockN) * kQkStride, kKeysPerVJob * kVStride);
+  // Stage ring, the probability tile (kBlockM x kBlockN), and two kWarpsN x kBlockM fp32
+  // row-reduction buffers (partial row maxima, partial row sums).
+  static constexpr size_t kSmemBytes =
+      size_t(kStages * kStageElems + kBlockM * kPStride) * kElemBytes +
+      size_t(2 * kWarpsN * kBlockM) * sizeof(float);
+};
+// Dv <= 128 (one slice), Dv <= 256 (one slice), larger Dv (slices of 512: 992 = 512 + 480).
+struct ScftFwdConfigDv128 : ScftFwdTile<128> {};
+struct ScftFwdConfigDv256 : ScftFwdTile<256> {};
+struct ScftFwdConfigDv512 : ScftFwdTile<512> {};
+
+// ---------------------------------------------------------------------------------------------
+// Backward, probabilities and score gradients of one key chunk: a CTA owns a kBlockM x kBlockN
+// tile of (query, key) pairs, accumulates S = q k^T over D and dP = dO v^T over Dv (both
+// through the same stage ring, chunks of kBlockK), and writes P = exp(scale S - lse) and
+// dS = P * (dP - Delta) in the input dtype to the chunk workspaces.
+struct ScftBwdProbsConfig {
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 128;
+  static constexpr int kBlockK = 64;
+  static constexpr int kWarpsM = 2;
+  static constexpr int kWarpsN = 4;
+  static constexpr int kThreads = kWarpsM * kWarpsN * 32;
+  static constexpr int kStages = 3;
+  static constexpr int kStride = kBlockK + kSmemPad;
+  static constexpr int kStageElems = (kBlockM + kBlockN) * kStride;
+  static constexpr size_t kSmemBytes = size_t(kStages * kStageElems) * kElemBytes;
+};
+
+// Backward GEMMs over the chunk workspaces (dV = P^T dO, dK = scale dS^T q, dQ += scale dS k):
+// C (m x n) = alpha * A (m x k) B (k x n) [+ C_in], B stored k-major rows (n contiguous), A either
+// m-major rows (k contiguous) or k-major rows (m contiguous).
+struct ScftGemmConfig {
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 128;
+  static constexpr int kBlockK = 32;
+  static constexpr int kWarpsM = 2;
+  static constexpr int kWarpsN = 4;
+  static constexpr int kThreads = kWarpsM * kWarpsN * 32;
+  static constexpr int kMinBlocksPerSm = 2;   // 64 fp32 accumulators per thread leave room for two CTAs
+  static constexpr int kStages = 4;
+  static constexpr int kAStrideKContig = kBlockK + kSmemPad;   // A tile stored [m][k]
+  static constexpr int kAStrideMContig = kBlockM + kSmemPad;   // A tile stored [k][m]
+  static constexpr int kBStride = kBlockN + kSmemPad;          // B tile stored [k][n]
+  static constexpr int kStageElems =
+      scft_max(kBlockM * kAStrideKContig, kBlockK * kAStrideMContig) + kBlockK * kBStride;
+  static constexpr size_t kSmemBytes = size_t(kStages * kStageElems) * kElemBytes;
+};
+
+struct ScftBwdDeltaConfig {
+  static constexpr int kThreads = 256;   // one warp per query row
+  static constexpr size_t kSmemBytes = 0;
+};
+
+// Dynamic shared memory requested by each kernel, by the configuration name that appears in the
+// kernel's mangled name. tests/test_cuda_compile.py compiles a host program that prints this table
+// and adds it to the static shared memory that ptxas reports.
+struct ScftKernelSmem {
+  const char* config_name;
+  size_t dynamic_smem_bytes;
+};
+inline constexpr ScftKernelSmem kScftKernelSmemTable[] = {
+    {"ScftFwdConfigDv128", ScftFwdConfigDv128::kSmemBytes},
+    {"ScftFwdConfigDv256", ScftFwdConfigDv256::kSmemBytes},
+    {"ScftFwdConfigDv512", ScftFwdConfigDv512::kSmemBytes},
+    {"ScftBwdProbsConfig", ScftBwdProbsConfig::kSmemBytes},
+    {"ScftGemmConfig", ScftGemmConfig::kSmemBytes},
+    {"ScftBwdDeltaConfig", ScftBwdDeltaConfig::kSmemBytes},
+};
+
+// ---------------------------------------------------------------------------------------------
+// Parameters. x[b, h, i, c] of a 4-D operand lives at
+//   x + b * x_stride_b + h * x_stride_h + i * x_stride_row + c.
+
+struct ScftAttnFwdParams {
+  const void* q;          // (B, H, N, D)  fp16/bf16
+  const void* k;          // (B, H, M, D)  same dtype as q
+  const void* v;          // (B, H, M, Dv) same dtype as q
+  void* out;              // (B, H, N, Dv) same dtype as q, contiguous: softmax(scale q k^T) v
+  float* lse;             // (B, H, N)     float32, contiguous: logsumexp_j (scale q_i . k_j)
+  int64_t q_stride_b, q_stride_h, q_stride_row;   // elements
+  int64_t k_stride_b, k_stride_h, k_stride_row;
+  int64_t v_stride_b, v_stride_h, v_stride_row;
+  int batch;              // B
+  int heads;              // H
+  int n_queries;          // N >= 1
+  int n_keys;             // M >= 1
+  int head_dim;           // D  in [1, kMaxHeadDim]
+  int value_dim;          // Dv in [1, kMaxHeadDim]
+  float scale;            // S = scale * q k^T
+};
+
+struct ScftAttnBwdParams {
+  // Inputs.
+  const void* grad_out;   // (B, H, N, Dv) dL/d out, dtype of q
+  const void* q;          // (B, H, N, D)
+  const void* k;          // (B, H, M, D)
+  const void* v;          // (B, H, M, Dv)
+  const void* out;        // (B, H, N, Dv) the forward's output
+  const float* lse;       // (B, H, N)     float32, contiguous: the forward's logsumexp
+  int64_t grad_out_stride_b, grad_out_stride_h, grad_out_stride_row;   // elements
+  int64_t q_stride_b, q_stride_h, q_stride_row;
+  int64_t k_stride_b, k_stride_h, k_stride_row;
+  int64_t v_stride_b, v_stride_h, v_stride_row;
+  int64_t out_stride_b, out_stride_h, out_stride_row;
+  // Outputs, contiguous, dtype of q.
+  void* grad_q;           // (B, H, N, D)
+  void* grad_k;           // (B, H, M, D)
+  void* grad_v;           // (B, H, M, Dv)
+  // Workspaces, contiguous, allocated by the caller (see scft_bwd_workspace_plan).
+  float* delta;           // (B, H, N) float32: Delta_i = sum_c grad_out[i, c] * out[i, c]
+  void* probs;            // (B, H, N, key_chunk) dtype of q: P = exp(scale S - lse) of one key chunk
+  void* dscores;          // (B, H, N, key_chunk) dtype of q: dS = P * (dO v^T - Delta) of one key chunk
+  float* grad_q_accum;    // (B, H, N, D) float32: dQ summed over key chunks; null when one chunk
+  int key_chunk;          // keys per chunk: a multiple of 128, >= min(M rounded up to 128, ...)
+  int batch;              // B
+  int heads;              // H
+  int n_queries;          // N >= 1
+  int n_keys;             // M >= 1
+  int head_dim;           // D
+  int value_dim;          // Dv
+  float scale;
+};
+
+// How the backward splits the keys: the P and dS workspaces hold N x key_chunk values per head
+// (never N x M), so the backward's extra memory is O(N * (D + Dv)) like its inputs. key_chunk is
+// the largest multiple of 128 keys whose two workspaces fit in
+// max(64 MiB, bytes of q + k + v + grad_out), and no larger than M rounded up to 128.
+struct ScftBwdWorkspacePlan {
+  int key_chunk;          // keys per chunk
+  int num_chunks;         // ceil(M / key_chunk)
+  bool needs_grad_q_accum;  // num_chunks > 1: dQ is summed in a float32 (B, H, N, D) buffer
+};
+
+inline ScftBwdWorkspacePlan scft_bwd_workspace_plan(int64_t batch_heads, int64_t n_queries, int64_t n_keys,
+                                                    int64_t head_dim, int64_t value_dim) {
+  const int64_t kChunkAlign = 128;
+  const int64_t input_bytes =
+      (batch_heads * (n_queries * (head_dim + 2 * value_dim) + n_keys * (head_dim + value_dim))) * kElemBytes;
+  const int64_t floor_bytes = int64_t(64) << 20;
+  const int64_t budget = input_bytes > floor_bytes ? input_bytes : floor_bytes;
+  const int64_t bytes_per_key = batch_heads * n_queries * 2 * kElemBytes;   // one P and one dS column
+  int64_t chunk = (budget / (bytes_per_key > 0 ? bytes_per_key : 1)) / kChunkAlign * kChunkAlign;
+  const int64_t all_keys = (n_keys + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+  if (chunk < kChunkAlign) chunk = kChunkAlign;
+  if (chunk > all_keys) chunk = all_keys;
+  ScftBwdWorkspacePlan plan;
+  plan.key_chunk = static_cast<int>(chunk);
+  plan.num_chunks = static_cast<int>((n_keys + chunk - 1) / chunk);
+  plan.needs_grad_q_accum = plan.num_chunks > 1;
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers (scft_attention_kernel.cu). They validate the parameters, enqueue the kernels on
+// `stream` and return the first CUDA error (cudaErrorInvalidValue for parameters the kernels
+// cannot take, cudaErrorInvalidConfiguration when the device has too little shared memory per
+// block for a kernel), never swallowing one. All work is deterministic: no atomics.
+
+// out, lse <- attention(q, k, v).
+cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& params, ScftDtype dtype, cudaStream_t stream);
+
+// grad_q, grad_k, grad_v <- backward. Enqueues: Delta; then per key chunk: P and dS, the grouped
+// GEMM dV/dK for the chunk's keys, and the GEMM dQ (+)= scale dS k_chunk.
+cudaError_t scft_attn_bwd_cuda(const ScftAttnBwdParams& params, ScftDtype dtype, cudaStream_t stream);
+
+}  // namespace scft
+}  // namespace sketchcolor

@@ -1,0 +1,1072 @@
+// CUDA kernels and launchers of SCFT attention (fp16 / bf16, tensor cores via mma.sync).
+//
+// No torch header: nvcc compiles this file on any machine, and the compile test checks its
+// register, spill and shared-memory report and its SASS without a GPU. Shapes, strides and the
+// tile configurations are documented in scft_attention.h; the design and its FLOP / byte counts
+// are in benchmarks/NOTES-cuda.md.
+//
+// Kernels:
+//   scft_attn_fwd_kernel        fused forward: S = q k^T over D in chunks, online softmax, O += P v
+//                               for one Dv slice per CTA, LSE out
+//   scft_attn_bwd_delta_kernel  Delta_i = sum_c dO[i, c] * O[i, c]
+//   scft_attn_bwd_probs_kernel  per key chunk: P = exp(scale S - lse), dS = P * (dO v^T - Delta)
+//   scft_gemm_kernel            the backward's products over the chunk workspaces:
+//                               dV = P^T dO, dK = scale dS^T q (one grouped launch), dQ += scale dS k
+//
+// Matrix products use mma.sync.m16n8k16 with fp32 accumulators on both sm_80 and sm_90a (HMMA in
+// SASS), operands fed by ldmatrix from shared memory that cp.async fills several stages ahead.
+#include "scft_attention/scft_attention.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace sketchcolor {
+namespace scft {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// Element types. Kernels move fp16/bf16 data as raw 16-bit words (uint16_t); the traits convert
+// and pick the matching mma instruction.
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__nv_bfloat16> {
+  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, sizeof(u));
+    return u;
+  }
+  __device__ static __forceinline__ uint16_t from_float(float x) {
+    const __nv_bfloat16 v = __float2bfloat16_rn(x);
+    uint16_t u;
+    memcpy(&u, &v, sizeof(u));
+    return u;
+  }
+  __device__ static __forceinline__ float2 unpack(uint32_t u) {
+    __nv_bfloat162 v;
+    memcpy(&v, &u, sizeof(u));
+    return __bfloat1622float2(v);
+  }
+  __device__ static __forceinline__ float to_float(uint16_t u) {
+    __nv_bfloat16 v;
+    memcpy(&v, &u, sizeof(u));
+    return __bfloat162float(v);
+  }
+  // d (16x8 fp32) += a (16x16, row) * b (16x8, col)
+  __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Elem<__half> {
+  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, sizeof(u));
+    return u;
+  }
+  __device__ static __forceinline__ uint16_t from_float(float x) {
+    const __half v = __float2half_rn(x);
+    uint16_t u;
+    memcpy(&u, &v, sizeof(u));
+    return u;
+  }
+  __device__ static __forceinline__ float2 unpack(uint32_t u) {
+    __half2 v;
+    memcpy(&v, &u, sizeof(u));
+    return __half22float2(v);
+  }
+  __device__ static __forceinline__ float to_float(uint16_t u) {
+    __half v;
+    memcpy(&v, &u, sizeof(u));
+    return __half2float(v);
+  }
+  __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory copies and fragment loads.
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte asynchronous global->shared copy; bytes past src_bytes (0..16) are zero-filled and
+// src is not read past them. .cg: the stream goes through L2 only, it is reused from shared memory.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// Copies a kRows x kCols tile (2-byte elements, columns contiguous in global memory) whose
+// top-left element is (row0, col0) of the matrix at `gmem` (row pitch `row_stride` elements) into
+// shared memory at `smem_tile` (row pitch `smem_pitch` elements). Rows >= row_limit and columns
+// >= col_limit are zero-filled, so the tile edges of every product are exact zeros: a masked
+// key or head-dim column contributes 0 to every dot product, never garbage or NaN.
+// Requires gmem 16-byte aligned and row_stride, col0 multiples of 8 (launchers check this).
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void load_tile_async(uint32_t smem_tile, int smem_pitch, const uint16_t* gmem,
+                                                int64_t row_stride, int row0, int row_limit, int col0,
+                                                int col_limit, int tid) {
+  static_assert(kCols % 8 == 0, "tile columns are copied in 16-byte (8-element) pieces");
+  constexpr int kPiecesPerRow = kCols / 8;
+  constexpr int kPieces = kRows * kPiecesPerRow;
+#pragma unroll
+  for (int i = 0; i < (kPieces + kThreads - 1) / kThreads; ++i) {
+    const int piece = tid + i * kThreads;
+    if (kPieces % kThreads == 0 || piece < kPieces) {
+      const int r = piece / kPiecesPerRow;
+      const int c = (piece % kPiecesPerRow) * 8;
+      const int row = row0 + r;
+      const int col = col0 + c;
+      int valid = col_limit - col;
+      valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
+      if (row >= row_limit) valid = 0;
+      const uint16_t* src = valid > 0 ? gmem + int64_t(row) * row_stride + col : gmem;
+      cp_async_16(smem_tile + uint32_t(r * smem_pitch + c) * 2u, src, valid * 2);
+    }
+  }
+}
+
+// Fragment loads for mma.m16n8k16 (PTX ISA fragment layouts; g = lane / 4, t = lane % 4):
+//   A 16x16: a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
+//   B 16x8:  b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
+//   C 16x8:  c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
+// ldmatrix.x4 takes lanes 8i..8i+7 as the row addresses of 8x8 matrix i and returns matrix i in
+// register i (lane holds row g, columns 2t..2t+1; with .trans, the transpose).
+
+// A fragment of rows [m0, m0+16), columns [k0, k0+16) of a tile stored [m][k] (k contiguous).
+__device__ __forceinline__ void load_a_kcontig(uint32_t (&a)[4], uint32_t tile, int pitch, int m0, int k0,
+                                               int lane) {
+  ldmatrix_x4(a, tile + uint32_t((m0 + (lane & 15)) * pitch + k0 + (lane >> 4) * 8) * 2u);
+}
+// A fragment of rows [m0, m0+16), columns [k0, k0+16) of a tile stored [k][m] (m contiguous).
+__device__ __forceinline__ void load_a_mcontig(uint32_t (&a)[4], uint32_t tile, int pitch, int m0, int k0,
+                                               int lane) {
+  ldmatrix_x4_trans(a, tile + uint32_t((k0 + (lane & 7) + (lane >> 4) * 8) * pitch + m0 + ((lane >> 3) & 1) * 8) * 2u);
+}
+// B fragments of two n8 tiles, columns [n0, n0+16), rows [k0, k0+16), of a tile stored [n][k]
+// (k contiguous): b[0], b[1] for columns n0..n0+7; b[2], b[3] for n0+8..n0+15.
+__device__ __forceinline__ void load_b_pair_kcontig(uint32_t (&b)[4], uint32_t tile, int pitch, int n0, int k0,
+                                                    int lane) {
+  ldmatrix_x4(b, tile + uint32_t((n0 + (lane & 7) + (lane >> 4) * 8) * pitch + k0 + ((lane >> 3) & 1) * 8) * 2u);
+}
+// The same two B fragments from a tile stored [k][n] (n contiguous).
+__device__ __forceinline__ void load_b_pair_ncontig(uint32_t (&b)[4], uint32_t tile, int pitch, int k0, int n0,
+                                                    int lane) {
+  ldmatrix_x4_trans(b, tile + uint32_t((k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * pitch + n0 + (lane >> 4) * 8) * 2u);
+}
+
+// acc (kMt*16 x kNt*8 warp tile) += A (rows [m0, ...), k16 step k0, stored [m][k]) *
+// B^T (B stored [n][k], columns [n0, ...)). The product q k^T and dO v^T.
+template <typename T, int kMt, int kNt>
+__device__ __forceinline__ void warp_mma_k16_nk(float (&acc)[kMt][kNt][4], uint32_t a_tile, int a_pitch, int m0,
+                                                uint32_t b_tile, int b_pitch, int n0, int k0, int lane) {
+  static_assert(kNt % 2 == 0, "B fragments are loaded for pairs of n8 tiles");
+  uint32_t a[kMt][4];
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt) load_a_kcontig(a[mt], a_tile, a_pitch, m0 + mt * 16, k0, lane);
+#pragma unroll
+  for (int np = 0; np < kNt / 2; ++np) {
+    uint32_t b[4];
+    load_b_pair_kcontig(b, b_tile, b_pitch, n0 + np * 16, k0, lane);
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt) {
+      Elem<T>::mma(acc[mt][2 * np], a[mt], b[0], b[1]);
+      Elem<T>::mma(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+    }
+  }
+}
+
+// acc += A * B with B stored [k][n] (n contiguous) and A stored [m][k] (kAKContig) or [k][m].
+template <typename T, int kMt, int kNt, bool kAKContig>
+__device__ __forceinline__ void warp_mma_k16_kn(float (&acc)[kMt][kNt][4], uint32_t a_tile, int a_pitch, int m0,
+                                                uint32_t b_tile, int b_pitch, int n0, int k0, int lane) {
+  static_assert(kNt % 2 == 0, "B fragments are loaded for pairs of n8 tiles");
+  uint32_t a[kMt][4];
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt) {
+    if (kAKContig) {
+      load_a_kcontig(a[mt], a_tile, a_pitch, m0 + mt * 16, k0, lane);
+    } else {
+      load_a_mcontig(a[mt], a_tile, a_pitch, m0 + mt * 16, k0, lane);
+    }
+  }
+#pragma unroll
+  for (int np = 0; np < kNt / 2; ++np) {
+    uint32_t b[4];
+    load_b_pair_ncontig(b, b_tile, b_pitch, k0, n0 + np * 16, lane);
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt) {
+      Elem<T>::mma(acc[mt][2 * np], a[mt], b[0], b[1]);
+      Elem<T>::mma(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+    }
+  }
+}
+
+template <int kMt, int kNt>
+__device__ __forceinline__ void zero_acc(float (&acc)[kMt][kNt][4]) {
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+}
+
+// Two adjacent outputs (columns col, col+1 of one row) in the element type; `pairs` says the
+// row's storage allows a 4-byte store at even columns.
+template <typename T>
+__device__ __forceinline__ void store_pair(uint16_t* row_ptr, int col, int col_limit, bool pairs, float v0, float v1) {
+  if (pairs && col + 1 < col_limit) {
+    *reinterpret_cast<uint32_t*>(row_ptr + col) = Elem<T>::pack(v0, v1);
+  } else {
+    if (col < col_limit) row_ptr[col] = Elem<T>::from_float(v0);
+    if (col + 1 < col_limit) row_ptr[col + 1] = Elem<T>::from_float(v1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+//
+// Grid (ceil(N / kBlockM), ceil(Dv / kBlockDv), B*H); blockIdx.x is fastest, so the CTAs resident
+// at one time share the same key/value tiles in L2. Work per CTA is a linear sequence of jobs, per
+// key tile: ceil(D / kBlockK) QK jobs (a q chunk and a k chunk) then kBlockN / kKeysPerVJob V jobs
+// (a chunk of value rows of this CTA's Dv slice). All jobs flow through one ring of kStages stage
+// buffers, so loads for the next key tile's QK jobs are in flight while this tile's V jobs run.
+// q is re-streamed per key tile instead of staying resident: 64 x 1024 bf16 q rows are 128 KiB,
+// which with the stage ring would not fit sm_80's 163 KiB.
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const ScftAttnFwdParams p) {
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kBlockK = Cfg::kBlockK;
+  constexpr int kBlockDv = Cfg::kBlockDv, kKeysPerVJob = Cfg::kKeysPerVJob;
+  constexpr int kThreads = Cfg::kThreads, kStages = Cfg::kStages, kWarpsN = Cfg::kWarpsN;
+  constexpr int kWarpRows = kBlockM / Cfg::kWarpsM;       // query rows per warp (S and O)
+  constexpr int kWarpKeys = kBlockN / kWarpsN;            // S columns per warp
+  constexpr int kWarpCols = kBlockDv / kWarpsN;           // O columns per warp
+  constexpr int kMt = kWarpRows / 16, kNtS = kWarpKeys / 8, kNtO = kWarpCols / 8;
+  constexpr int kVJobs = kBlockN / kKeysPerVJob;
+  constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
+  static_assert(kWarpRows % 16 == 0 && kWarpKeys % 16 == 0 && kWarpCols % 16 == 0, "warp tiles are 16-aligned");
+  static_assert(kBlockK % 16 == 0 && kKeysPerVJob % 16 == 0 && kBlockN % kKeysPerVJob == 0, "k16 steps");
+  static_assert(Cfg::kWarpsM * kWarpsN * 32 == kThreads, "thread count");
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t stage_base = smem_addr(smem);
+  const uint32_t p_tile = stage_base + kStages * kStageBytes;
+  uint16_t* p_tile_ptr = reinterpret_cast<uint16_t*>(smem + kStages * kStageBytes);
+  float* red_max = reinterpret_cast<float*>(smem + kStages * kStageBytes + kBlockM * Cfg::kPStride * 2);
+  float* red_sum = red_max + kWarpsN * kBlockM;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warp_m = warp / kWarpsN;
+  const int warp_n = warp % kWarpsN;
+  const int group = lane >> 2;      // fragment row within 8
+  const int quad_lane = lane & 3;   // fragment column pair
+
+  const int n_queries = p.n_queries, n_keys = p.n_keys, head_dim = p.head_dim, value_dim = p.value_dim;
+  const int m0 = blockIdx.x * kBlockM;
+  const int dv0 = blockIdx.y * kBlockDv;
+  const int bh = blockIdx.z;
+  const int b = bh / p.heads;
+  const int h = bh - b * p.heads;
+  const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const uint16_t* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+  const uint16_t* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+
+  const int qk_jobs = ceil_div(head_dim, kBlockK);
+  const int jobs_per_tile = qk_jobs + kVJobs;
+  const int key_tiles = ceil_div(n_keys, kBlockN);
+  const int total_jobs = key_tiles * jobs_per_tile;
+  const float scale_log2 = p.scale * kLog2e;   // softmax in base 2: exp(x) = exp2(x log2 e)
+
+  // Register state. S (this warp's kWarpRows x kWarpKeys scores of the current key tile) lives
+  // only through the QK jobs and the softmax step; O (kWarpRows x kWarpCols, fp32) for the whole
+  // kernel. Row statistics are per (m tile, row half): rows group and group + 8.
+  float acc_s[kMt][kNtS][4];
+  float acc_o[kMt][kNtO][4];
+  float row_max[kMt][2];   // running max of scale*log2e*S over keys seen (identical in all warps)
+  float row_sum[kMt][2];   // running sum of exp2(S' - row_max) over this warp's key columns
+  zero_acc(acc_o);
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt) {
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+
+  // Producer: issues the copies of job `load_job` into its stage, then commits a group (an empty
+  // group past the last job keeps the wait_group arithmetic uniform).
+  int load_job = 0, load_tile = 0, load_step = 0;
+  auto issue_next_job = [&]() {
+    if (load_job < total_jobs) {
+      const uint32_t stage = stage_base + uint32_t(load_job % kStages) * kStageBytes;
+      const int key0 = load_tile * kBlockN;
+      if (load_step < qk_jobs) {
+        const int d0 = load_step * kBlockK;
+        load_tile_async<kBlockM, kBlockK, kThreads>(stage, Cfg::kQkStride, q, p.q_stride_row, m0, n_queries, d0,
+                                                    head_dim, tid);
+        load_tile_async<kBlockN, kBlockK, kThreads>(stage + kBlockM * Cfg::kQkStride * 2, Cfg::kQkStride, k,
+                                                    p.k_stride_row, key0, n_keys, d0, head_dim, tid);
+      } else {
+        const int v_row0 = key0 + (load_step - qk_jobs) * kKeysPerVJob;
+        load_tile_async<kKeysPerVJob, kBlockDv, kThreads>(stage, Cfg::kVStride, v, p.v_stride_row, v_row0, n_keys,
+                                                          dv0, value_dim, tid);
+      }
+      if (++load_step == jobs_per_tile) {
+        load_step = 0;
+        ++load_tile;
+      }
+    }
+    cp_async_commit();
+    ++load_job;
+  };
+
+#pragma unroll 1
+  for (int i = 0; i < kStages - 1; ++i) issue_next_job();
+
+  // Consumer. The loop nest mirrors the job order: per key tile, QK jobs, the softmax step, V jobs.
+  // Written as nested loops (not one flat job loop) so that the compiler sees S dead during the
+  // V jobs and O's 4 * kNtO * kMt registers do not have to coexist with S there.
+  int job = 0;
+#pragma unroll 1
+  for (int tile = 0; tile < key_tiles; ++tile) {
+    zero_acc(acc_s);
+#pragma unroll 1
+    for (int step = 0; step < qk_jobs; ++step, ++job) {
+      // Job `job` has landed for this thread; the barrier makes it visible to all and also says
+      // every warp is done with job-1, whose stage the next issue overwrites.
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      issue_next_job();
+      // ---- S += q_chunk k_chunk^T ----
+      const uint32_t q_tile = stage_base + uint32_t(job % kStages) * kStageBytes;
+      const uint32_t k_tile = q_tile + kBlockM * Cfg::kQkStride * 2;
+#pragma unroll
+      for (int kk = 0; kk < kBlockK; kk += 16) {
+        warp_mma_k16_nk<T, kMt, kNtS>(acc_s, q_tile, Cfg::kQkStride, warp_m * kWarpRows, k_tile, Cfg::kQkStride,
+                                      warp_n * kWarpKeys, kk, lane);
+      }
+    }
+
+    // ---- online softmax step for key tile `tile` ----
+    // Scale into base 2 and mask keys >= M with -inf (they get probability exactly 0).
+    {
+      const int key_base = tile * kBlockN + warp_n * kWarpKeys + quad_lane * 2;
+      float tile_max[kMt][2];
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
+        tile_max[mt][0] = tile_max[mt][1] = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kNtS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = key_base + nt * 8 + (e & 1);
+            const float s = key < n_keys ? acc_s[mt][nt][e] * scale_log2 : -INFINITY;
+            acc_s[mt][nt][e] = s;
+            tile_max[mt][e >> 1] = fmaxf(tile_max[mt][e >> 1], s);
+          }
+      }
+      // Row max across the quad (the 4 lanes holding one row), then across the kWarpsN warps
+      // that share the row, through shared memory. red_max was last read in the previous tile's
+      // softmax step, and the V-job barriers since then order this write after those reads.
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float x = tile_max[mt][half];
+          x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+          x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+          if (quad_lane == 0) red_max[warp_n * kBlockM + warp_m * kWarpRows + mt * 16 + half * 8 + group] = x;
+        }
+      __syncthreads();
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = warp_m * kWarpRows + mt * 16 + half * 8 + group;
+          float x = red_max[row];
+#pragma unroll
+          for (int wn = 1; wn < kWarpsN; ++wn) x = fmaxf(x, red_max[wn * kBlockM + row]);
+          // Key tile `tile` has at least one key < M, so x and m_new are finite and
+          // alpha = exp2(-inf) = 0 on the first tile.
+          const float m_new = fmaxf(row_max[mt][half], x);
+          const float alpha = exp2f(row_max[mt][half] - m_new);
+          row_max[mt][half] = m_new;
+          row_sum[mt][half] *= alpha;
+#pragma unroll
+          for (int nt = 0; nt < kNtO; ++nt) {
+            acc_o[mt][nt][2 * half] *= alpha;
+            acc_o[mt][nt][2 * half + 1] *= alpha;
+          }
+        }
+      // P = exp2(S' - m) in the input dtype into the probability tile. The last V job of the
+      // previous tile read it before the QK-job barriers of this tile; the first V job's barrier
+      // below publishes the new values.
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNtS; ++nt) {
+          const float p0 = exp2f(acc_s[mt][nt][0] - row_max[mt][0]);
+          const float p1 = exp2f(acc_s[mt][nt][1] - row_max[mt][0]);
+          const float p2 = exp2f(acc_s[mt][nt][2] - row_max[mt][1]);
+          const float p3 = exp2f(acc_s[mt][nt][3] - row_max[mt][1]);
+          row_sum[mt][0] += p0 + p1;
+          row_sum[mt][1] += p2 + p3;
+          const int row = warp_m * kWarpRows + mt * 16 + group;
+          const int col = warp_n * kWarpKeys + nt * 8 + quad_lane * 2;
+          *reinterpret_cast<uint32_t*>(p_tile_ptr + row * Cfg::kPStride + col) = Elem<T>::pack(p0, p1);
+          *reinterpret_cast<uint32_t*>(p_tile_ptr + (row + 8) * Cfg::kPStride + col) = Elem<T>::pack(p2, p3);
+        }
+    }
+
+#pragma unroll 1
+    for (int v_step = 0; v_step < kVJobs; ++v_step, ++job) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      issue_next_job();
+      // ---- O += P[:, keys of this job] v_chunk ----
+      // A = the probability tile's columns [p_col0, p_col0 + kKeysPerVJob) (base address moved to
+      // column p_col0, 64-byte aligned), B = rows [0, kKeysPerVJob) of the v chunk in this stage.
+      const uint32_t v_tile = stage_base + uint32_t(job % kStages) * kStageBytes;
+      const uint32_t p_cols = p_tile + uint32_t(v_step * kKeysPerVJob) * 2u;
+#pragma unroll
+      for (int kk = 0; kk < kKeysPerVJob; kk += 16) {
+        warp_mma_k16_kn<T, kMt, kNtO, true>(acc_o, p_cols, Cfg::kPStride, warp_m * kWarpRows, v_tile, Cfg::kVStride,
+                                            warp_n * kWarpCols, kk, lane);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: total row sums across warps, O / l, LSE ----
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float x = row_sum[mt][half];
+      x += __shfl_xor_sync(0xffffffffu, x, 1);
+      x += __shfl_xor_sync(0xffffffffu, x, 2);
+      if (quad_lane == 0) red_sum[warp_n * kBlockM + warp_m * kWarpRows + mt * 16 + half * 8 + group] = x;
+    }
+  __syncthreads();
+
+  uint16_t* out = static_cast<uint16_t*>(p.out) + int64_t(bh) * n_queries * value_dim;
+  const bool out_pairs = (value_dim % 2) == 0;
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row_local = warp_m * kWarpRows + mt * 16 + half * 8 + group;
+      const int row = m0 + row_local;
+      float total = red_sum[row_local];
+#pragma unroll
+      for (int wn = 1; wn < kWarpsN; ++wn) total += red_sum[wn * kBlockM + row_local];
+      if (row < n_queries) {
+        // total >= 1: the row's maximal key contributes exp2(0).
+        const float inv_total = 1.f / total;
+        uint16_t* out_row = out + int64_t(row) * value_dim;
+#pragma unroll
+        for (int nt = 0; nt < kNtO; ++nt) {
+          const int col = dv0 + warp_n * kWarpCols + nt * 8 + quad_lane * 2;
+          store_pair<T>(out_row, col, value_dim, out_pairs, acc_o[mt][nt][2 * half] * inv_total,
+                        acc_o[mt][nt][2 * half + 1] * inv_total);
+        }
+        if (blockIdx.y == 0 && warp_n == 0 && quad_lane == 0) {
+          p.lse[int64_t(bh) * n_queries + row] = row_max[mt][half] * kLn2 + logf(total);
+        }
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: Delta_i = sum_c dO[i, c] * O[i, c], one warp per query row, 16-byte loads.
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) scft_attn_bwd_delta_kernel(const ScftAttnBwdParams p) {
+  constexpr int kWarpsPerBlock = Cfg::kThreads / 32;
+  const int lane = threadIdx.x & 31;
+  const int64_t row_id = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int64_t total_rows = int64_t(p.batch) * p.heads * p.n_queries;
+  if (row_id >= total_rows) return;
+  const int64_t bh = row_id / p.n_queries;
+  const int i = int(row_id - bh * p.n_queries);
+  const int b = int(bh / p.heads);
+  const int h = int(bh - int64_t(b) * p.heads);
+  const uint16_t* o = static_cast<const uint16_t*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
+                      int64_t(i) * p.out_stride_row;
+  const uint16_t* go = static_cast<const uint16_t*>(p.grad_out) + b * p.grad_out_stride_b +
+                       h * p.grad_out_stride_h + int64_t(i) * p.grad_out_stride_row;
+  const int value_dim = p.value_dim;
+  float acc = 0.f;
+  for (int c = lane * 8; c < value_dim; c += 32 * 8) {
+    if (c + 8 <= value_dim) {
+      const uint4 ov = __ldg(reinterpret_cast<const uint4*>(o + c));
+      const uint4 gv = __ldg(reinterpret_cast<const uint4*>(go + c));
+      const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w};
+      const uint32_t gw[4] = {gv.x, gv.y, gv.z, gv.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const float2 of = Elem<T>::unpack(ow[w]);
+        const float2 gf = Elem<T>::unpack(gw[w]);
+        acc = fmaf(of.x, gf.x, acc);
+        acc = fmaf(of.y, gf.y, acc);
+      }
+    } else {
+      for (int e = c; e < value_dim; ++e) acc = fmaf(Elem<T>::to_float(o[e]), Elem<T>::to_float(go[e]), acc);
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+  if (lane == 0) p.delta[row_id] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: P and dS for the keys [key_begin, key_end) of one chunk.
+//
+// Grid (ceil((key_end - key_begin) / kBlockN), ceil(N / kBlockM), B*H). Jobs: ceil(D / kBlockK)
+// chunks of (q, k) accumulating S, then ceil(Dv / kBlockK) chunks of (dO, v) accumulating dP,
+// all through one stage ring. The two 128x128 fp32 accumulators are split over 8 warps (64 + 64
+// registers per thread). P and dS are written in the input dtype: the GEMMs that consume them
+// take 16-bit operands, exactly like the P tile of the forward.
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    scft_attn_bwd_probs_kernel(const ScftAttnBwdParams p, const int key_begin, const int key_end) {
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kBlockK = Cfg::kBlockK;
+  constexpr int kThreads = Cfg::kThreads, kStages = Cfg::kStages, kWarpsN = Cfg::kWarpsN;
+  constexpr int kWarpRows = kBlockM / Cfg::kWarpsM, kWarpKeys = kBlockN / kWarpsN;
+  constexpr int kMt = kWarpRows / 16, kNt = kWarpKeys / 8;
+  constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
+  static_assert(kWarpRows % 16 == 0 && kWarpKeys % 16 == 0 && kBlockK % 16 == 0, "warp tiles are 16-aligned");
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t stage_base = smem_addr(smem);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warp_m = warp / kWarpsN;
+  const int warp_n = warp % kWarpsN;
+  const int group = lane >> 2;
+  const int quad_lane = lane & 3;
+
+  const int n_queries = p.n_queries, head_dim = p.head_dim, value_dim = p.value_dim;
+  const int n0 = key_begin + blockIdx.x * kBlockN;   // first key of this tile
+  const int m0 = blockIdx.y * kBlockM;
+  const int bh = blockIdx.z;
+  const int b = bh / p.heads;
+  const int h = bh - b * p.heads;
+  const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const uint16_t* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+  const uint16_t* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  const uint16_t* go =
+      static_cast<const uint16_t*>(p.grad_out) + b * p.grad_out_stride_b + h * p.grad_out_stride_h;
+
+  const int s_jobs = ceil_div(head_dim, kBlockK);
+  const int total_jobs = s_jobs + ceil_div(value_dim, kBlockK);
+
+  float acc_s[kMt][kNt][4];    // q k^T
+  float acc_dp[kMt][kNt][4];   // dO v^T
+  zero_acc(acc_s);
+  zero_acc(acc_dp);
+
+  int load_job = 0;
+  auto issue_next_job = [&]() {
+    if (load_job < total_jobs) {
+      const uint32_t stage = stage_base + uint32_t(load_job % kStages) * kStageBytes;
+      const uint32_t b_tile = stage + kBlockM * Cfg::kStride * 2;
+      if (load_job < s_jobs) {
+        const int d0 = load_job * kBlockK;
+        load_tile_async<kBlockM, kBlockK, kThreads>(stage, Cfg::kStride, q, p.q_stride_row, m0, n_queries, d0,
+                                                    head_dim, tid);
+        load_tile_async<kBlockN, kBlockK, kThreads>(b_tile, Cfg::kStride, k, p.k_stride_row, n0, key_end, d0,
+                                                    head_dim, tid);
+      } else {
+        const int c0 = (load_job - s_jobs) * kBlockK;
+        load_tile_async<kBlockM, kBlockK, kThreads>(stage, Cfg::kStride, go, p.grad_out_stride_row, m0, n_queries,
+                                                    c0, value_dim, tid);
+        load_tile_async<kBlockN, kBlockK, kThreads>(b_tile, Cfg::kStride, v, p.v_stride_row, n0, key_end, c0,
+                                                    value_dim, tid);
+      }
+    }
+    cp_async_commit();
+    ++load_job;
+  };
+
+#pragma unroll 1
+  for (int i = 0; i < kStages - 1; ++i) issue_next_job();
+
+#pragma unroll 1
+  for (int job = 0; job < total_jobs; ++job) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    issue_next_job();
+    const uint32_t stage = stage_base + uint32_t(job % kStages) * kStageBytes;
+    const uint32_t b_tile = stage + kBlockM * Cfg::kStride * 2;
+    if (job < s_jobs) {
+#pragma unroll
+      for (int kk = 0; kk < kBlockK; kk += 16)
+        warp_mma_k16_nk<T, kMt, kNt>(acc_s, stage, Cfg::kStride, warp_m * kWarpRows, b_tile, Cfg::kStride,
+                                     warp_n * kWarpKeys, kk, lane);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < kBlockK; kk += 16)
+        warp_mma_k16_nk<T, kMt, kNt>(acc_dp, stage, Cfg::kStride, warp_m * kWarpRows, b_tile, Cfg::kStride,
+                                     warp_n * kWarpKeys, kk, lane);
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: P = exp2(S * scale log2e - lse log2e), dS = P (dP - Delta) ----
+  const float scale_log2 = p.scale * kLog2e;
+  const int64_t chunk = p.key_chunk;
+  uint16_t* probs = static_cast<uint16_t*>(p.probs) + int64_t(bh) * n_queries * chunk;
+  uint16_t* dscores = static_cast<uint16_t*>(p.dscores) + int64_t(bh) * n_queries * chunk;
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = m0 + warp_m * kWarpRows + mt * 16 + half * 8 + group;
+      if (row < n_queries) {
+        const float lse_log2 = p.lse[int64_t(bh) * n_queries + row] * kLog2e;
+        const float delta = p.delta[int64_t(bh) * n_queries + row];
+        uint16_t* p_row = probs + int64_t(row) * chunk;
+        uint16_t* ds_row = dscores + int64_t(row) * chunk;
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+          const int key = n0 + warp_n * kWarpKeys + nt * 8 + quad_lane * 2;
+          const float p0 = exp2f(acc_s[mt][nt][2 * half] * scale_log2 - lse_log2);
+          const float p1 = exp2f(acc_s[mt][nt][2 * half + 1] * scale_log2 - lse_log2);
+          const float ds0 = p0 * (acc_dp[mt][nt][2 * half] - delta);
+          const float ds1 = p1 * (acc_dp[mt][nt][2 * half + 1] - delta);
+          // Chunk-local column; key_chunk and key_begin are even, so pairs are 4-byte aligned.
+          const int col = key - key_begin;
+          const int col_limit = key_end - key_begin;
+          store_pair<T>(p_row, col, col_limit, true, p0, p1);
+          store_pair<T>(ds_row, col, col_limit, true, ds0, ds1);
+        }
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward GEMMs: C (m x n) = alpha * A (m x k) B (k x n) [+ C_in], batched over B*H, up to two
+// independent problems per launch (dV and dK of a chunk share a launch so that together they fill
+// the GPU). fp32 accumulation; each output element is produced by exactly one CTA: deterministic.
+
+struct GemmOperand {
+  const uint16_t* ptr;   // element [b, h, row, col] at ptr + b*stride_b + h*stride_h + row*stride_row + col
+  int64_t stride_b, stride_h, stride_row;
+};
+
+struct GemmProblem {
+  GemmOperand a;         // A (m x k): stored [m][k] when the kernel's kAKContig, else [k][m]
+  GemmOperand b;         // B (k x n): stored [k][n]
+  const float* c_in;     // (m x n) fp32 per (b, h), added to the product; null for none
+  float* c_out_f32;      // (m x n) fp32 output, or null
+  uint16_t* c_out;       // (m x n) output in the input dtype, or null; exactly one output is set
+  int64_t c_stride_b, c_stride_h, c_stride_row;   // shared by c_in and the output
+  bool c_pairs;          // two adjacent columns may be stored as one 4-byte (8-byte fp32) word
+  int m, n, k;
+  float alpha;
+};
+
+struct GemmBatch {
+  GemmProblem problem[2];
+  int num_problems;      // 1 or 2; blockIdx.y selects the problem
+  int heads;             // H, to split blockIdx.z into (b, h)
+  int tiles_n;           // n tiles of the widest problem: blockIdx.x = tile_m * tiles_n + tile_n
+};
+
+template <typename T, typename Cfg, bool kAKContig>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm_kernel(const GemmBatch batch) {
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kBlockK = Cfg::kBlockK;
+  constexpr int kThreads = Cfg::kThreads, kStages = Cfg::kStages, kWarpsN = Cfg::kWarpsN;
+  constexpr int kWarpRows = kBlockM / Cfg::kWarpsM, kWarpCols = kBlockN / kWarpsN;
+  constexpr int kMt = kWarpRows / 16, kNt = kWarpCols / 8;
+  constexpr int kAPitch = kAKContig ? Cfg::kAStrideKContig : Cfg::kAStrideMContig;
+  constexpr uint32_t kABytes = uint32_t(kAKContig ? kBlockM * Cfg::kAStrideKContig : kBlockK * Cfg::kAStrideMContig) * 2;
+  constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
+  static_assert(kWarpRows % 16 == 0 && kWarpCols % 16 == 0 && kBlockK % 16 == 0, "warp tiles are 16-aligned");
+
+  // Field-by-field select keeps the problem in registers (no local copy of the param array).
+  const bool second = blockIdx.y != 0;
+  const GemmProblem& p0 = batch.problem[0];
+  const GemmProblem& p1 = batch.problem[1];
+  const int m = second ? p1.m : p0.m;
+  const int n = second ? p1.n : p0.n;
+  const int kdim = second ? p1.k : p0.k;
+  const int tile_m = blockIdx.x / batch.tiles_n;
+  const int tile_n = blockIdx.x - tile_m * batch.tiles_n;
+  const int row0 = tile_m * kBlockM;
+  const int col0 = tile_n * kBlockN;
+  if (row0 >= m || col0 >= n) return;   // the narrower problem of a grouped launch: uniform exit
+
+  const int bh = blockIdx.z;
+  const int b = bh / batch.heads;
+  const int h = bh - b * batch.heads;
+  const uint16_t* a = second ? p1.a.ptr + b * p1.a.stride_b + h * p1.a.stride_h
+                             : p0.a.ptr + b * p0.a.stride_b + h * p0.a.stride_h;
+  const int64_t a_stride_row = second ? p1.a.stride_row : p0.a.stride_row;
+  const uint16_t* bmat = second ? p1.b.ptr + b * p1.b.stride_b + h * p1.b.stride_h
+                                : p0.b.ptr + b * p0.b.stride_b + h * p0.b.stride_h;
+  const int64_t b_stride_row = second ? p1.b.stride_row : p0.b.stride_row;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t stage_base = smem_addr(smem);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warp_m = warp / kWarpsN;
+  const int warp_n = warp % kWarpsN;
+  const int group = lane >> 2;
+  const int quad_lane = lane & 3;
+
+  const int k_tiles = ceil_div(kdim, kBlockK);
+  float acc[kMt][kNt][4];
+  zero_acc(acc);
+
+  int load_tile = 0;
+  auto issue_next_tile = [&]() {
+    if (load_tile < k_tiles) {
+      const uint32_t stage = stage_base + uint32_t(load_tile % kStages) * kStageBytes;
+      const int k0 = load_tile * kBlockK;
+      if (kAKContig) {
+        load_tile_async<kBlockM, kBlockK, kThreads>(stage, kAPitch, a, a_stride_row, row0, m, k0, kdim, tid);
+      } else {
+        load_tile_async<kBlockK, kBlockM, kThreads>(stage, kAPitch, a, a_stride_row, k0, kdim, row0, m, tid);
+      }
+      load_tile_async<kBlockK, kBlockN, kThreads>(stage + kABytes, Cfg::kBStride, bmat, b_stride_row, k0, kdim, col0,
+                                                  n, tid);
+    }
+    cp_async_commit();
+    ++load_tile;
+  };
+
+#pragma unroll 1
+  for (int i = 0; i < kStages - 1; ++i) issue_next_tile();
+
+#pragma unroll 1
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    issue_next_tile();
+    const uint32_t stage = stage_base + uint32_t(kt % kStages) * kStageBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBlockK; kk += 16)
+      warp_mma_k16_kn<T, kMt, kNt, kAKContig>(acc, stage, kAPitch, warp_m * kWarpRows, stage + kABytes,
+                                              Cfg::kBStride, warp_n * kWarpCols, kk, lane);
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue ----
+  const float alpha = second ? p1.alpha : p0.alpha;
+  const int64_t c_offset = second ? b * p1.c_stride_b + h * p1.c_stride_h : b * p0.c_stride_b + h * p0.c_stride_h;
+  const int64_t c_stride_row = second ? p1.c_stride_row : p0.c_stride_row;
+  const float* c_in_base = second ? p1.c_in : p0.c_in;
+  float* c_out_f32_base = second ? p1.c_out_f32 : p0.c_out_f32;
+  uint16_t* c_out_base = second ? p1.c_out : p0.c_out;
+  const bool c_pairs = second ? p1.c_pairs : p0.c_pairs;
+  const float* c_in = c_in_base != nullptr ? c_in_base + c_offset : nullptr;
+  float* c_out_f32 = c_out_f32_base != nullptr ? c_out_f32_base + c_offset : nullptr;
+  uint16_t* c_out = c_out_base != nullptr ? c_out_base + c_offset : nullptr;
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + warp_m * kWarpRows + mt * 16 + half * 8 + group;
+      if (row >= m) continue;
+      const int64_t row_offset = int64_t(row) * c_stride_row;
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt) {
+        const int col = col0 + warp_n * kWarpCols + nt * 8 + quad_lane * 2;
+        float v0 = alpha * acc[mt][nt][2 * half];
+        float v1 = alpha * acc[mt][nt][2 * half + 1];
+        const int64_t idx = row_offset + col;
+        if (c_pairs && col + 1 < n) {
+          if (c_in != nullptr) {
+            const float2 prev = *reinterpret_cast<const float2*>(c_in + idx);
+            v0 += prev.x;
+            v1 += prev.y;
+          }
+          if (c_out_f32 != nullptr) {
+            *reinterpret_cast<float2*>(c_out_f32 + idx) = make_float2(v0, v1);
+          } else {
+            *reinterpret_cast<uint32_t*>(c_out + idx) = Elem<T>::pack(v0, v1);
+          }
+        } else {
+          if (col < n) {
+            if (c_in != nullptr) v0 += c_in[idx];
+            if (c_out_f32 != nullptr) c_out_f32[idx] = v0; else c_out[idx] = Elem<T>::from_float(v0);
+          }
+          if (col + 1 < n) {
+            if (c_in != nullptr) v1 += c_in[idx + 1];
+            if (c_out_f32 != nullptr) c_out_f32[idx + 1] = v1; else c_out[idx + 1] = Elem<T>::from_float(v1);
+          }
+        }
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
+// A stride matters only when its axis has more than one index.
+bool stride_ok(int64_t stride, int64_t extent) { return extent <= 1 || (stride % kRowAlignElems) == 0; }
+bool dims_ok(int batch, int heads, int n, int m, int d, int dv) {
+  const int64_t batch_heads = int64_t(batch) * heads;
+  return batch >= 1 && heads >= 1 && batch_heads <= 65535 && n >= 1 && m >= 1 && d >= 1 && dv >= 1 &&
+         d <= kMaxHeadDim && dv <= kMaxHeadDim &&
+         ceil_div(n, ScftBwdProbsConfig::kBlockM) <= 65535;   // grid.y of the probs kernel
+}
+
+// Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KiB,
+// after checking that the device can give it.
+template <typename Kernel>
+cudaError_t prepare_smem(Kernel kernel, size_t smem_bytes) {
+  if (smem_bytes <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (smem_bytes > size_t(optin)) return cudaErrorInvalidConfiguration;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes));
+}
+
+template <typename T, typename Cfg>
+cudaError_t launch_fwd(const ScftAttnFwdParams& p, cudaStream_t stream) {
+  auto kernel = scft_attn_fwd_kernel<T, Cfg>;
+  cudaError_t err = prepare_smem(kernel, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(p.n_queries, Cfg::kBlockM), ceil_div(p.value_dim, Cfg::kBlockDv), p.batch * p.heads);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t fwd_dispatch(const ScftAttnFwdParams& p, cudaStream_t stream) {
+  if (p.value_dim <= 128) return launch_fwd<T, ScftFwdConfigDv128>(p, stream);
+  if (p.value_dim <= 256) return launch_fwd<T, ScftFwdConfigDv256>(p, stream);
+  return launch_fwd<T, ScftFwdConfigDv512>(p, stream);
+}
+
+template <typename T, bool kAKContig>
+cudaError_t launch_gemm(const GemmBatch& batch, int tiles_m, int batch_heads, cudaStream_t stream) {
+  using Cfg = ScftGemmConfig;
+  auto kernel = scft_gemm_kernel<T, Cfg, kAKContig>;
+  cudaError_t err = prepare_smem(kernel, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(tiles_m * batch.tiles_n, batch.num_problems, batch_heads);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(batch);
+  return cudaGetLastError();
+}
+
+GemmOperand operand(const void* ptr, int64_t stride_b, int64_t stride_h, int64_t stride_row) {
+  GemmOperand op;
+  op.ptr = static_cast<const uint16_t*>(ptr);
+  op.stride_b = stride_b;
+  op.stride_h = stride_h;
+  op.stride_row = stride_row;
+  return op;
+}
+
+template <typename T>
+cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
+  const int batch_heads = p.batch * p.heads;
+  const int64_t n = p.n_queries, m = p.n_keys, d = p.head_dim, dv = p.value_dim;
+  const int64_t chunk = p.key_chunk;
+
+  {  // Delta
+    constexpr int kRowsPerBlock = ScftBwdDeltaConfig::kThreads / 32;
+    const int64_t rows = int64_t(batch_heads) * n;
+    const dim3 grid(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock));
+    scft_attn_bwd_delta_kernel<T, ScftBwdDeltaConfig><<<grid, ScftBwdDeltaConfig::kThreads, 0, stream>>>(p);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+
+  using ProbsCfg = ScftBwdProbsConfig;
+  auto probs_kernel = scft_attn_bwd_probs_kernel<T, ProbsCfg>;
+  cudaError_t err = prepare_smem(probs_kernel, ProbsCfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+
+  const int num_chunks = ceil_div(p.n_keys, p.key_chunk);
+  for (int c = 0; c < num_chunks; ++c) {
+    const int key_begin = c * p.key_chunk;
+    const int key_end = key_begin + p.key_chunk < p.n_keys ? key_begin + p.key_chunk : p.n_keys;
+    const int chunk_keys = key_end - key_begin;
+
+    // P and dS of the chunk.
+    const dim3 probs_grid(ceil_div(chunk_keys, ProbsCfg::kBlockN), ceil_div(p.n_queries, ProbsCfg::kBlockM),
+                          batch_heads);
+    probs_kernel<<<probs_grid, ProbsCfg::kThreads, ProbsCfg::kSmemBytes, stream>>>(p, key_begin, key_end);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+
+    // dV[chunk] = P^T dO and dK[chunk] = scale dS^T q: A is the workspace read transposed
+    // ([query][key] storage, m = key, k = query), B the (query x dim) input.
+    GemmBatch kv;
+    kv.num_problems = 2;
+    kv.heads = p.heads;
+    {
+      GemmProblem& pv = kv.problem[0];
+      pv.a = operand(p.probs, int64_t(p.heads) * n * chunk, n * chunk, chunk);
+      pv.b = operand(p.grad_out, p.grad_out_stride_b, p.grad_out_stride_h, p.grad_out_stride_row);
+      pv.c_in = nullptr;
+      pv.c_out_f32 = nullptr;
+      pv.c_out = static_cast<uint16_t*>(p.grad_v) + int64_t(key_begin) * dv;
+      pv.c_stride_b = int64_t(p.heads) * m * dv;
+      pv.c_stride_h = m * dv;
+      pv.c_stride_row = dv;
+      pv.c_pairs = (dv % 2) == 0;
+      pv.m = chunk_keys;
+      pv.n = p.value_dim;
+      pv.k = p.n_queries;
+      pv.alpha = 1.f;
+      GemmProblem& pk = kv.problem[1];
+      pk.a = operand(p.dscores, int64_t(p.heads) * n * chunk, n * chunk, chunk);
+      pk.b = operand(p.q, p.q_stride_b, p.q_stride_h, p.q_stride_row);
+      pk.c_in = nullptr;
+      pk.c_out_f32 = nullptr;
+      pk.c_out = static_cast<uint16_t*>(p.grad_k) + int64_t(key_begin) * d;
+      pk.c_stride_b = int64_t(p.heads) * m * d;
+      pk.c_stride_h = m * d;
+      pk.c_stride_row = d;
+      pk.c_pairs = (d % 2) == 0;
+      pk.m = chunk_keys;
+      pk.n = p.head_dim;
+      pk.k = p.n_queries;
+      pk.alpha = p.scale;
+    }
+    kv.tiles_n = ceil_div(p.value_dim > p.head_dim ? p.value_dim : p.head_dim, ScftGemmConfig::kBlockN);
+    err = launch_gemm<T, false>(kv, ceil_div(chunk_keys, ScftGemmConfig::kBlockM), batch_heads, stream);
+    if (err != cudaSuccess) return err;
+
+    // dQ (+)= scale dS k[chunk]: A is dS ([query][key], k = key contiguous), B the chunk's keys.
+    GemmBatch qb;
+    qb.num_problems = 1;
+    qb.heads = p.heads;
+    {
+      GemmProblem& pq = qb.problem[0];
+      pq.a = operand(p.dscores, int64_t(p.heads) * n * chunk, n * chunk, chunk);
+      pq.b = operand(static_cast<const uint16_t*>(p.k) + int64_t(key_begin) * p.k_stride_row, p.k_stride_b,
+                     p.k_stride_h, p.k_stride_row);
+      const bool first = c == 0;
+      const bool last = c == num_chunks - 1;
+      pq.c_in = first ? nullptr : p.grad_q_accum;
+      pq.c_out_f32 = last ? nullptr : p.grad_q_accum;
+      pq.c_out = last ? static_cast<uint16_t*>(p.grad_q) : nullptr;
+      pq.c_stride_b = int64_t(p.heads) * n * d;   // grad_q and grad_q_accum are both contiguous (B, H, N, D)
+      pq.c_stride_h = n * d;
+      pq.c_stride_row = d;
+      pq.c_pairs = (d % 2) == 0;
+      pq.m = p.n_queries;
+      pq.n = p.head_dim;
+      pq.k = chunk_keys;
+      pq.alpha = p.scale;
+      qb.problem[1] = pq;   // unused (num_problems = 1), kept initialized
+    }
+    qb.tiles_n = ceil_div(p.head_dim, ScftGemmConfig::kBlockN);
+    err = launch_gemm<T, true>(qb, ceil_div(p.n_queries, ScftGemmConfig::kBlockM), batch_heads, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& p, ScftDtype dtype, cudaStream_t stream) {
+  if (!dims_ok(p.batch, p.heads, p.n_queries, p.n_keys, p.head_dim, p.value_dim)) return cudaErrorInvalidValue;
+  if (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.out == nullptr || p.lse == nullptr)
+    return cudaErrorInvalidValue;
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) || !aligned16(p.lse))
+    return cudaErrorInvalidValue;
+  if (!stride_ok(p.q_stride_b, p.batch) || !stride_ok(p.q_stride_h, p.heads) ||
+      !stride_ok(p.q_stride_row, p.n_queries) || !stride_ok(p.k_stride_b, p.batch) ||
+      !stride_ok(p.k_stride_h, p.heads) || !stride_ok(p.k_stride_row, p.n_keys) ||
+      !stride_ok(p.v_stride_b, p.batch) || !stride_ok(p.v_stride_h, p.heads) || !stride_ok(p.v_stride_row, p.n_keys))
+    return cudaErrorInvalidValue;
+  switch (dtype) {
+    case ScftDtype::kFloat16:
+      return fwd_dispatch<__half>(p, stream);
+    case ScftDtype::kBFloat16:
+      return fwd_dispatch<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t scft_attn_bwd_cuda(const ScftAttnBwdParams& p, ScftDtype dtype, cudaStream_t stream) {
+  if (!dims_ok(p.batch, p.heads, p.n_queries, p.n_keys, p.head_dim, p.value_dim)) return cudaErrorInvalidValue;
+  if (p.key_chunk <= 0 || p.key_chunk % 128 != 0) return cudaErrorInvalidValue;
+  const int num_chunks = ceil_div(p.n_keys, p.key_chunk);
+  const void* required[] = {p.grad_out, p.q, p.k, p.v, p.out, p.lse, p.grad_q, p.grad_k, p.grad_v,
+                            p.delta, p.probs, p.dscores};
+  for (const void* ptr : required)
+    if (ptr == nullptr || !aligned16(ptr)) return cudaErrorInvalidValue;
+  if (num_chunks > 1 && (p.grad_q_accum == nullptr || !aligned16(p.grad_q_accum))) return cudaErrorInvalidValue;
+  const int64_t strides_n[][3] = {{p.grad_out_stride_b, p.grad_out_stride_h, p.grad_out_stride_row},
+                                  {p.q_stride_b, p.q_stride_h, p.q_stride_row},
+                                  {p.out_stride_b, p.out_stride_h, p.out_stride_row}};
+  for (const auto& s : strides_n)
+    if (!stride_ok(s[0], p.batch) || !stride_ok(s[1], p.heads) || !stride_ok(s[2], p.n_queries))
+      return cudaErrorInvalidValue;
+  const int64_t strides_m[][3] = {{p.k_stride_b, p.k_stride_h, p.k_stride_row},
+                                  {p.v_stride_b, p.v_stride_h, p.v_stride_row}};
+  for (const auto& s : strides_m)
+    if (!stride_ok(s[0], p.batch) || !stride_ok(s[1], p.heads) || !stride_ok(s[2], p.n_keys))
+      return cudaErrorInvalidValue;
+  switch (dtype) {
+    case ScftDtype::kFloat16:
+      return bwd_dispatch<__half>(p, stream);
+    case ScftDtype::kBFloat16:
+      return bwd_dispatch<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace scft
+}  // namespace sketchcolor
