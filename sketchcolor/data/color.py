@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from kornia.enhance import adjust_hue, adjust_saturation
 
+from .checks import check_real
+
 
 def _uniform(low: float, high: float, generator: torch.Generator, shape: tuple[int, ...] = ()) -> torch.Tensor:
     return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
@@ -33,10 +35,10 @@ class ColorPerturbation:
     """Saturation factor drawn from [1 - saturation, 1 + saturation]; 0 is off."""
 
     def __post_init__(self) -> None:
-        for name, upper in (("gain", 1.0), ("offset", 1.0), ("hue", 0.5), ("saturation", 1.0)):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value <= upper):
-                raise ValueError(f"{name} must be a number in [0, {upper}], got {value!r}")
+        check_real("gain", self.gain, "a number in [0, 1]", lambda value: 0 <= value <= 1)
+        check_real("offset", self.offset, "a number in [0, 1]", lambda value: 0 <= value <= 1)
+        check_real("hue", self.hue, "a number of turns in [0, 0.5]", lambda value: 0 <= value <= 0.5)
+        check_real("saturation", self.saturation, "a number in [0, 1]", lambda value: 0 <= value <= 1)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Perturb an RGB image (3, H, W) in [0, 1]; the result is clamped to [0, 1]."""

@@ -3,6 +3,7 @@ and the feature-grid correspondence between sketch and reference (DESIGN.md, "Da
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .checks import check_int
 from .color import ColorPerturbation
 from .folder import ImageFolder
 from .procedural import ProceduralShapes
@@ -40,18 +42,17 @@ class PairConfig:
     """Spatial transform from the ground truth to the reference."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 8):
-            raise ValueError(f"size must be an int >= 8, got {self.size!r}")
-        if not (isinstance(self.feature_grid, int) and not isinstance(self.feature_grid, bool) and self.feature_grid >= 1):
-            raise ValueError(f"feature_grid must be a positive int, got {self.feature_grid!r}")
+        check_int("size", self.size, 8)
+        check_int("feature_grid", self.feature_grid, 1)
         if self.size % self.feature_grid:
             raise ValueError(
                 f"feature_grid must divide size (the grid is the model's feature map of size / stride), "
                 f"got feature_grid={self.feature_grid} and size={self.size}"
             )
-        low, high = self.sketch_sigma_range
-        if not 0 < low <= high:
-            raise ValueError(f"sketch_sigma_range must be (low, high) with 0 < low <= high, got {self.sketch_sigma_range!r}")
+        sigmas = self.sketch_sigma_range
+        is_pair = isinstance(sigmas, tuple) and len(sigmas) == 2 and all(isinstance(s, numbers.Real) for s in sigmas)
+        if not (is_pair and 0 < sigmas[0] <= sigmas[1]):
+            raise ValueError(f"sketch_sigma_range must be a tuple (low, high) with 0 < low <= high, got {sigmas!r}")
         for name, kind in (("sketch", XDoGParams), ("color", ColorPerturbation), ("warp", TPSParams)):
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
@@ -78,15 +79,16 @@ class PairDataset(Dataset):
     changes every augmentation; the images of the sources here do not depend on the epoch.
     """
 
-    def __init__(self, images: Dataset, config: PairConfig = PairConfig(), seed: int = 0, length: int | None = None) -> None:
+    def __init__(
+        self, images: Dataset, config: PairConfig = PairConfig(), seed: int = 0, length: int | None = None
+    ) -> None:
         if not isinstance(config, PairConfig):
             raise ValueError(f"config must be a PairConfig, got {type(config).__name__}")
-        if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        check_int("seed", seed, 0)
         if len(images) == 0:
             raise ValueError("images must not be empty")
-        if length is not None and not (isinstance(length, int) and not isinstance(length, bool) and length >= 1):
-            raise ValueError(f"length must be a positive int or None, got {length!r}")
+        if length is not None:
+            check_int("length", length, 1)
         self.images, self.config, self.seed = images, config, seed
         self.length = len(images) if length is None else length
         self.epoch = 0
@@ -94,8 +96,7 @@ class PairDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Draw new augmentations for every item (call before each epoch; with DataLoader workers
         this takes effect for workers started afterwards, i.e. without ``persistent_workers``)."""
-        if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        check_int("epoch", epoch, 0)
         self.epoch = epoch
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .checks import check_int
 from .images import UNREADABLE_IMAGE_ERRORS, load_rgb_image, pil_to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -28,8 +29,7 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, size: int) -> None:
-        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 8):
-            raise ValueError(f"size must be an int >= 8, got {size!r}")
+        check_int("size", size, 8)
         self.root = Path(root)
         if not self.root.is_dir():
             raise NotADirectoryError(f"data_dir {str(self.root)!r} is not a directory")
@@ -38,7 +38,8 @@ class ImageFolder(Dataset):
         )
         if not self.paths:
             raise ValueError(
-                f"data_dir {str(self.root)!r} contains no images: looked for {', '.join(IMAGE_SUFFIXES)} files, recursively"
+                f"data_dir {str(self.root)!r} contains no images: "
+                f"looked for {', '.join(IMAGE_SUFFIXES)} files, recursively"
             )
         self.size = size
         self._unreadable: set[Path] = set()

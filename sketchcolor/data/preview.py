@@ -101,7 +101,10 @@ def render_preview(samples: list[dict[str, torch.Tensor]], grid: int) -> Image.I
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sketchcolor.data.preview", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sketchcolor.data.preview",
+        description="Write a grid of training samples (sketch, reference, ground truth, correspondence).",
+    )
     parser.add_argument("--out", required=True, type=Path, help="PNG file to write")
     parser.add_argument("--data", default=None, help="folder of images (default: the built-in procedural shapes)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")

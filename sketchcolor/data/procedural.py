@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from .checks import check_int
 from .images import pil_to_tensor
 
 # Shapes are drawn at this multiple of the output size, then downsampled, for smooth edges.
@@ -85,9 +86,9 @@ class ProceduralShapes(Dataset):
     """``length`` synthetic RGB images of ``size`` x ``size``, as float tensors (3, size, size) in [0, 1]."""
 
     def __init__(self, size: int, length: int, seed: int = 0) -> None:
-        for name, value, low in (("size", size, 8), ("length", length, 1), ("seed", seed, 0)):
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int("size", size, 8)
+        check_int("length", length, 1)
+        check_int("seed", seed, 0)
         self.size, self.length, self.seed = size, length, seed
 
     def __len__(self) -> int:

@@ -18,6 +18,7 @@ import torch
 from kornia.color import rgb_to_grayscale
 from kornia.filters import gaussian_blur2d
 
+from .checks import check_real
 from .images import load_rgb_image, pil_to_tensor, tensor_to_pil
 
 
@@ -37,16 +38,11 @@ class XDoGParams:
     """Steepness of the soft threshold; very large gives binary lines."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.sigma, (int, float)) and self.sigma > 0):
-            raise ValueError(f"sigma must be a positive number of pixels, got {self.sigma!r}")
-        if not (isinstance(self.k, (int, float)) and self.k > 1):
-            raise ValueError(f"k must be a number greater than 1, got {self.k!r}")
-        if not (isinstance(self.p, (int, float)) and self.p >= 0):
-            raise ValueError(f"p must be a non-negative number, got {self.p!r}")
-        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon)):
-            raise ValueError(f"epsilon must be a finite number, got {self.epsilon!r}")
-        if not (isinstance(self.phi, (int, float)) and self.phi > 0):
-            raise ValueError(f"phi must be a positive number, got {self.phi!r}")
+        check_real("sigma", self.sigma, "a positive number of pixels", lambda value: value > 0)
+        check_real("k", self.k, "a number greater than 1", lambda value: value > 1)
+        check_real("p", self.p, "a non-negative number", lambda value: value >= 0)
+        check_real("epsilon", self.epsilon, "a finite number", math.isfinite)
+        check_real("phi", self.phi, "a positive number", lambda value: value > 0)
 
 
 def _gaussian(image: torch.Tensor, sigma: float) -> torch.Tensor:
