@@ -6,10 +6,11 @@
 //
 // Shapes use the op's names: B batch, H heads, N queries, M keys, D the q/k head dim,
 // Dv the v head dim. Element strides are in elements (not bytes); the last axis of every tensor
-// has stride 1. The launchers require 16-byte aligned base pointers and row/head/batch strides
-// that are multiples of 8 elements (so that every tile row starts on a 16-byte boundary and can
-// be copied with 16-byte cp.async); the torch binding guarantees that by copying inputs that do
-// not meet it into a padded buffer. Outputs and workspaces are contiguous.
+// has stride 1. The launchers require 16-byte aligned base pointers (4-byte for the float32 lse
+// and delta) and row/head/batch strides that are multiples of 8 elements on every axis with more
+// than one index (so that every tile row starts on a 16-byte boundary and can be copied with
+// 16-byte cp.async); the torch binding guarantees that by copying inputs that do not meet it
+// into a padded buffer. Outputs and workspaces are contiguous.
 #pragma once
 
 #include <cuda_runtime_api.h>

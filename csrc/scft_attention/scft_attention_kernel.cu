@@ -151,20 +151,24 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem_tile, int smem_pit
   static_assert(kCols % 8 == 0, "tile columns are copied in 16-byte (8-element) pieces");
   constexpr int kPiecesPerRow = kCols / 8;
   constexpr int kPieces = kRows * kPiecesPerRow;
+  static_assert(kThreads % kPiecesPerRow == 0 && kPieces % kThreads == 0,
+                "each thread copies the same column of evenly spaced rows");
+  // Thread tid copies column piece c of rows r0, r0 + kRowStep, ...: one column mask, one base
+  // address and a constant row step, instead of a 64-bit address per piece held in registers.
+  constexpr int kRowStep = kThreads / kPiecesPerRow;
+  const int r0 = tid / kPiecesPerRow;
+  const int c = (tid % kPiecesPerRow) * 8;
+  int col_bytes = (col_limit - (col0 + c)) * 2;
+  col_bytes = col_bytes < 0 ? 0 : (col_bytes > 16 ? 16 : col_bytes);
+  const int64_t first = int64_t(row0 + r0) * row_stride + col0 + c;
+  const int64_t step = int64_t(kRowStep) * row_stride;
+  const uint32_t dst = smem_tile + uint32_t(r0 * smem_pitch + c) * 2u;
 #pragma unroll
-  for (int i = 0; i < (kPieces + kThreads - 1) / kThreads; ++i) {
-    const int piece = tid + i * kThreads;
-    if (kPieces % kThreads == 0 || piece < kPieces) {
-      const int r = piece / kPiecesPerRow;
-      const int c = (piece % kPiecesPerRow) * 8;
-      const int row = row0 + r;
-      const int col = col0 + c;
-      int valid = col_limit - col;
-      valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
-      if (row >= row_limit) valid = 0;
-      const uint16_t* src = valid > 0 ? gmem + int64_t(row) * row_stride + col : gmem;
-      cp_async_16(smem_tile + uint32_t(r * smem_pitch + c) * 2u, src, valid * 2);
-    }
+  for (int i = 0; i < kPieces / kThreads; ++i) {
+    const int bytes = row0 + r0 + i * kRowStep < row_limit ? col_bytes : 0;
+    // A piece with no bytes to read still names a valid address (the tile's matrix base).
+    const uint16_t* src = bytes > 0 ? gmem + (first + i * step) : gmem;
+    cp_async_16(dst + uint32_t(i * kRowStep * smem_pitch) * 2u, src, bytes);
   }
 }
 
@@ -853,6 +857,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
 // Host side.
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
+bool aligned4(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 4) == 0; }
 // A stride matters only when its axis has more than one index.
 bool stride_ok(int64_t stride, int64_t extent) { return extent <= 1 || (stride % kRowAlignElems) == 0; }
 bool dims_ok(int batch, int heads, int n, int m, int d, int dv) {
@@ -1023,7 +1028,7 @@ cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& p, ScftDtype dtype, cuda
   if (!dims_ok(p.batch, p.heads, p.n_queries, p.n_keys, p.head_dim, p.value_dim)) return cudaErrorInvalidValue;
   if (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.out == nullptr || p.lse == nullptr)
     return cudaErrorInvalidValue;
-  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) || !aligned16(p.lse))
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) || !aligned4(p.lse))
     return cudaErrorInvalidValue;
   if (!stride_ok(p.q_stride_b, p.batch) || !stride_ok(p.q_stride_h, p.heads) ||
       !stride_ok(p.q_stride_row, p.n_queries) || !stride_ok(p.k_stride_b, p.batch) ||
@@ -1043,10 +1048,12 @@ cudaError_t scft_attn_bwd_cuda(const ScftAttnBwdParams& p, ScftDtype dtype, cuda
   if (!dims_ok(p.batch, p.heads, p.n_queries, p.n_keys, p.head_dim, p.value_dim)) return cudaErrorInvalidValue;
   if (p.key_chunk <= 0 || p.key_chunk % 128 != 0) return cudaErrorInvalidValue;
   const int num_chunks = ceil_div(p.n_keys, p.key_chunk);
-  const void* required[] = {p.grad_out, p.q, p.k, p.v, p.out, p.lse, p.grad_q, p.grad_k, p.grad_v,
-                            p.delta, p.probs, p.dscores};
-  for (const void* ptr : required)
+  // Tiles are copied in 16-byte pieces and outputs stored in pairs: 16-byte aligned. lse and
+  // delta are read one float at a time.
+  const void* tiled[] = {p.grad_out, p.q, p.k, p.v, p.out, p.grad_q, p.grad_k, p.grad_v, p.probs, p.dscores};
+  for (const void* ptr : tiled)
     if (ptr == nullptr || !aligned16(ptr)) return cudaErrorInvalidValue;
+  if (p.lse == nullptr || !aligned4(p.lse) || p.delta == nullptr || !aligned4(p.delta)) return cudaErrorInvalidValue;
   if (num_chunks > 1 && (p.grad_q_accum == nullptr || !aligned16(p.grad_q_accum))) return cudaErrorInvalidValue;
   const int64_t strides_n[][3] = {{p.grad_out_stride_b, p.grad_out_stride_h, p.grad_out_stride_row},
                                   {p.q_stride_b, p.q_stride_h, p.q_stride_row},

@@ -1,0 +1,209 @@
+// Torch binding of the CUDA backend of SCFT attention (compiled only in CUDA builds): input
+// checks, layout preparation, output and workspace allocation, and the registration of the
+// launchers in scft_attention_kernel.cu as the CUDA kernels of the ops in csrc/ops.cpp.
+//
+// The current stream comes from c10::cuda::getCurrentCUDAStream, the function that
+// at::cuda::getCurrentCUDAStream re-exports; ATen/cuda/CUDAContext.h is not included because it
+// pulls in cuBLAS / cuSPARSE headers, which would keep this file from being syntax-checked on
+// machines whose torch is a CPU build (tests/test_cuda_compile.py does that).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "scft_attention/scft_attention.h"
+#include "scft_attention/scft_attention_checks.h"
+
+namespace sketchcolor {
+namespace {
+
+using scft::ScftDtype;
+
+void check_cuda_tensor(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.is_cuda(), op, " (cuda backend): ", name, " must be a CUDA tensor, got one on ", t.device());
+}
+
+void check_low_precision(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, " (cuda backend): ", name,
+              " has dtype ", t.scalar_type(),
+              ", but the cuda backend takes float16 or bfloat16 tensors only. For float32 or float64 use "
+              "impl=\"triton\" (CUDA tensors) or impl=\"cpp\" (CPU tensors).");
+}
+
+// Sizes the kernels' int32 indices and grid dimensions can take.
+void check_kernel_limits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  const int64_t batch_heads = q.size(0) * q.size(1);
+  TORCH_CHECK(batch_heads <= 65535, op, " (cuda backend): B * H = ", batch_heads,
+              " exceeds 65535 (the grid's z dimension); split the batch");
+  TORCH_CHECK(q.size(3) <= scft::kMaxHeadDim, op, " (cuda backend): head dim D = ", q.size(3), " exceeds ",
+              scft::kMaxHeadDim);
+  TORCH_CHECK(v.size(3) <= scft::kMaxHeadDim, op, " (cuda backend): value head dim Dv = ", v.size(3), " exceeds ",
+              scft::kMaxHeadDim);
+  TORCH_CHECK(q.size(2) <= int64_t(65535) * scft::ScftBwdProbsConfig::kBlockM, op,
+              " (cuda backend): N = ", q.size(2), " queries exceed ", int64_t(65535) * scft::ScftBwdProbsConfig::kBlockM);
+  TORCH_CHECK(k.size(2) <= std::numeric_limits<int32_t>::max() / 2, op, " (cuda backend): M = ", k.size(2),
+              " keys exceed the kernels' 32-bit key index");
+}
+
+// A view of `t` the kernels can read directly: last-axis stride 1, 16-byte aligned data, and
+// strides that are multiples of 8 elements on every axis with more than one index (so every row a
+// kernel copies starts on a 16-byte boundary). Inputs that qualify, whatever their strides (a
+// transposed view whose rows stay contiguous, a slice), are passed as they are; others are
+// copied once into a buffer whose rows are padded to a multiple of 8 elements.
+at::Tensor kernel_layout(const at::Tensor& t) {
+  at::Tensor x = t.stride(3) == 1 ? t : t.contiguous();
+  bool qualifies = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d < 3; ++d) {
+    if (x.size(d) > 1 && x.stride(d) % scft::kRowAlignElems != 0) qualifies = false;
+  }
+  if (qualifies) return x;
+  const int64_t cols = x.size(3);
+  const int64_t padded_cols = (cols + scft::kRowAlignElems - 1) / scft::kRowAlignElems * scft::kRowAlignElems;
+  at::Tensor buffer = at::empty({x.size(0), x.size(1), x.size(2), padded_cols}, x.options());
+  at::Tensor view = buffer.narrow(3, 0, cols);
+  view.copy_(x);
+  return view;
+}
+
+ScftDtype dtype_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? ScftDtype::kBFloat16 : ScftDtype::kFloat16;
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, " (cuda backend): launch failed: ", cudaGetErrorName(err), ": ",
+              cudaGetErrorString(err),
+              err == cudaErrorInvalidConfiguration
+                  ? " (the device grants less shared memory per block than the kernels need, up to "
+                    "152 KiB: sm_80 and sm_90 GPUs have it)"
+                  : "");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                         double scale) {
+  constexpr const char* kOp = "scft_attn_fwd";
+  check_cuda_tensor(q, "q", kOp);
+  check_low_precision(q, "q", kOp);
+  check_attention_inputs(q, k, v);   // ranks, matching dtypes, devices and shapes, M, D, Dv >= 1
+  check_kernel_limits(q, k, v, kOp);
+
+  c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), m = k.size(2);
+  const int64_t d = q.size(3), dv = v.size(3);
+  at::Tensor out = at::empty({batch, heads, n, dv}, q.options());
+  at::Tensor lse = at::empty({batch, heads, n}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};   // no queries (or B * H = 0): nothing to compute
+
+  const at::Tensor qx = kernel_layout(q), kx = kernel_layout(k), vx = kernel_layout(v);
+  scft::ScftAttnFwdParams p{};
+  p.q = qx.data_ptr();
+  p.k = kx.data_ptr();
+  p.v = vx.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_stride_b = qx.stride(0);
+  p.q_stride_h = qx.stride(1);
+  p.q_stride_row = qx.stride(2);
+  p.k_stride_b = kx.stride(0);
+  p.k_stride_h = kx.stride(1);
+  p.k_stride_row = kx.stride(2);
+  p.v_stride_b = vx.stride(0);
+  p.v_stride_h = vx.stride(1);
+  p.v_stride_row = vx.stride(2);
+  p.batch = static_cast<int>(batch);
+  p.heads = static_cast<int>(heads);
+  p.n_queries = static_cast<int>(n);
+  p.n_keys = static_cast<int>(m);
+  p.head_dim = static_cast<int>(d);
+  p.value_dim = static_cast<int>(dv);
+  p.scale = static_cast<float>(scale);
+  check_launch(scft::scft_attn_fwd_cuda(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::Tensor& grad_out, const at::Tensor& q,
+                                                                     const at::Tensor& k, const at::Tensor& v,
+                                                                     const at::Tensor& out, const at::Tensor& lse,
+                                                                     double scale) {
+  constexpr const char* kOp = "scft_attn_bwd";
+  check_cuda_tensor(q, "q", kOp);
+  check_low_precision(q, "q", kOp);
+  check_attention_grad_inputs(grad_out, q, k, v, out, lse);   // shapes, dtypes (lse float32), devices
+  check_kernel_limits(q, k, v, kOp);
+
+  c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), m = k.size(2);
+  const int64_t d = q.size(3), dv = v.size(3);
+  const auto contiguous = at::MemoryFormat::Contiguous;
+  at::Tensor grad_q = at::empty({batch, heads, n, d}, q.options(), contiguous);
+  if (batch * heads == 0 || n == 0) {
+    // No query attends to any key: the key and value gradients are zero.
+    return {grad_q, at::zeros({batch, heads, m, d}, k.options()), at::zeros({batch, heads, m, dv}, v.options())};
+  }
+  at::Tensor grad_k = at::empty({batch, heads, m, d}, k.options(), contiguous);
+  at::Tensor grad_v = at::empty({batch, heads, m, dv}, v.options(), contiguous);
+
+  const at::Tensor gox = kernel_layout(grad_out), qx = kernel_layout(q), kx = kernel_layout(k);
+  const at::Tensor vx = kernel_layout(v), ox = kernel_layout(out);
+  const at::Tensor lse_c = lse.contiguous();
+
+  const scft::ScftBwdWorkspacePlan plan = scft::scft_bwd_workspace_plan(batch * heads, n, m, d, dv);
+  at::Tensor delta = at::empty({batch, heads, n}, q.options().dtype(at::kFloat));
+  at::Tensor probs = at::empty({batch, heads, n, plan.key_chunk}, q.options());
+  at::Tensor dscores = at::empty({batch, heads, n, plan.key_chunk}, q.options());
+  at::Tensor grad_q_accum;
+  if (plan.needs_grad_q_accum) grad_q_accum = at::empty({batch, heads, n, d}, q.options().dtype(at::kFloat));
+
+  scft::ScftAttnBwdParams p{};
+  p.grad_out = gox.data_ptr();
+  p.q = qx.data_ptr();
+  p.k = kx.data_ptr();
+  p.v = vx.data_ptr();
+  p.out = ox.data_ptr();
+  p.lse = lse_c.data_ptr<float>();
+  p.grad_out_stride_b = gox.stride(0);
+  p.grad_out_stride_h = gox.stride(1);
+  p.grad_out_stride_row = gox.stride(2);
+  p.q_stride_b = qx.stride(0);
+  p.q_stride_h = qx.stride(1);
+  p.q_stride_row = qx.stride(2);
+  p.k_stride_b = kx.stride(0);
+  p.k_stride_h = kx.stride(1);
+  p.k_stride_row = kx.stride(2);
+  p.v_stride_b = vx.stride(0);
+  p.v_stride_h = vx.stride(1);
+  p.v_stride_row = vx.stride(2);
+  p.out_stride_b = ox.stride(0);
+  p.out_stride_h = ox.stride(1);
+  p.out_stride_row = ox.stride(2);
+  p.grad_q = grad_q.data_ptr();
+  p.grad_k = grad_k.data_ptr();
+  p.grad_v = grad_v.data_ptr();
+  p.delta = delta.data_ptr<float>();
+  p.probs = probs.data_ptr();
+  p.dscores = dscores.data_ptr();
+  p.grad_q_accum = plan.needs_grad_q_accum ? grad_q_accum.data_ptr<float>() : nullptr;
+  p.key_chunk = plan.key_chunk;
+  p.batch = static_cast<int>(batch);
+  p.heads = static_cast<int>(heads);
+  p.n_queries = static_cast<int>(n);
+  p.n_keys = static_cast<int>(m);
+  p.head_dim = static_cast<int>(d);
+  p.value_dim = static_cast<int>(dv);
+  p.scale = static_cast<float>(scale);
+  check_launch(scft::scft_attn_bwd_cuda(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+}  // namespace sketchcolor
+
+TORCH_LIBRARY_IMPL(sketchcolor, CUDA, m) {
+  m.impl("scft_attn_fwd", &sketchcolor::scft_attn_fwd_cuda_op);
+  m.impl("scft_attn_bwd", &sketchcolor::scft_attn_bwd_cuda_op);
+}

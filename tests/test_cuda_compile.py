@@ -1,0 +1,454 @@
+"""Proof of the CUDA kernels without a GPU: they compile for the real targets, fit them, and use
+the tensor cores.
+
+Every ``csrc/**/*.cu`` is compiled with nvcc, with setup.py's flags, for sm_80 and for sm_90a
+(``-Xptxas -v``; the two targets compile in parallel processes). Per kernel and target:
+
+* ptxas reports 0 bytes of spill stores and loads and a 0-byte stack frame (no register array
+  went to local memory), and at most 255 registers;
+* static shared memory (ptxas) plus the dynamic shared memory its launcher requests fits the
+  target (sm_80: 163 KiB per block, sm_90: 227 KiB). The dynamic sizes come from
+  ``kScftKernelSmemTable`` in csrc/scft_attention/scft_attention.h, printed by a tiny host
+  program compiled from that header; a kernel is matched to its configuration by the
+  configuration's struct name, which is part of the kernel's mangled name;
+* the SASS (cuobjdump --dump-sass, from the CUDA toolkit or Triton's package) of every kernel
+  that multiplies matrices contains tensor-core instructions (HMMA, or HGMMA for wgmma), and no
+  kernel contains local-memory loads or stores (LDL / STL).
+
+Also:
+* a host program linked with the sm_80 object checks that the launchers return
+  cudaErrorInvalidValue for parameters the kernels cannot take (misaligned pointers, strides
+  that are not multiples of 8 elements, zero or oversized dims, B*H > 65535, missing
+  workspaces), before touching any device, and that the backward's workspace plan follows
+  the rule restated in ``expected_plan`` (tests/test_cuda_attention.py relies on it);
+* the torch binding csrc/scft_attention/scft_attention_cuda.cpp passes ``g++ -fsyntax-only``
+  against the installed torch headers (skipped where torch, its c10/cuda headers or g++ are
+  missing).
+
+Skips only where nvcc (or, for the SASS test, cuobjdump) cannot be found.
+Run: PYTHONPATH=. pytest tests/test_cuda_compile.py -q  (about 40 s on 2 cores).
+``python tests/test_cuda_compile.py`` prints the per-kernel report table of benchmarks/NOTES-cuda.md.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+HEADER = os.path.join(CSRC, "scft_attention", "scft_attention.h")
+BINDING = os.path.join(CSRC, "scft_attention", "scft_attention_cuda.cpp")
+
+# Shared memory per block (static + dynamic) each target can grant with the opt-in attribute.
+SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
+ARCH_FLAGS = {
+    "sm_80": "-gencode=arch=compute_80,code=sm_80",
+    "sm_90a": "-gencode=arch=compute_90a,code=sm_90a",
+}
+# setup.py's nvcc flags (the -gencode is per target here).
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DSKETCHCOLOR_WITH_CUDA=1"]
+# Kernels that multiply matrices, by a substring of their mangled names.
+MATRIX_KERNELS = ("scft_attn_fwd_kernel", "scft_attn_bwd_probs_kernel", "scft_gemm_kernel")
+MAX_REGISTERS = 255
+
+
+def _find_tool(name: str, extra_dirs=()) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = []
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env):
+            candidates.append(os.path.join(os.environ[env], "bin", name))
+    candidates.append(os.path.join("/usr/local/cuda/bin", name))
+    candidates.extend(os.path.join(d, name) for d in extra_dirs)
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _triton_bin_dirs() -> list[str]:
+    try:
+        import triton  # noqa: F401  (only its package directory is used)
+    except Exception:
+        return []
+    return [os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")]
+
+
+NVCC = _find_tool("nvcc")
+CUOBJDUMP = _find_tool("cuobjdump", _triton_bin_dirs())
+NVDISASM = _find_tool("nvdisasm", _triton_bin_dirs())
+
+
+def _cuda_include_dir() -> str | None:
+    candidates = []
+    if NVCC:
+        candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(NVCC))), "include"))
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env):
+            candidates.append(os.path.join(os.environ[env], "include"))
+    candidates.append("/usr/local/cuda/include")
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "cuda_runtime.h")):
+            return path
+    return None
+
+
+CUDA_INCLUDE = _cuda_include_dir()
+
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+
+_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_FRAME_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED_RE = re.compile(r"Used (\d+) registers(.*)")
+_SMEM_RE = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+    """{mangled kernel name: {arch, registers, stack, spill_stores, spill_loads, static_smem}}."""
+    kernels: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        m = _ENTRY_RE.search(line)
+        if m:
+            current = {"name": m.group(1), "arch": m.group(2), "static_smem": 0}
+            kernels[m.group(1)] = current
+            continue
+        if current is None:
+            continue
+        m = _FRAME_RE.search(line)
+        if m:
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+            continue
+        m = _USED_RE.search(line)
+        if m:
+            current["registers"] = int(m.group(1))
+            s = _SMEM_RE.search(m.group(2))
+            current["static_smem"] = int(s.group(1)) if s else 0
+    return kernels
+
+
+def parse_sass(text: str) -> dict[str, dict[str, int]]:
+    """{mangled kernel name: {opcode family: count}} for the families the tests look at."""
+    counts: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            current = counts.setdefault(m.group(1), {"HMMA": 0, "HGMMA": 0, "LDSM": 0, "LDGSTS": 0, "LDL": 0, "STL": 0})
+            continue
+        if current is None:
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?", line)
+        if not m:
+            continue
+        op = m.group(1)
+        if op in current:
+            current[op] += 1
+    return counts
+
+
+def _compile(cu: str, arch: str, out_dir: str) -> dict:
+    obj = os.path.join(out_dir, f"{os.path.basename(cu)}.{arch}.o")
+    cmd = [NVCC, *NVCC_FLAGS, ARCH_FLAGS[arch], "-Xptxas", "-v", "-I", CSRC, "-c", cu, "-o", obj]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return {"cu": cu, "arch": arch, "obj": obj, "cmd": " ".join(cmd), "rc": proc.returncode,
+            "log": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+    sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
+    assert sources, "no .cu files under csrc/"
+    out_dir = str(tmp_path_factory.mktemp("nvcc"))
+    jobs = [(cu, arch) for cu in sources for arch in ARCH_FLAGS]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda job: _compile(job[0], job[1], out_dir), jobs))
+    for r in results:
+        r["kernels"] = parse_ptxas(r["log"])
+    return results
+
+
+@pytest.fixture(scope="module")
+def dynamic_smem(tmp_path_factory) -> dict[str, int]:
+    """{configuration struct name: dynamic shared memory bytes}, from the header's table."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    out_dir = tmp_path_factory.mktemp("smem")
+    src = out_dir / "print_smem.cpp"
+    src.write_text(
+        '#include <cstdio>\n#include "scft_attention/scft_attention.h"\n'
+        "int main() {\n"
+        "  for (const auto& e : sketchcolor::scft::kScftKernelSmemTable)\n"
+        '    std::printf("%s %zu\\n", e.config_name, e.dynamic_smem_bytes);\n'
+        "  return 0;\n}\n"
+    )
+    exe = out_dir / "print_smem"
+    # nvcc hands a .cpp to the host compiler; the header needs only cuda_runtime_api.h.
+    subprocess.run([NVCC, "-std=c++17", "-I", CSRC, str(src), "-o", str(exe)], check=True, capture_output=True)
+    table = {}
+    for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines():
+        name, size = line.split()
+        table[name] = int(size)
+    assert table, "kScftKernelSmemTable is empty"
+    return table
+
+
+def _config_of(kernel: str, table: dict[str, int]) -> str | None:
+    """The table configuration named in a mangled kernel name, or None if it names none."""
+    # Itanium mangling writes an identifier as <length><name>, which delimits it exactly.
+    matches = [name for name in table if f"{len(name)}{name}" in kernel]
+    assert len(matches) <= 1, f"kernel {kernel} matches configurations {matches} of kScftKernelSmemTable"
+    return matches[0] if matches else None
+
+
+def _is_scft_source(cu: str) -> bool:
+    return os.path.basename(cu) == "scft_attention_kernel.cu"
+
+
+@needs_nvcc
+def test_every_cu_compiles_for_sm80_and_sm90a(builds):
+    for r in builds:
+        assert r["rc"] == 0, f"{r['cmd']} failed:\n{r['log'][-4000:]}"
+        assert r["kernels"], f"ptxas reported no kernels for {r['cu']} ({r['arch']}):\n{r['log'][-2000:]}"
+        for name, k in r["kernels"].items():
+            assert k["arch"] == r["arch"], (name, k["arch"], r["arch"])
+
+
+@needs_nvcc
+def test_no_spills_no_stack_and_registers_fit(builds):
+    for r in builds:
+        for name, k in r["kernels"].items():
+            assert "registers" in k and "spill_stores" in k, f"incomplete ptxas report for {name}: {k}"
+            assert k["spill_stores"] == 0 and k["spill_loads"] == 0, f"{r['arch']} {name} spills: {k}"
+            assert k["stack"] == 0, f"{r['arch']} {name} uses a {k['stack']}-byte stack frame (local memory)"
+            assert k["registers"] <= MAX_REGISTERS, f"{r['arch']} {name}: {k['registers']} registers"
+
+
+@needs_nvcc
+def test_shared_memory_fits_each_target(builds, dynamic_smem):
+    seen_configs = set()
+    for r in builds:
+        limit = SMEM_LIMIT[r["arch"]]
+        for name, k in r["kernels"].items():
+            config = _config_of(name, dynamic_smem)
+            if config is None:
+                # Kernels of other ops' .cu files: their launchers' dynamic sizes are not in this
+                # table, so only their static shared memory is checked here.
+                assert not _is_scft_source(r["cu"]), f"{name} names no configuration of kScftKernelSmemTable"
+                dynamic = 0
+            else:
+                seen_configs.add(config)
+                dynamic = dynamic_smem[config]
+            total = k["static_smem"] + dynamic
+            assert total <= limit, (
+                f"{r['arch']} {name}: {k['static_smem']} B static + {dynamic} B dynamic = {total} B > {limit} B"
+            )
+    # Every configuration in the table belongs to a compiled kernel (the table is not stale).
+    assert seen_configs == set(dynamic_smem), set(dynamic_smem) - seen_configs
+
+
+@needs_nvcc
+@pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit or triton's package)")
+def test_sass_uses_tensor_cores_and_no_local_memory(builds):
+    for r in builds:
+        assert r["rc"] == 0
+        proc = subprocess.run([CUOBJDUMP, "--dump-sass", r["obj"]], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        sass = parse_sass(proc.stdout)
+        assert set(sass) == set(r["kernels"]), (set(sass) ^ set(r["kernels"]))
+        for name, counts in sass.items():
+            assert counts["LDL"] == 0 and counts["STL"] == 0, f"{r['arch']} {name} touches local memory: {counts}"
+            if any(tag in name for tag in MATRIX_KERNELS):
+                assert counts["HMMA"] + counts["HGMMA"] > 0, f"{r['arch']} {name} has no tensor-core instruction"
+                assert counts["LDSM"] > 0, f"{r['arch']} {name} loads no ldmatrix fragments"
+                assert counts["LDGSTS"] > 0, f"{r['arch']} {name} issues no cp.async copies"
+
+
+# A host program linked with the compiled kernels: the launchers validate their parameters before
+# touching the device, so the rejections below run on any machine, GPU or not. Each line prints
+# the cudaError_t the launcher returned; cudaErrorInvalidValue is 1.
+_HOST_PROGRAM = r"""
+#include <cstdio>
+#include "scft_attention/scft_attention.h"
+using namespace sketchcolor::scft;
+int main() {
+  alignas(16) static unsigned char buf[1 << 16];
+  float* fbuf = reinterpret_cast<float*>(buf);
+  ScftAttnFwdParams f{};
+  f.q = f.k = f.v = buf; f.out = buf; f.lse = fbuf;
+  f.q_stride_b = f.k_stride_b = f.v_stride_b = 1024; f.q_stride_h = f.k_stride_h = f.v_stride_h = 512;
+  f.q_stride_row = f.k_stride_row = f.v_stride_row = 16;
+  f.batch = 2; f.heads = 2; f.n_queries = 7; f.n_keys = 5; f.head_dim = 16; f.value_dim = 16; f.scale = 0.25f;
+  auto fwd = [&](const char* name, ScftAttnFwdParams x) {
+    std::printf("%s %d\n", name, int(scft_attn_fwd_cuda(x, ScftDtype::kBFloat16, nullptr)));
+  };
+  { auto x = f; x.q = buf + 2; fwd("fwd_misaligned_q", x); }
+  { auto x = f; x.k_stride_row = 12; fwd("fwd_row_stride_not_multiple_of_8", x); }
+  { auto x = f; x.v_stride_h = 20; fwd("fwd_head_stride_not_multiple_of_8", x); }
+  { auto x = f; x.head_dim = 0; fwd("fwd_zero_head_dim", x); }
+  { auto x = f; x.value_dim = kMaxHeadDim + 1; fwd("fwd_value_dim_too_large", x); }
+  { auto x = f; x.batch = 300; x.heads = 300; fwd("fwd_too_many_batch_heads", x); }
+  { auto x = f; x.n_keys = 0; fwd("fwd_no_keys", x); }
+  { auto x = f; x.out = nullptr; fwd("fwd_null_out", x); }
+  ScftAttnBwdParams b{};
+  b.grad_out = b.q = b.k = b.v = b.out = buf; b.lse = fbuf; b.grad_q = b.grad_k = b.grad_v = buf;
+  b.delta = fbuf; b.probs = b.dscores = buf; b.grad_q_accum = nullptr;
+  b.grad_out_stride_b = b.q_stride_b = b.k_stride_b = b.v_stride_b = b.out_stride_b = 1024;
+  b.grad_out_stride_h = b.q_stride_h = b.k_stride_h = b.v_stride_h = b.out_stride_h = 512;
+  b.grad_out_stride_row = b.q_stride_row = b.k_stride_row = b.v_stride_row = b.out_stride_row = 16;
+  b.batch = 1; b.heads = 1; b.n_queries = 7; b.n_keys = 300; b.head_dim = 16; b.value_dim = 16; b.scale = 0.25f;
+  b.key_chunk = 384;
+  auto bwd = [&](const char* name, ScftAttnBwdParams x) {
+    std::printf("%s %d\n", name, int(scft_attn_bwd_cuda(x, ScftDtype::kFloat16, nullptr)));
+  };
+  { auto x = b; x.key_chunk = 100; bwd("bwd_chunk_not_multiple_of_128", x); }
+  { auto x = b; x.key_chunk = 128; bwd("bwd_several_chunks_without_grad_q_accum", x); }
+  { auto x = b; x.delta = nullptr; bwd("bwd_null_delta", x); }
+  { auto x = b; x.out_stride_row = 10; bwd("bwd_out_row_stride_not_multiple_of_8", x); }
+  const long long shapes[][5] = {{1, 16384, 16384, 992, 992}, {16, 256, 256, 992, 992},
+                                 {16, 1024, 1100, 64, 48}, {33, 65536, 7, 1024, 8}, {1, 7, 1, 16, 16}};
+  for (const auto& s : shapes) {
+    const ScftBwdWorkspacePlan plan = scft_bwd_workspace_plan(s[0], s[1], s[2], s[3], s[4]);
+    std::printf("plan %lld %lld %lld %lld %lld %d %d %d\n", s[0], s[1], s[2], s[3], s[4], plan.key_chunk,
+                plan.num_chunks, int(plan.needs_grad_q_accum));
+  }
+  return 0;
+}
+"""
+
+
+def expected_plan(batch_heads, n, m, d, dv):
+    """scft_bwd_workspace_plan, restated (tests/test_cuda_attention.py relies on the same rule)."""
+    input_bytes = batch_heads * (n * (d + 2 * dv) + m * (d + dv)) * 2
+    budget = max(64 << 20, input_bytes)
+    chunk = max(128, budget // (batch_heads * n * 4) // 128 * 128)
+    chunk = min(chunk, (m + 127) // 128 * 128)
+    chunks = -(-m // chunk)
+    return chunk, chunks, int(chunks > 1)
+
+
+@needs_nvcc
+def test_launchers_reject_bad_parameters_on_the_host(builds, tmp_path):
+    obj = next(r["obj"] for r in builds if r["arch"] == "sm_80" and r["cu"].endswith("scft_attention_kernel.cu"))
+    src = tmp_path / "launcher_checks.cpp"
+    src.write_text(_HOST_PROGRAM)
+    exe = tmp_path / "launcher_checks"
+    proc = subprocess.run([NVCC, "-std=c++17", "-I", CSRC, str(src), obj, "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    rejections = [line.split() for line in lines if not line.startswith("plan")]
+    assert len(rejections) == 12
+    for name, code in rejections:
+        assert int(code) == 1, f"{name}: launcher returned cudaError {code}, expected cudaErrorInvalidValue (1)"
+    for line in (line for line in lines if line.startswith("plan")):
+        fields = list(map(int, line.split()[1:]))
+        assert tuple(fields[5:]) == expected_plan(*fields[:5]), line
+
+
+def _torch_include_dirs() -> list[str] | None:
+    try:
+        import torch.utils.cpp_extension as ext
+    except Exception:
+        return None
+    dirs = ext.include_paths()
+    return dirs if dirs and os.path.isdir(dirs[0]) else None
+
+
+@needs_nvcc
+def test_binding_passes_syntax_check():
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not found")
+    includes = _torch_include_dirs()
+    if includes is None:
+        pytest.skip("torch headers not found")
+    if not os.path.isfile(os.path.join(includes[0], "c10", "cuda", "CUDAGuard.h")):
+        pytest.skip("this torch install has no c10/cuda headers")
+    if CUDA_INCLUDE is None:
+        pytest.skip("the CUDA toolkit's include directory (cuda_runtime.h) was not found")
+    cmd = [
+        gxx, "-std=c++17", "-fsyntax-only", "-Wall",
+        # The CPU wheel ships c10/cuda headers but not the CMake-generated cuda_cmake_macros.h.
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DSKETCHCOLOR_WITH_CUDA=1",
+        "-I", CSRC, *[f"-I{d}" for d in includes], "-I", CUDA_INCLUDE,
+        f"-I{sysconfig.get_paths()['include']}", BINDING,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 0 and not errors, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+
+
+def _kernel_identifier(mangled: str) -> str:
+    """The template name of a mangled kernel (the <length><identifier> followed by its template args)."""
+    for m in re.finditer(r"\d+", mangled):
+        # A hash in an anonymous namespace name can run into the length digits: try each suffix.
+        for start in range(m.start(), m.end()):
+            length = int(mangled[start : m.end()])
+            ident = mangled[m.end() : m.end() + length]
+            if len(ident) == length and ident.endswith("_kernel") and mangled[m.end() + length : m.end() + length + 1] == "I":
+                return ident
+    return mangled
+
+
+def report(builds_result, table, sass_by_obj) -> str:
+    """A markdown table of the ptxas and SASS numbers (used for benchmarks/NOTES-cuda.md)."""
+    lines = ["| arch | kernel | config | regs | stack | spill st/ld | smem static+dyn (B) | HMMA | HGMMA | LDSM | LDGSTS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in builds_result:
+        sass = sass_by_obj.get(r["obj"], {})
+        for name, k in sorted(r["kernels"].items()):
+            config = _config_of(name, table) or "-"
+            kernel = _kernel_identifier(name)
+            dtype = "bf16" if "bfloat16" in name else "fp16"
+            variant = ""
+            m = re.search(r"ScftGemmConfigELb([01])", name)
+            if m:
+                variant = " A[m][k]" if m.group(1) == "1" else " A[k][m]"
+            c = sass.get(name, {})
+            lines.append(
+                f"| {r['arch']} | {kernel}<{dtype}{variant}> | {config} | {k['registers']} | {k['stack']} | "
+                f"{k['spill_stores']}/{k['spill_loads']} | {k['static_smem']}+{table[config]} | "
+                f"{c.get('HMMA', '-')} | {c.get('HGMMA', '-')} | {c.get('LDSM', '-')} | {c.get('LDGSTS', '-')} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # Prints the report table: python tests/test_cuda_compile.py
+    import tempfile
+
+    if NVCC is None:
+        sys.exit("nvcc not found")
+    out = tempfile.mkdtemp()
+    sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        res = list(pool.map(lambda job: _compile(*job, out), [(cu, a) for cu in sources for a in ARCH_FLAGS]))
+    for r in res:
+        if r["rc"] != 0:
+            sys.exit(r["log"])
+        r["kernels"] = parse_ptxas(r["log"])
+    src = os.path.join(out, "p.cpp")
+    with open(src, "w") as f:
+        f.write('#include <cstdio>\n#include "scft_attention/scft_attention.h"\nint main(){for(const auto& e:'
+                'sketchcolor::scft::kScftKernelSmemTable)std::printf("%s %zu\\n",e.config_name,e.dynamic_smem_bytes);}\n')
+    subprocess.run([NVCC, "-std=c++17", "-I", CSRC, src, "-o", src + ".exe"], check=True)
+    tbl = {l.split()[0]: int(l.split()[1]) for l in subprocess.run([src + ".exe"], capture_output=True, text=True).stdout.splitlines()}
+    sass_all = {}
+    if CUOBJDUMP:
+        for r in res:
+            sass_all[r["obj"]] = parse_sass(subprocess.run([CUOBJDUMP, "--dump-sass", r["obj"]], capture_output=True, text=True).stdout)
+    print(report(res, tbl, sass_all))
