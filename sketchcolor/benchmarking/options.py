@@ -1,0 +1,105 @@
+"""Command-line options shared by ``sketchcolor verify`` and ``sketchcolor bench``.
+
+Each type function raises argparse.ArgumentTypeError, so a bad value is reported by argparse
+as ``argument --<option>: <why>`` with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .cases import BACKENDS, CORRESPONDENCE_MODES, DTYPE_ALIASES, DTYPES, OPS
+
+
+def _items(text: str, option: str) -> list[str]:
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list for {option}, got {text!r}")
+    return items
+
+
+def _choices(text: str, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """A comma-separated subset of ``choices`` (in their order), or "all"."""
+    if text == "all":
+        return choices
+    items = _items(text, what)
+    unknown = [item for item in items if item not in choices]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(choices)} or all")
+    return tuple(choice for choice in choices if choice in items)
+
+
+def dtype(text: str) -> torch.dtype:
+    """One dtype name: float64, float32, bfloat16, float16 (or fp64, fp32, bf16, fp16)."""
+    name = DTYPE_ALIASES.get(text, text)
+    if name not in DTYPES:
+        aliases = ", ".join(DTYPE_ALIASES)
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(DTYPES)} (or {aliases})")
+    return DTYPES[name]
+
+
+def dtype_list(text: str) -> tuple[torch.dtype, ...]:
+    """Comma-separated dtype names, or "all"."""
+    if text == "all":
+        return tuple(DTYPES.values())
+    return tuple(dict.fromkeys(dtype(item) for item in _items(text, "dtype")))
+
+
+def backend_list(text: str) -> tuple[str, ...]:
+    return _choices(text, BACKENDS, "backend")
+
+
+def mode_list(text: str) -> tuple[str, ...]:
+    return _choices(text, CORRESPONDENCE_MODES, "correspondence mode")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def size_list(text: str) -> tuple[int, ...]:
+    """Comma-separated positive token counts, e.g. 1024,4096,16384."""
+    return tuple(dict.fromkeys(positive_int(item) for item in _items(text, "sizes")))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    """--op, --impl and --device: which ops and backends run, and where."""
+    parser.add_argument("--op", choices=(*OPS, "all"), default="all", help="which op (default: all)")
+    parser.add_argument(
+        "--impl",
+        type=backend_list,
+        default=BACKENDS,
+        metavar="LIST",
+        help=f"comma-separated backends from {', '.join(BACKENDS)}, or all (default: all; unavailable ones are listed as skipped)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=default_device(),
+        help="where the tensors live (default: cuda when a CUDA device is present, else cpu)",
+    )
+
+
+def selected_ops(op: str) -> tuple[str, ...]:
+    return OPS if op == "all" else (op,)

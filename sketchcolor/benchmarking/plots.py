@@ -1,0 +1,66 @@
+"""PNG plots of benchmark results: time vs N and peak memory vs N, log scales, a line per provider.
+
+Drawn with matplotlib's Agg canvas directly (no pyplot), so no display or global backend
+state is involved.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .report import MIB
+from .suite import BenchResult
+
+_PASS_STYLES = {"fwd+bwd": "-", "fwd": "--"}
+_MAX_COLUMNS = 2  # panels per row
+
+
+def plot_times(results: list[BenchResult], path: Path | str) -> None:
+    """One panel per op variant: median ms vs N, solid fwd+bwd and dashed fwd, a color per provider."""
+
+    def series(result, pass_):
+        timing = result.timings.get(pass_)
+        return timing and timing.median_ms
+
+    _plot(results, path, "time (ms)", [(pass_, style, lambda r, p=pass_: series(r, p)) for pass_, style in _PASS_STYLES.items()])
+
+
+def plot_memory(results: list[BenchResult], path: Path | str) -> None:
+    """One panel per op variant: peak memory of fwd+bwd (MiB) vs N, a line per provider."""
+
+    def peak_mib(result):
+        return result.memory.peak_bytes / MIB if result.memory and result.memory.peak_bytes is not None else None
+
+    _plot(results, path, "peak memory of fwd+bwd (MiB)", [("fwd+bwd", "-", peak_mib)])
+
+
+def _plot(results, path, ylabel: str, lines) -> None:
+    variants = list(dict.fromkeys(r.case.variant for r in results))
+    providers = list(dict.fromkeys(r.case.provider for r in results))
+    columns = min(len(variants), _MAX_COLUMNS) or 1
+    grid_rows = max(math.ceil(len(variants) / columns), 1)
+    figure = Figure(figsize=(5.5 * columns, 4.5 * grid_rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(grid_rows, columns, squeeze=False).ravel()
+    for unused in axes[len(variants):]:
+        unused.set_visible(False)
+    for ax, variant in zip(axes, variants):
+        for color_index, provider in enumerate(providers):
+            for label, style, value in lines:
+                points = sorted(
+                    (r.case.n, value(r)) for r in results if r.case.variant == variant and r.case.provider == provider and value(r) is not None
+                )
+                if points:
+                    name = provider if len(lines) == 1 else f"{provider} {label}"
+                    ax.plot(*zip(*points), style, marker="o", color=f"C{color_index}", label=name)
+        dtype = results[0].case.dtype_name
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set(xlabel="N = M (tokens)", ylabel=ylabel, title=f"{variant} ({dtype})")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize="small")
+    figure.savefig(path, dpi=100)

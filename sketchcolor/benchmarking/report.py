@@ -1,0 +1,154 @@
+"""Benchmark results as a text table, a Markdown table and JSON.
+
+Rates use the FLOP counts of cases.flops: GFLOP/s on CPU, TFLOP/s on GPU. Ratios divide a
+row's fwd+bwd time and peak memory by those of torch_sdpa and of the reference at the same
+variant, size and dtype (lower is better).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .cases import Case, flops
+from .suite import BenchResult
+
+BASELINE_COLUMNS = (("torch_sdpa", "sdpa"), ("reference", "ref"))
+MIB = 2**20
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: columns padded to their widest cell, numbers right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+
+    def line(cells):
+        return "  ".join(
+            str(cell).rjust(width) if _is_number(str(cell)) else str(cell).ljust(width) for cell, width in zip(cells, widths)
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+    return "\n".join([line(headers), line(["---"] * len(headers)), *(line(row) for row in rows)])
+
+
+def rate_unit(device: str) -> tuple[str, float]:
+    """('GFLOP/s', 1e9) on CPU, ('TFLOP/s', 1e12) on GPU."""
+    return ("TFLOP/s", 1e12) if torch.device(device).type == "cuda" else ("GFLOP/s", 1e9)
+
+
+def bench_table(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the bench table, one row per case; ratio columns only for the
+    baselines that were measured (a loss has no torch_sdpa)."""
+    unit, divisor = rate_unit(results[0].case.device) if results else ("GFLOP/s", 1e9)
+    measured = {r.case.provider for r in results}
+    baselines = [(provider, short) for provider, short in BASELINE_COLUMNS if provider in measured]
+    headers = ["op", "provider", "dtype", "N", "fwd ms", f"fwd {unit}", "fwd+bwd ms", f"fwd+bwd {unit}", "peak MiB"]
+    headers += [f"{kind}/{short}" for kind in ("time", "mem") for _, short in baselines] + ["note"]
+    rows = []
+    for result in results:
+        ratios = baseline_ratios(result, results)
+        row = [result.case.variant, result.case.provider, result.case.dtype_name, str(result.case.n)]
+        for pass_ in ("fwd", "fwd+bwd"):
+            timing = result.timings.get(pass_)
+            rate = result.flops_per_second(pass_)
+            row += [_number(timing and timing.median_ms), _number(rate and rate / divisor)]
+        peak = result.memory.peak_bytes if result.memory else None
+        row.append(_number(peak and peak / MIB))
+        row += [_number(ratios[f"{kind}_vs_{provider}"], ratio=True) for kind in ("time", "memory") for provider, _ in baselines]
+        row.append(result.error or "")
+        rows.append(row)
+    return headers, rows
+
+
+def baseline_ratios(result: BenchResult, results: list[BenchResult]) -> dict[str, float | None]:
+    """time_vs_<baseline> and memory_vs_<baseline>: fwd+bwd time and peak memory of ``result``
+    over the baseline's at the same variant, N, dtype and device; None where either is missing."""
+    ratios = {}
+    for provider, _ in BASELINE_COLUMNS:
+        baseline = next((r for r in results if r.case == _with_provider(result.case, provider)), None)
+        ratios[f"time_vs_{provider}"] = _ratio(_fwd_bwd_ms(result), baseline and _fwd_bwd_ms(baseline))
+        ratios[f"memory_vs_{provider}"] = _ratio(_peak(result), baseline and _peak(baseline))
+    return ratios
+
+
+def result_record(result: BenchResult, results: list[BenchResult]) -> dict:
+    """One result as a JSON object: the case, raw numbers, FLOP counts and ratios."""
+    case = result.case
+    record = {"variant": case.variant, "shape": case.shape_label(), **case.to_json()}
+    for pass_ in ("fwd", "fwd+bwd"):
+        key = pass_.replace("+", "_")
+        timing = result.timings.get(pass_)
+        record[f"{key}_median_ms"] = timing and timing.median_ms
+        record[f"{key}_samples_ms"] = list(timing.samples_ms) if timing else None
+        record[f"{key}_flops"] = flops(case, pass_)
+        record[f"{key}_flops_per_s"] = result.flops_per_second(pass_)
+    memory = result.memory
+    record.update(
+        peak_bytes=memory and memory.peak_bytes,
+        raw_peak_bytes=memory and memory.raw_peak_bytes,
+        baseline_bytes=memory and memory.baseline_bytes,
+        memory_method=memory and memory.method,
+        error=result.error,
+        out_of_memory=result.out_of_memory,
+        **baseline_ratios(result, results),
+    )
+    return record
+
+
+def write_json(path: Path | str, payload: dict) -> None:
+    """``payload`` as indented JSON; non-finite floats become null (JSON has no inf or nan)."""
+    Path(path).write_text(json.dumps(_finite(payload), indent=2) + "\n")
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _with_provider(case: Case, provider: str) -> Case:
+    return dataclasses.replace(case, provider=provider)
+
+
+def _fwd_bwd_ms(result: BenchResult) -> float | None:
+    timing = result.timings.get("fwd+bwd")
+    return timing and timing.median_ms
+
+
+def _peak(result: BenchResult) -> int | None:
+    return result.memory and result.memory.peak_bytes
+
+
+def _ratio(value, baseline) -> float | None:
+    return value / baseline if value is not None and baseline else None
+
+
+def _number(value: float | None, ratio: bool = False) -> str:
+    """A table cell: '-' for a missing value, 3 significant digits otherwise."""
+    if value is None:
+        return "-"
+    if ratio:
+        return f"{value:.2f}x" if value >= 0.01 else f"{value:.1e}x"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}" if value >= 0.01 else f"{value:.2e}"
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell.removesuffix("x"))
+    except ValueError:
+        return False
+    return True

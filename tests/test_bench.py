@@ -1,0 +1,86 @@
+"""``sketchcolor bench`` on CPU with tiny sizes, the FLOP counts, and the RESULTS.md sections."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from sketchcolor import cli
+from sketchcolor.benchmarking import cases
+from sketchcolor.benchmarking.results_file import write_section
+from sketchcolor.benchmarking.suite import run_benchmarks
+
+
+def test_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out_dir = tmp_path / "bench"
+    argv = ["bench", "--op", "attention", "--impl", "cpp,triton", "--device", "cpu", "--sizes", "32,64", "--head-dim", "24", "--repeats", "2", "--threads", "1", "--out", str(out_dir)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fwd+bwd GFLOP/s" in printed and "skipped attention triton: set TRITON_INTERPRET=1" in printed
+
+    data = json.loads((out_dir / "bench.json").read_text())
+    results = data["results"]
+    assert {(r["provider"], r["n"]) for r in results} == {(p, n) for p in ("reference", "torch_sdpa", "cpp") for n in (32, 64)}
+    for record in results:
+        assert record["error"] is None
+        assert record["fwd_median_ms"] > 0 and record["fwd_bwd_median_ms"] > 0 and len(record["fwd_bwd_samples_ms"]) == 2
+        assert record["fwd_flops"] == 2 * record["n"] * record["m"] * (record["d"] + record["dv"])
+        assert record["fwd_bwd_flops"] == pytest.approx(3.5 * record["fwd_flops"])
+        assert record["fwd_flops_per_s"] == pytest.approx(record["fwd_flops"] / (record["fwd_median_ms"] * 1e-3))
+        assert record["peak_bytes"] > 0 and record["raw_peak_bytes"] > record["peak_bytes"]
+        assert record["memory_method"] == "peak RSS of a child process"
+        baseline = next(r for r in results if r["provider"] == "torch_sdpa" and r["n"] == record["n"])
+        assert record["time_vs_torch_sdpa"] == pytest.approx(record["fwd_bwd_median_ms"] / baseline["fwd_bwd_median_ms"])
+        assert record["memory_vs_torch_sdpa"] == pytest.approx(record["peak_bytes"] / baseline["peak_bytes"])
+    assert data["skipped"] == {"attention triton": "set TRITON_INTERPRET=1 to run Triton kernels on CPU"}
+    assert data["environment"]["torch"] == torch.__version__ and data["environment"]["torch_threads"] == 1
+
+    for name in ("time.png", "memory.png"):
+        with Image.open(out_dir / name) as image:
+            image.verify()
+        with Image.open(out_dir / name) as image:
+            assert image.format == "PNG" and image.width > 200 and image.height > 200
+
+
+def test_correspondence_modes_run_in_process():
+    variants = [f"correspondence/{mode}" for mode in cases.CORRESPONDENCE_MODES]
+    grid = [cases.bench_case(v, p, 36, head_dim=8, negatives=4) for v in variants for p in ("reference", "cpp")]
+    results = run_benchmarks(grid, measure_memory=False, repeats=1, warmup=0, progress=False)
+    for result in results:
+        assert result.error is None and result.memory is None
+        assert set(result.timings) == {"fwd", "fwd+bwd"}
+    assert grid[2].key_grid == (6, 6)
+
+
+def test_correspondence_flop_counts():
+    nll = cases.bench_case("correspondence/nll", "cpp", 100, head_dim=10)
+    hardest = cases.bench_case("correspondence/hardest", "cpp", 100, head_dim=10)
+    triplet = cases.bench_case("correspondence/triplet", "cpp", 100, head_dim=10, negatives=7)
+    assert cases.flops(nll, "fwd") == cases.flops(hardest, "fwd") == 2 * 100 * 100 * 10
+    assert cases.flops(nll, "fwd+bwd") == 4 * cases.flops(nll, "fwd")
+    assert cases.flops(hardest, "fwd+bwd") - cases.flops(hardest, "fwd") == 4 * 100 * 2 * 10
+    assert cases.flops(triplet, "fwd") == 2 * 100 * 8 * 10 and cases.flops(triplet, "fwd+bwd") == 3 * cases.flops(triplet, "fwd")
+
+
+def test_bench_rejects_bad_sizes_and_missing_cuda(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--sizes", "1024,abc"])
+    assert "argument --sizes: expected a positive integer, got 'abc'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA device" in capsys.readouterr().err
+
+
+def test_results_sections_are_replaced_in_place(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nwritten by hand\n")
+    write_section(results, "script_a", "A v1")
+    write_section(results, "script_b", "B v1")
+    write_section(results, "script_a", "A v2\nsecond line")
+    text = results.read_text()
+    assert text.startswith("# Results\n\nwritten by hand\n")
+    assert "A v1" not in text and text.count("<!-- BEGIN script_a -->") == 1
+    assert text.index("A v2\nsecond line") < text.index("B v1")  # script_a kept its place
