@@ -1,0 +1,114 @@
+"""Ahead-of-time compilation of every Triton SCFT-attention kernel config, without a GPU.
+
+For sm_90 (H100) and sm_80 (A100), each kernel variant a forward/backward launches, and
+each config the autotuner may pick there (sketchcolor.kernels.scft_attention.configs_for:
+the configs whose shared-memory estimate fits the target), this compiles the kernel with
+exactly the arguments the launcher passes (recorded on meta tensors at the paper's shape,
+D = Dv = 992) and checks that
+  * it compiles to PTX and a cubin,
+  * its shared memory (compiled.metadata.shared) fits the target, and the estimate the
+    autotuner's prune relies on is an upper bound of it,
+  * its PTX uses tensor cores for the dots (wgmma or mma on sm_90, mma on sm_80).
+float32 is compiled in IEEE mode (FMA dots: no tensor-core check) and in TF32 mode.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    pytest.skip("ahead-of-time compilation needs the compiler, not the interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from sketchcolor.kernels import aot  # noqa: E402
+from sketchcolor.kernels import scft_attention as attn  # noqa: E402
+
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+TARGETS = {
+    "sm_90": (GPUTarget("cuda", 90, 32), 232448),
+    "sm_80": (GPUTarget("cuda", 80, 32), 166912),
+}
+VARIANTS = ("fwd", "bwd_preprocess", "bwd_dkdv[ATOMIC_DQ=True]", "bwd_dkdv[ATOMIC_DQ=False]", "bwd_dq")
+
+
+def _launches(dtype: torch.dtype) -> dict:
+    """variant -> the recorded launch (the deterministic backward adds ATOMIC_DQ=False and bwd_dq)."""
+    found = {}
+    for deterministic in (False, True):
+        for launch in aot.planned_launches(dtype, deterministic=deterministic):
+            found.setdefault(launch.variant, launch)
+    assert sorted(found) == sorted(VARIANTS), sorted(found)
+    return found
+
+
+def _uses_tensor_cores(ptx: str, target: GPUTarget) -> bool:
+    if target.arch >= 90:
+        return "wgmma.mma_async" in ptx or "mma.sync.aligned" in ptx
+    return "mma.sync.aligned" in ptx
+
+
+def _check_compiled(launch, config, target, smem_limit, elem_size, **overrides):
+    compiled = aot.compile_launch(launch, config, target, **overrides)
+    shared = compiled.metadata.shared
+    where = f"{launch.variant} {config} on sm_{target.arch}"
+    assert compiled.asm["cubin"], where
+    assert shared <= smem_limit, f"{where}: {shared} bytes of shared memory > {smem_limit}"
+    estimate = attn.smem_estimate(launch.name, config, elem_size)
+    assert estimate >= shared, f"{where}: the prune's estimate {estimate} is below the real {shared} bytes"
+    return compiled
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("target_name", list(TARGETS))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_pickable_config_compiles_fits_and_uses_tensor_cores(variant, target_name, dtype):
+    target, smem_limit = TARGETS[target_name]
+    launch = _launches(dtype)[variant]
+    configs = attn.configs_for(launch.name, smem_limit, dtype.itemsize)
+    assert configs, f"no {variant} config fits {target_name}"
+    for config in configs:
+        compiled = _check_compiled(launch, config, target, smem_limit, dtype.itemsize)
+        if launch.name != "bwd_preprocess":  # the only kernel without a dot
+            assert _uses_tensor_cores(compiled.asm["ptx"], target), f"{variant} {config}: no mma/wgmma in the PTX"
+
+
+@pytest.mark.parametrize("target_name", list(TARGETS))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float32_configs_compile_in_ieee_and_tf32(variant, target_name):
+    target, smem_limit = TARGETS[target_name]
+    launch = _launches(torch.float32)[variant]
+    configs = attn.configs_for(launch.name, smem_limit, 4)
+    assert configs, f"no float32 {variant} config fits {target_name}"
+    if launch.name == "bwd_preprocess":
+        _check_compiled(launch, configs[0], target, smem_limit, 4)
+        return
+    assert launch.args["DOT_PRECISION"] == "ieee"  # the default
+    for config in configs:
+        _check_compiled(launch, config, target, smem_limit, 4)
+    compiled = _check_compiled(launch, configs[0], target, smem_limit, 4, DOT_PRECISION="tf32")
+    assert _uses_tensor_cores(compiled.asm["ptx"], target), f"{variant}: tf32 dots without mma/wgmma"
+
+
+@pytest.mark.parametrize("target_name", list(TARGETS))
+def test_prune_keeps_exactly_the_configs_proven_here(target_name, monkeypatch):
+    """The autotuner's prune, on a device with this target's shared memory, returns only
+    configs that configs_for lists (the ones the tests above compile)."""
+    _, smem_limit = TARGETS[target_name]
+    monkeypatch.setattr(attn, "_device_smem_limit", lambda index: smem_limit)
+    for dtype in (torch.bfloat16, torch.float32):
+        for launch in aot.planned_launches(dtype):
+            autotuned = {
+                "fwd": attn.scft_attn_fwd,
+                "bwd_preprocess": attn.scft_attn_bwd_preprocess,
+                "bwd_dkdv": attn.scft_attn_bwd_dkdv,
+                "bwd_dq": attn.scft_attn_bwd_dq,
+            }[launch.name]
+            prune = autotuned.early_config_prune
+            picked = prune(autotuned.configs, launch.args)
+            allowed = attn.configs_for(launch.name, smem_limit, dtype.itemsize)
+            assert picked and all(c in allowed for c in picked), (launch.variant, dtype)
