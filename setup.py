@@ -56,7 +56,7 @@ def _extension():
 
 
 setup(
-    packages=["sketchcolor", "sketchcolor.ops", "sketchcolor.data", "sketchcolor.models", "sketchcolor.kernels"],
+    packages=["sketchcolor", "sketchcolor.ops", "sketchcolor.data", "sketchcolor.models", "sketchcolor.kernels", "sketchcolor.benchmarking"],
     package_dir={"sketchcolor.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "correspondence_loss/correspondence_loss_cpu.h"
 #include "scft_attention/scft_attention_cpu.h"
 
 // Importing sketchcolor._C runs the static registrations below; the module itself is empty.
@@ -19,9 +20,28 @@ TORCH_LIBRARY(sketchcolor, m) {
   m.def(
       "scft_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale)"
       " -> (Tensor, Tensor, Tensor)");
+
+  // Correspondence loss (see csrc/correspondence_loss/correspondence_loss_cpu.h): q (B, N, D),
+  // k (B, M, D), pos (B, N) int64. The triplet ops give per-term losses; the caller takes the mean.
+  // neg (B, N, T) -> terms (B, N, T)
+  m.def("corr_triplet_fwd(Tensor q, Tensor k, Tensor pos, Tensor neg, float scale, float margin) -> Tensor");
+  // -> grad_q, grad_k
+  m.def(
+      "corr_triplet_bwd(Tensor grad_terms, Tensor q, Tensor k, Tensor pos, Tensor neg, Tensor terms, float scale)"
+      " -> (Tensor, Tensor)");
+  // -> terms (B, N), neg (B, N) int64: the hardest negative (-1 for none)
+  m.def(
+      "corr_hardest_fwd(Tensor q, Tensor k, Tensor pos, int grid_h, int grid_w, int exclusion, float scale,"
+      " float margin) -> (Tensor, Tensor)");
+  // -> loss (), and with with_grad its grad_q, grad_k in float32/64 (else empty): the nll loss in one pass
+  m.def("corr_nll_loss(Tensor q, Tensor k, Tensor pos, float scale, bool with_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sketchcolor, CPU, m) {
   m.impl("scft_attn_fwd", &sketchcolor::scft_attn_fwd_cpu);
   m.impl("scft_attn_bwd", &sketchcolor::scft_attn_bwd_cpu);
+  m.impl("corr_triplet_fwd", &sketchcolor::corr_triplet_fwd_cpu);
+  m.impl("corr_triplet_bwd", &sketchcolor::corr_triplet_bwd_cpu);
+  m.impl("corr_hardest_fwd", &sketchcolor::corr_hardest_fwd_cpu);
+  m.impl("corr_nll_loss", &sketchcolor::corr_nll_loss_cpu);
 }

@@ -86,7 +86,7 @@ def correspondence_loss(
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
     rows = scores.shape[:-1]
-    pos = _broadcast_heads(pos, rows)
+    pos = broadcast_heads(pos, rows)
     valid = pos >= 0  # (..., N)
     pos = pos.clamp_min(0)
     pos_scores = scores.gather(-1, pos.unsqueeze(-1))  # (..., N, 1)
@@ -105,15 +105,16 @@ def correspondence_loss(
         neg = scores.masked_fill(~candidate, -math.inf).argmax(dim=-1, keepdim=True)  # (..., N, 1)
         valid = (valid & candidate.any(dim=-1)).unsqueeze(-1)
     else:
-        neg = _broadcast_heads(neg, (*rows, neg.shape[-1]))
+        neg = broadcast_heads(neg, (*rows, neg.shape[-1]))
         valid = valid.unsqueeze(-1) & (neg >= 0)
         neg = neg.clamp_min(0)
     terms = torch.relu(scores.gather(-1, neg) - pos_scores + margin)  # (..., N, T)
     return _masked_mean(terms, valid)
 
 
-def _broadcast_heads(index: torch.Tensor, shape: torch.Size | tuple) -> torch.Tensor:
-    """An index tensor without the head axis, (B, N[, T]), repeated for every head."""
+def broadcast_heads(index: torch.Tensor, shape: torch.Size | tuple) -> torch.Tensor:
+    """``index`` as ``shape`` = (B, [H,] N[, T]): one without the head axis, (B, N[, T]), is
+    repeated for every head (a view); one of the full shape is returned as is."""
     if index.dim() == len(shape) - 1:
         index = index.unsqueeze(1)
     return index.expand(shape)

@@ -1,9 +1,10 @@
 // CPU kernels of the correspondence-loss ops (schemas in csrc/ops.cpp).
 //
 // Every op works on (B, N, D) queries and (B, M, D) keys (a head axis is folded into B by the
-// caller) and returns per-term losses, not their mean: the caller divides the sum by the number
-// of valid terms, so the backward ops take a gradient per term. Terms and statistics are float32
-// (float64 for float64 inputs); a term that is not valid is 0 and passes no gradient.
+// caller). The triplet ops return per-term losses, not their mean: the caller divides the sum by
+// the number of valid terms, so their backward takes a gradient per term. The nll op returns the
+// mean itself with its gradient (see corr_nll_loss_cpu). Terms and losses are float32 (float64
+// for float64 inputs); a term that is not valid is 0 and passes no gradient.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -31,13 +32,11 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cpu(const at::Tensor& q, con
                                                         const at::Tensor& pos, int64_t grid_h, int64_t grid_w,
                                                         int64_t exclusion, double scale, double margin);
 
-// -> terms (B, N) = lse_i - S[i, pos_i] (0 where pos_i is -1), lse (B, N) = logsumexp_j S[i, j].
-std::tuple<at::Tensor, at::Tensor> corr_nll_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                                                    double scale);
-
-// grad_terms (B, N), lse from the forward -> grads of q, k.
-std::tuple<at::Tensor, at::Tensor> corr_nll_bwd_cpu(const at::Tensor& grad_terms, const at::Tensor& q,
-                                                    const at::Tensor& k, const at::Tensor& pos, const at::Tensor& lse,
-                                                    double scale);
+// -> loss () = the mean over i with pos_i >= 0 of lse_i - S[i, pos_i] (0 when there is none), and
+// with with_grad its gradients for q and k (empty tensors without), computed in the same pass
+// over the score tiles so that the backward only scales them. The gradients are float32 (float64
+// for float64 inputs) like the loss: rounded to q's dtype once, after that scaling.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& pos, double scale, bool with_grad);
 
 }  // namespace sketchcolor

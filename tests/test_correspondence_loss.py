@@ -1,0 +1,589 @@
+"""correspondence_loss: the reference against its definition, the cpp backend against the
+reference, registration (gradcheck, opcheck, torch.compile) and input checks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import assert_close_to_reference
+from sketchcolor import reference
+from sketchcolor.ops import _backends, correspondence_loss
+from sketchcolor.ops.correspondence_loss import FWD_OP
+from sketchcolor.testing import compare_mean_loss
+
+# (B, H or None, N, M, key_grid, D): odd N and M, one query or one key row, N > 128 and
+# M > 256 (several query and key tiles), D = 992.
+SHAPES = [
+    (1, None, 1, 7, (1, 7), 16),
+    (2, None, 37, 45, (5, 9), 20),
+    (1, 2, 33, 63, (7, 9), 24),
+    (1, None, 129, 300, (15, 20), 992),
+    (2, None, 200, 257, (1, 257), 64),
+]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+# name -> keyword arguments (neg is filled in by make_case with T negatives).
+MODES = {
+    "triplet_t1": dict(mode="triplet", negatives=1),
+    "triplet_t4": dict(mode="triplet", negatives=4),
+    "hardest": dict(mode="triplet", hardest=True),
+    "nll": dict(mode="nll"),
+}
+
+
+def make_case(batch, heads, n, m, key_grid, d, dtype, mode, negatives=None, hardest=False, margin=None, device="cpu"):
+    """Fresh inputs and the keyword arguments of the loss: about 1/5 of pos and neg are -1."""
+    lead = (batch,) if heads is None else (batch, heads)
+    q = torch.randn(*lead, n, d, dtype=dtype).to(device).requires_grad_()
+    k = torch.randn(*lead, m, d, dtype=dtype).to(device).requires_grad_()
+    pos = torch.randint(0, m, (batch, n))
+    pos[torch.rand(batch, n) < 0.2] = -1
+    pos = pos.to(device)
+    kwargs = dict(mode=mode)
+    if margin is not None:
+        kwargs["margin"] = margin
+    if negatives is not None:
+        neg = torch.randint(0, m, (batch, n, negatives))
+        neg[torch.rand(batch, n, negatives) < 0.2] = -1
+        kwargs["neg"] = neg.to(device)
+    if hardest:
+        kwargs.update(hardest=True, key_grid=key_grid)
+    return q, k, pos, kwargs
+
+
+def valid_count(pos, kwargs, heads=1):
+    """How many terms the mean divides by (for hardest: the rows with a pos, an upper bound)."""
+    if "neg" in kwargs:
+        return int(((pos >= 0).unsqueeze(-1) & (kwargs["neg"] >= 0)).sum()) * heads
+    return int((pos >= 0).sum()) * heads
+
+
+def loss_and_grads(fn, q, k, upstream):
+    """The loss and the gradients of upstream * loss with respect to q and k."""
+    loss = fn(q, k)
+    grads = torch.autograd.grad(loss, (q, k), torch.as_tensor(upstream, dtype=loss.dtype, device=loss.device))
+    return (loss, *grads)
+
+
+def assert_loss_close(loss, exact, q, k, scale=None):
+    """The loss value against the float64 reference, by the scalar-mean rule (sketchcolor.testing)."""
+    assert loss.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    comparison = compare_mean_loss(loss, exact, q, k, scale)
+    assert comparison.passed, comparison.describe("loss")
+
+
+def compare_with_reference(q, k, pos, kwargs, impl="cpp"):
+    """Loss, grad_q and grad_k of ``impl`` vs the float64 reference, by the 2x rule.
+
+    The upstream gradient count / scale makes the gradients those of the sum of the raw dot
+    products: O(1) entries, so the absolute slack of the rule is small next to them.
+    """
+    heads = q.shape[1] if q.dim() == 4 else 1
+    upstream = max(valid_count(pos, kwargs, heads), 1) * math.sqrt(q.shape[-1])
+    fused = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl=impl, **kwargs), q, k, upstream)
+    exact_q, exact_k = (t.detach().double().requires_grad_() for t in (q, k))
+    exact = loss_and_grads(lambda a, b: reference.correspondence_loss(a, b, pos, **kwargs), exact_q, exact_k, upstream)
+    same = loss_and_grads(lambda a, b: reference.correspondence_loss(a, b, pos, **kwargs), q, k, upstream)
+    assert_loss_close(fused[0], exact[0], q, k, kwargs.get("scale"))
+    for name, a, e, s in zip(("grad_q", "grad_k"), fused[1:], exact[1:], same[1:]):
+        assert_close_to_reference(name, a, e, s)
+
+
+def hardest_negatives(q, k, pos, key_grid, exclusion=1, scale=None, impl="cpp"):
+    """The negatives the ``impl`` kernel picks, (B, [H,] N), -1 for none."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    rows = q.shape[:-1]
+    flat_pos = reference.broadcast_heads(pos, rows).reshape(-1, rows[-1])
+    hardest_fwd = torch.ops.sketchcolor.corr_hardest_fwd if impl == "cpp" else torch.ops.sketchcolor.corr_hardest_fwd_triton
+    _, neg = hardest_fwd(
+        q.detach().reshape(-1, *q.shape[-2:]), k.detach().reshape(-1, *k.shape[-2:]), flat_pos,
+        *key_grid, exclusion, scale, 12.0,
+    )
+    return neg.reshape(rows)
+
+
+def check_hardest(q, k, pos, kwargs, impl="cpp"):
+    """Hardest mode in any precision: the chosen negatives are valid and maximal up to the
+    rounding of the scores, and loss and gradients match the reference triplet loss with those
+    negatives (in float64 the choice must equal the reference's exactly).
+
+    Comparing against a fixed choice keeps the test meaningful in low precision, where a near
+    tie between two keys may be resolved differently by different roundings.
+    """
+    grid, exclusion = kwargs["key_grid"], kwargs.get("exclusion", 1)
+    chosen = hardest_negatives(q, k, pos, grid, exclusion, impl=impl)
+    scores = reference.attention_scores(q.detach().double(), k.detach().double())  # (B, [H,] N, M)
+    full_pos = reference.broadcast_heads(pos, chosen.shape)
+    keys = torch.arange(k.shape[-2], device=k.device)
+    cell_distance = torch.maximum(
+        (full_pos.unsqueeze(-1) // grid[1] - keys // grid[1]).abs(), (full_pos.unsqueeze(-1) % grid[1] - keys % grid[1]).abs()
+    )
+    candidate = (cell_distance > exclusion) & (full_pos >= 0).unsqueeze(-1)
+    has_candidate = candidate.any(-1)
+    assert torch.equal(chosen >= 0, has_candidate), "a negative must exist exactly where a candidate does"
+    picked = chosen.clamp_min(0).unsqueeze(-1)
+    assert candidate.gather(-1, picked).squeeze(-1)[has_candidate].all(), "chosen negative inside the window"
+    best = scores.masked_fill(~candidate, -math.inf).amax(-1)
+    low_precision_scores = reference.attention_scores(q.detach(), k.detach()).double()
+    slack = 2 * (low_precision_scores - scores).abs().max().item() + 1e-12
+    assert (scores.gather(-1, picked).squeeze(-1) >= best - slack)[has_candidate].all(), "chosen negative not maximal"
+    if q.dtype == torch.float64:
+        expected = scores.masked_fill(~candidate, -math.inf).argmax(-1)
+        assert torch.equal(chosen[has_candidate], expected[has_candidate])
+    sampled = {name: value for name, value in kwargs.items() if name not in ("hardest", "key_grid", "exclusion")}
+    sampled["neg"] = chosen.unsqueeze(-1)
+    upstream = max(int((chosen >= 0).sum()), 1) * math.sqrt(q.shape[-1])
+    fused = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl=impl, **kwargs), q, k, upstream)
+    exact_q, exact_k = (t.detach().double().requires_grad_() for t in (q, k))
+    exact = loss_and_grads(lambda a, b: reference.correspondence_loss(a, b, pos, **sampled), exact_q, exact_k, upstream)
+    same = loss_and_grads(lambda a, b: reference.correspondence_loss(a, b, pos, **sampled), q, k, upstream)
+    assert_loss_close(fused[0], exact[0], q, k)
+    for name, a, e, s in zip(("grad_q", "grad_k"), fused[1:], exact[1:], same[1:]):
+        assert_close_to_reference(name, a, e, s)
+
+
+# ----------------------------------------------------------------------------------------
+# The reference is the definition
+# ----------------------------------------------------------------------------------------
+
+
+def definition_by_loops(q, k, pos, mode, neg=None, margin=12.0, hardest=False, key_grid=None, exclusion=1):
+    """The loss written term by term from the issue's text, in float64 (3-D inputs)."""
+    q, k = q.double(), k.double()
+    scale = 1 / math.sqrt(q.shape[-1])
+    terms = []
+    for b in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            p = int(pos[b, i])
+            if p < 0:
+                continue
+            s = [scale * float(q[b, i].detach() @ k[b, j].detach()) for j in range(k.shape[1])]
+            if mode == "nll":
+                terms.append(math.log(sum(math.exp(v) for v in s)) - s[p])
+            elif hardest:
+                w = key_grid[1]
+                outside = [j for j in range(k.shape[1]) if max(abs(j // w - p // w), abs(j % w - p % w)) > exclusion]
+                if outside:
+                    j = max(outside, key=lambda j: (s[j], -j))  # the largest score, then the lowest index
+                    terms.append(max(0.0, s[j] - s[p] + margin))
+            else:
+                terms.extend(max(0.0, s[int(j)] - s[p] + margin) for j in neg[b, i] if j >= 0)
+    return sum(terms) / len(terms) if terms else 0.0
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_reference_matches_definition(mode):
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 5, torch.float64, margin=1.5, **MODES[mode])
+    loss = reference.correspondence_loss(q, k, pos, **kwargs)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(definition_by_loops(q, k, pos, **kwargs), rel=1e-12, abs=1e-12)
+    assert 0 < loss.item()
+
+
+def test_reference_low_precision_returns_float32():
+    q, k, pos, kwargs = make_case(1, None, 5, 6, (2, 3), 8, torch.bfloat16, **MODES["nll"])
+    assert reference.correspondence_loss(q, k, pos, **kwargs).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------
+# cpp against the reference
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpp_matches_reference(shape, dtype, mode):
+    q, k, pos, kwargs = make_case(*shape, dtype, **MODES[mode])
+    if mode == "hardest":
+        check_hardest(q, k, pos, kwargs)
+    else:
+        compare_with_reference(q, k, pos, kwargs)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cpp_small_margin_leaves_some_terms_inactive(mode):
+    # margin 0.3: about half the triplet terms are 0 and must pass no gradient.
+    q, k, pos, kwargs = make_case(2, None, 70, 90, (9, 10), 32, torch.float32, margin=0.3, **MODES[mode])
+    if mode == "hardest":
+        check_hardest(q, k, pos, kwargs)
+    else:
+        compare_with_reference(q, k, pos, kwargs)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cpp_index_tensors_with_head_axis(mode):
+    q, k, pos, kwargs = make_case(2, 3, 17, 20, (4, 5), 8, torch.float64, margin=2.0, **MODES[mode])
+    pos = torch.randint(-1, 20, (2, 3, 17))  # a different correspondence per head
+    if "neg" in kwargs:
+        kwargs["neg"] = torch.randint(-1, 20, (2, 3, 17, kwargs["neg"].shape[-1]))
+    compare_with_reference(q, k, pos, kwargs)
+
+
+def test_cpp_float16():
+    q, k, pos, kwargs = make_case(1, None, 40, 50, (5, 10), 64, torch.float16, **MODES["nll"])
+    compare_with_reference(q, k, pos, kwargs)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cpp_non_contiguous_inputs(mode):
+    q, k, pos, kwargs = make_case(2, None, 30, 40, (5, 8), 16, torch.float64, margin=3.0, **MODES[mode])
+    q = q.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (B, N, D) with N-major storage
+    k = k.detach().mT.contiguous().mT.requires_grad_()  # last-dim stride != 1
+    assert not q.is_contiguous() and not k.is_contiguous()
+    compare_with_reference(q, k, pos, kwargs)
+
+
+@pytest.mark.parametrize("scale", [0.05, 2.0, -0.3])
+def test_cpp_custom_scale_and_large_scores(scale):
+    # scale 2 with D = 64: scores of size ~16, where a naive exp would overflow float32 sums.
+    for mode in ("nll", "triplet_t4"):
+        q, k, pos, kwargs = make_case(1, None, 50, 300, (15, 20), 64, torch.float32, **MODES[mode])
+        compare_with_reference(q, k, pos, {**kwargs, "scale": scale})
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cpp_thread_counts(threads, batch):
+    # M = 1100 is five key tiles: the nll backward splits them into chunks per thread.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for mode in MODES:
+            q, k, pos, kwargs = make_case(batch, None, 300, 1100, (22, 50), 32, torch.float64, margin=4.0, **MODES[mode])
+            compare_with_reference(q, k, pos, kwargs)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cpp_deterministic(mode):
+    q, k, pos, kwargs = make_case(1, None, 300, 1100, (22, 50), 32, torch.float32, **MODES[mode])
+    pos[0, :40] = 7  # many queries share a key: the dk scatter sums many contributions into it
+    first = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="cpp", **kwargs), q, k, 1.0)
+    second = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="cpp", **kwargs), q, k, 1.0)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def check_hardest_ties(dtype, impl="cpp", device="cpu"):
+    """Exact ties: integer entries and scale 1 make every score exact in every dtype; duplicated
+    key rows tie with their originals and the kernel must pick the lowest index."""
+    n, m, grid, d = 40, 300, (15, 20), 16
+    q = torch.randint(-1, 2, (2, n, d)).to(dtype)
+    k = torch.randint(-1, 2, (2, m, d)).to(dtype)
+    # Keys 150..299 duplicate keys 0..149: ties within the first key tile (256 keys) and across
+    # the two tiles.
+    k[:, 150:] = k[:, :150]
+    pos = torch.randint(0, m, (2, n))
+    chosen = hardest_negatives(q.to(device), k.to(device), pos.to(device), grid, exclusion=1, scale=1.0, impl=impl).cpu()
+    scores = q.double() @ k.double().mT
+    keys = torch.arange(m)
+    distance = torch.maximum(
+        (pos.unsqueeze(-1) // grid[1] - keys // grid[1]).abs(), (pos.unsqueeze(-1) % grid[1] - keys % grid[1]).abs()
+    )
+    masked = scores.masked_fill(distance <= 1, -math.inf)
+    is_max = masked == masked.amax(-1, keepdim=True)
+    assert (is_max.sum(-1) > 1).float().mean() > 0.8, "the test needs ties in most rows"
+    lowest = torch.where(is_max, keys, m).amin(-1)
+    assert torch.equal(chosen, lowest)
+    # The reference agrees (every term is an exact integer; only the mean's division rounds),
+    # and the loss puts the whole gradient on the lowest tied key (the margin keeps every term
+    # active).
+    kwargs = dict(scale=1.0, hardest=True, key_grid=grid, margin=100.0)
+    expected = reference.correspondence_loss(q.double(), k.double(), pos, **kwargs)
+    k = k.to(device).requires_grad_()
+    loss = correspondence_loss(q.to(device), k, pos.to(device), impl=impl, **kwargs)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-7)
+    (grad_k,) = torch.autograd.grad(loss, k)
+    grad_k = grad_k.cpu()
+    receives = grad_k.abs().sum(-1) > 0
+    for b in range(2):
+        assert receives[b, chosen[b]].all()
+        # The later copies are never chosen: only a pos can give them a gradient.
+        copies = torch.arange(150, m)
+        assert not receives[b, copies[~torch.isin(copies, torch.cat([chosen[b], pos[b]]))]].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_hardest_ties_pick_the_lowest_index(dtype):
+    check_hardest_ties(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Validity: pos = -1, neg = -1, windows covering the grid, empty tensors
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_all_invalid_gives_zero_loss_and_zero_grads(mode, impl):
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.float32, **MODES[mode])
+    pos = torch.full_like(pos, -1)
+    loss, grad_q, grad_k = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl=impl, **kwargs), q, k, 1.0)
+    assert loss.item() == 0 and loss.dtype == torch.float32
+    assert torch.equal(grad_q, torch.zeros_like(q)) and torch.equal(grad_k, torch.zeros_like(k))
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_all_negatives_missing_gives_zero(impl):
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.float64, **MODES["triplet_t4"])
+    kwargs["neg"] = torch.full_like(kwargs["neg"], -1)
+    loss, grad_q, grad_k = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl=impl, **kwargs), q, k, 1.0)
+    assert loss.item() == 0 and not grad_q.any() and not grad_k.any()
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_hardest_without_candidates_is_excluded(impl):
+    # A 3 x 4 grid and exclusion 2: the window spans every row, so only a pos in column 0 has a
+    # key outside it (column 3) and vice versa; the other six queries have no term.
+    q, k, pos, kwargs = make_case(1, None, 12, 12, (3, 4), 8, torch.float64, margin=50.0, **MODES["hardest"])
+    pos = torch.arange(12).unsqueeze(0)  # each query on its own cell
+    loss = correspondence_loss(q, k, pos, impl=impl, exclusion=2, **kwargs)
+    has_candidate = torch.tensor([max(abs(r - pr), abs(c - pc)) > 2 for pr in range(3) for pc in range(4)
+                                  for r in range(3) for c in range(4)]).view(12, 12).any(-1)
+    assert has_candidate.sum() == 6  # the cells in columns 0 and 3 see column 3 or 0
+    reduced = correspondence_loss(q[:, has_candidate], k, pos[:, has_candidate], impl=impl, exclusion=2, **kwargs)
+    assert loss.item() == pytest.approx(reduced.item(), rel=1e-12)
+    everything_excluded = correspondence_loss(q, k, pos, impl=impl, exclusion=3, **kwargs)
+    assert everything_excluded.item() == 0
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_empty_queries_and_batches(mode):
+    for batch, n in ((2, 0), (0, 5)):
+        q, k, pos, kwargs = make_case(batch, None, n, 6, (2, 3), 4, torch.float32, **MODES[mode])
+        loss = correspondence_loss(q, k, pos, impl="cpp", **kwargs)
+        assert loss.item() == 0
+        loss.backward()
+        assert not k.grad.any()
+
+
+def test_zero_negatives_per_query():
+    q, k, pos, _ = make_case(2, None, 5, 6, (2, 3), 4, torch.float32, "triplet")
+    loss = correspondence_loss(q, k, pos, neg=torch.empty(2, 5, 0, dtype=torch.int64), impl="cpp")
+    assert loss.item() == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd, registration, dispatch
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gradcheck_float64(mode):
+    q, k, pos, kwargs = make_case(2, None, 6, 12, (3, 4), 5, torch.float64, margin=0.5, **MODES[mode])
+    assert torch.autograd.gradcheck(lambda a, b: correspondence_loss(a, b, pos, impl="cpp", **kwargs), (q, k))
+
+
+def test_gradcheck_with_head_axis():
+    q, k, pos, kwargs = make_case(1, 2, 5, 9, (3, 3), 4, torch.float64, **MODES["hardest"])
+    assert torch.autograd.gradcheck(lambda a, b: correspondence_loss(a, b, pos, impl="cpp", **kwargs), (q, k))
+
+
+def test_opcheck_registered_ops():
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.float32, **MODES["triplet_t4"])
+    neg = kwargs["neg"]
+    ops = torch.ops.sketchcolor
+    terms = ops.corr_triplet_fwd(q.detach(), k.detach(), pos, neg, 0.3, 2.0)
+    hardest_terms, hardest_neg = ops.corr_hardest_fwd(q.detach(), k.detach(), pos, 3, 4, 1, 0.3, 2.0)
+    cases = [
+        (ops.corr_triplet_fwd.default, (q, k, pos, neg, 0.3, 2.0)),
+        (ops.corr_hardest_fwd.default, (q, k, pos, 3, 4, 1, 0.3, 2.0)),
+        (ops.corr_nll_loss.default, (q, k, pos, 0.3, True)),
+        (ops.corr_nll_loss.default, (q.detach(), k.detach(), pos, 0.3, False)),
+        (ops.corr_triplet_bwd.default, (torch.randn_like(terms), q.detach(), k.detach(), pos, neg, terms, 0.3)),
+    ]
+    assert (hardest_neg >= 0).any() and hardest_terms.shape == pos.shape
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_torch_compile(mode):
+    q, k, pos, kwargs = make_case(2, None, 17, 20, (4, 5), 16, torch.float32, margin=2.0, **MODES[mode])
+
+    def loss_fn(q, k):
+        return correspondence_loss(q * 2.0, k, pos, impl="cpp", **kwargs)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = loss_and_grads(compiled, q, k, 1.0)
+    expected = loss_and_grads(loss_fn, q, k, 1.0)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_only_requested_gradients_and_no_double_backward(mode):
+    q, k, pos, kwargs = make_case(1, None, 5, 7, (1, 7), 6, torch.float64, margin=20.0, **MODES[mode])
+    k.requires_grad_(False)
+    correspondence_loss(q, k, pos, impl="cpp", **kwargs).backward()
+    assert q.grad is not None and q.grad.any() and k.grad is None
+    # The triplet backward ops refuse to be differentiated; nll's backward refuses create_graph.
+    with pytest.raises(RuntimeError, match="double backward"):
+        (grad_q,) = torch.autograd.grad(correspondence_loss(q, k, pos, impl="cpp", **kwargs), q, create_graph=True)
+        grad_q.sum().backward()
+
+
+def test_nll_without_grad_mode_computes_no_gradient():
+    q, k, pos, kwargs = make_case(1, None, 50, 70, (7, 10), 16, torch.float64, **MODES["nll"])
+    with torch.no_grad():
+        loss_without = correspondence_loss(q, k, pos, impl="cpp", **kwargs)
+    loss, grad_q, grad_k = torch.ops.sketchcolor.corr_nll_loss(q, k, pos, 0.25, False)
+    assert grad_q.numel() == 0 and grad_k.numel() == 0
+    assert loss_without.item() == pytest.approx(correspondence_loss(q, k, pos, impl="cpp", **kwargs).item(), rel=1e-14)
+    with pytest.raises(RuntimeError, match="with_grad=False: it has no gradient"):
+        loss.backward()
+
+
+def test_auto_picks_cpp_on_cpu(recwarn):
+    q, k, pos, kwargs = make_case(1, None, 5, 7, (1, 7), 6, torch.float32, **MODES["triplet_t4"])
+    auto = correspondence_loss(q, k, pos, **kwargs)
+    assert torch.equal(auto, correspondence_loss(q, k, pos, impl="cpp", **kwargs))
+    assert not [w for w in recwarn if "reference" in str(w.message)]
+
+
+def test_cuda_impl_is_not_implemented():
+    q, k, pos, kwargs = make_case(1, None, 5, 7, (1, 7), 6, torch.float32, **MODES["nll"])
+    with pytest.raises(NotImplementedError, match="impl='cuda' is not implemented for this op"):
+        correspondence_loss(q, k, pos, impl="cuda", **kwargs)
+
+
+def test_auto_on_cuda_tensors_picks_triton():
+    # Backend choice looks at the device type only: no GPU is needed to check it.
+    assert _backends.resolve("auto", torch.device("cuda"), FWD_OP) == "triton"
+
+
+def test_triton_without_interpreter_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, pos, kwargs = make_case(1, None, 5, 7, (1, 7), 6, torch.float32, **MODES["nll"])
+    with pytest.raises(RuntimeError, match="impl='triton' is not available: .*CUDA"):
+        correspondence_loss(q, k, pos, impl="triton", **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# Bad inputs: every check names the argument
+# ----------------------------------------------------------------------------------------
+
+
+def _base():
+    q = torch.randn(2, 5, 4)
+    k = torch.randn(2, 6, 4)
+    pos = torch.randint(-1, 6, (2, 5))
+    neg = torch.randint(-1, 6, (2, 5, 3))
+    return q, k, pos, dict(neg=neg)
+
+
+def _replace(**changes):
+    def corrupt(q, k, pos, kwargs):
+        args = dict(q=q, k=k, pos=pos)
+        for name, change in changes.items():
+            if name in args:
+                args[name] = change(args[name])
+            elif callable(change) and name in kwargs:
+                kwargs[name] = change(kwargs[name])
+            else:
+                kwargs[name] = change
+        return args["q"], args["k"], args["pos"], {name: value for name, value in kwargs.items() if value is not ...}
+
+    return corrupt
+
+
+BAD_INPUTS = [
+    ("q must have rank", _replace(q=lambda q: q[0])),
+    ("q must have dtype", _replace(q=lambda q: q.long())),
+    ("q must be a torch.Tensor", _replace(q=lambda q: q.tolist())),
+    ("k must have rank", _replace(k=lambda k: k[0])),
+    ("k has dtype .* but q has", _replace(k=lambda k: k.double())),
+    ("k: leading dims", _replace(k=lambda k: k[:1])),
+    ("k: head dim D", _replace(k=lambda k: k[..., :3])),
+    ("k: M must be at least 1", _replace(k=lambda k: k[:, :0])),
+    ("q: D must be at least 1", _replace(q=lambda q: q[..., :0], k=lambda k: k[..., :0])),
+    ("mode must be one of", _replace(mode="hinge")),
+    ("hardest must be a bool", _replace(hardest=1, neg=None, key_grid=(2, 3))),
+    ("hardest=True is a triplet option", _replace(mode="nll", hardest=True, neg=None, key_grid=(2, 3))),
+    ("margin must be a finite number", _replace(margin=float("inf"))),
+    ("margin must be a finite number", _replace(margin="12")),
+    ("scale must be a finite number", _replace(scale=float("nan"))),
+    ("exclusion must be an int >= 0", _replace(exclusion=-1)),
+    ("exclusion must be an int >= 0", _replace(exclusion=1.0)),
+    ("pos must have dtype", _replace(pos=lambda p: p.int())),
+    ("pos must have rank", _replace(pos=lambda p: p[0])),
+    ("pos: leading dims", _replace(pos=lambda p: p[:, :4])),
+    ("pos is on meta but q is on cpu", _replace(pos=lambda p: p.to("meta"))),
+    ("pos values must be in \\[-1, M\\) = \\[-1, 6\\), got values in \\[-2", _replace(pos=lambda p: p.fill_(-2))),
+    ("pos values must be in \\[-1, M\\)", _replace(pos=lambda p: p.fill_(6))),
+    ("neg is required", _replace(neg=...)),
+    ("neg is only used by mode='triplet' without hardest", _replace(mode="nll")),
+    ("neg is only used by mode='triplet' without hardest", _replace(hardest=True, key_grid=(2, 3))),
+    ("neg must have dtype", _replace(neg=lambda n: n.float())),
+    ("neg must have rank", _replace(neg=lambda n: n[..., 0])),
+    ("neg: leading dims", _replace(neg=lambda n: n[:1])),
+    ("neg values must be in \\[-1, M\\)", _replace(neg=lambda n: n.fill_(7))),
+    ("key_grid is required with hardest=True", _replace(hardest=True, neg=None)),
+    ("key_grid must be a pair of positive ints", _replace(hardest=True, neg=None, key_grid=(2, 2))),
+    ("key_grid must be a pair of positive ints", _replace(hardest=True, neg=None, key_grid=(2.0, 3))),
+    ("key_grid must be a pair of positive ints", _replace(hardest=True, neg=None, key_grid=6)),
+    ("key_grid is only used with hardest=True", _replace(key_grid=(2, 3))),
+    ("impl must be one of", _replace(impl="fast")),
+]
+
+
+@pytest.mark.parametrize("message,corrupt", BAD_INPUTS, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD_INPUTS)])
+def test_bad_inputs_name_the_argument(message, corrupt):
+    q, k, pos, kwargs = corrupt(*_base())
+    kwargs.setdefault("impl", "cpp")
+    with pytest.raises((ValueError, TypeError), match=message):
+        correspondence_loss(q, k, pos, **kwargs)
+
+
+def test_head_axis_index_shapes_are_checked():
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 6, 4)
+    with pytest.raises(ValueError, match=r"pos: leading dims \(B, \[H,\] N\) must be \(2, 3, 5\) or \(2, 5\)"):
+        correspondence_loss(q, k, torch.zeros(3, 5, dtype=torch.int64), mode="nll", impl="cpp")
+    with pytest.raises(ValueError, match="neg: leading dims"):
+        correspondence_loss(q, k, torch.zeros(2, 5, dtype=torch.int64), neg=torch.zeros(2, 2, 5, 1, dtype=torch.int64))
+
+
+CPP_BAD_INPUTS = [
+    ("corr_nll_loss: q must have shape \\(B, N, D\\)", lambda ops, q, k, p, n: ops.corr_nll_loss(q[0], k, p, 0.5, False)),
+    ("corr_nll_loss: k must have shape \\(B, M, D\\)", lambda ops, q, k, p, n: ops.corr_nll_loss(q, k[0], p, 0.5, False)),
+    ("corr_nll_loss: k has dtype", lambda ops, q, k, p, n: ops.corr_nll_loss(q, k.double(), p, 0.5, False)),
+    ("q must be a floating-point tensor", lambda ops, q, k, p, n: ops.corr_nll_loss(q.long(), k.long(), p, 0.5, False)),
+    ("k's batch size B", lambda ops, q, k, p, n: ops.corr_nll_loss(q, k[:1], p, 0.5, False)),
+    ("k's head dim D", lambda ops, q, k, p, n: ops.corr_nll_loss(q, k[..., :2], p, 0.5, False)),
+    ("q's head dim D must be at least 1", lambda ops, q, k, p, n: ops.corr_nll_loss(q[..., :0], k[..., :0], p, 0.5, False)),
+    ("at least one key", lambda ops, q, k, p, n: ops.corr_nll_loss(q, k[:, :0], p, 0.5, False)),
+    ("scale must be finite", lambda ops, q, k, p, n: ops.corr_nll_loss(q, k, p, math.inf, False)),
+    ("pos must have dtype int64", lambda ops, q, k, p, n: ops.corr_nll_loss(q, k, p.int(), 0.5, False)),
+    ("pos must have shape", lambda ops, q, k, p, n: ops.corr_nll_loss(q, k, p[:, :2], 0.5, False)),
+    ("pos values must be in \\[-1, M\\)", lambda ops, q, k, p, n: ops.corr_nll_loss(q, k, p.clone().fill_(6), 0.5, False)),
+    ("corr_triplet_fwd: neg must have shape \\(B, N, T\\)", lambda ops, q, k, p, n: ops.corr_triplet_fwd(q, k, p, n[..., 0], 0.5, 1.0)),
+    ("neg values must be in \\[-1, M\\)", lambda ops, q, k, p, n: ops.corr_triplet_fwd(q, k, p, n.clone().fill_(-3), 0.5, 1.0)),
+    ("neg must have shape", lambda ops, q, k, p, n: ops.corr_triplet_fwd(q, k, p, n[:, :2], 0.5, 1.0)),
+    ("margin must be finite", lambda ops, q, k, p, n: ops.corr_triplet_fwd(q, k, p, n, 0.5, math.nan)),
+    ("key_grid \\(h, w\\) must be positive with h \\* w == M", lambda ops, q, k, p, n: ops.corr_hardest_fwd(q, k, p, 2, 2, 1, 0.5, 1.0)),
+    ("key_grid \\(h, w\\) must be positive", lambda ops, q, k, p, n: ops.corr_hardest_fwd(q, k, p, -2, -3, 1, 0.5, 1.0)),
+    ("exclusion must be >= 0", lambda ops, q, k, p, n: ops.corr_hardest_fwd(q, k, p, 2, 3, -1, 0.5, 1.0)),
+    ("corr_hardest_fwd: margin must be finite", lambda ops, q, k, p, n: ops.corr_hardest_fwd(q, k, p, 2, 3, 1, 0.5, math.inf)),
+]
+
+
+@pytest.mark.parametrize("message,call", CPP_BAD_INPUTS, ids=[b[0] for b in CPP_BAD_INPUTS])
+def test_cpp_entry_points_check_inputs(message, call):
+    q, k, pos, kwargs = _base()
+    with pytest.raises(RuntimeError, match=message):
+        call(torch.ops.sketchcolor, q, k, pos, kwargs["neg"])
+
+
+def test_cpp_backward_entry_points_check_saved_tensors():
+    q, k, pos, kwargs = _base()
+    neg, ops = kwargs["neg"], torch.ops.sketchcolor
+    terms = ops.corr_triplet_fwd(q, k, pos, neg, 0.5, 1.0)
+    with pytest.raises(RuntimeError, match="corr_triplet_bwd: terms must have shape"):
+        ops.corr_triplet_bwd(terms, q, k, pos, neg, terms[..., :1], 0.5)
+    with pytest.raises(RuntimeError, match="corr_triplet_bwd: grad_terms must have dtype Float, got Double"):
+        ops.corr_triplet_bwd(terms.double(), q, k, pos, neg, terms, 0.5)
+    with pytest.raises(RuntimeError, match="corr_triplet_bwd: neg values must be in"):
+        ops.corr_triplet_bwd(terms, q, k, pos, neg.clone().fill_(9), terms, 0.5)

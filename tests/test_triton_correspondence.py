@@ -1,0 +1,195 @@
+"""triton backend of correspondence_loss against sketchcolor.reference.
+
+The numerics tests run on CUDA tensors when this process has a GPU, and on CPU tensors in
+Triton's interpreter when TRITON_INTERPRET=1 was set before triton was imported. In a normal
+run on a machine without a GPU, ``test_triton_kernels_under_the_interpreter`` reruns this file
+in a subprocess with TRITON_INTERPRET=1 (small shapes, D = 992 included), and the kernels are
+compiled ahead of time for sm_90 and sm_80 with every config the autotuner may pick.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ON_GPU = not INTERPRETING and torch.cuda.is_available()
+
+if not INTERPRETING:
+    # The kernels whose score tiles are tensor-core dots, and the gather/scatter ones.
+    DOT_KERNELS = ["corr_hardest_fwd", "corr_nll_fwd", "corr_nll_bwd_dq", "corr_nll_bwd_dk"]
+    GATHER_KERNELS = ["corr_triplet_fwd", "corr_triplet_bwd_dq", "corr_segment_sum"]
+
+    def test_triton_kernels_under_the_interpreter():
+        pytest.importorskip("triton")
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+            env={**os.environ, "TRITON_INTERPRET": "1"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, f"interpreted tests failed:\n{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
+        assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+
+    # bf16 on both targets (sm_90 has its own wgmma code path); float32 (IEEE dots, twice the
+    # shared memory) on sm_80, the target with the least shared memory.
+    @pytest.mark.parametrize("arch,dtype", [(90, torch.bfloat16), (80, torch.bfloat16), (80, torch.float32)], ids=str)
+    def test_kernels_compile_for_gpus(arch, dtype, monkeypatch):
+        """Every kernel of one forward and backward of each mode, at the paper's D = 992, with every
+        autotune config: PTX and a cubin, shared memory within the device's opt-in limit, and
+        tensor-core dots (mma / wgmma) in the kernels that multiply score tiles (bf16)."""
+        pytest.importorskip("triton")
+        from triton.backends.compiler import GPUTarget
+
+        from sketchcolor.kernels import aot
+        from sketchcolor.kernels import correspondence_loss as kernels
+
+        # aot.ast_source maps tensor dtypes to Triton pointer types; the index tensors are int64.
+        monkeypatch.setitem(aot._POINTER_TYPES, torch.int64, "*i64")
+        smem_limit = {90: 232448, 80: 166912}[arch]
+        launches = _record_launches(kernels, dtype)
+        assert sorted({name for name, *_ in launches}) == sorted(DOT_KERNELS + GATHER_KERNELS)
+        for name, fn, args, configs in launches:
+            for config in configs:
+                compiled = aot.compile_launch(aot.Launch(name, fn, args), config, GPUTarget("cuda", arch, 32))
+                where = f"{name} {config} on sm_{arch}"
+                assert compiled.asm["cubin"], where
+                assert compiled.metadata.shared <= smem_limit, f"{where}: {compiled.metadata.shared} bytes of shared memory"
+                if name in DOT_KERNELS and dtype == torch.bfloat16:
+                    assert "mma" in compiled.asm["ptx"], f"{where}: no mma/wgmma in the PTX"
+
+    def _record_launches(kernels, dtype, batch=2, n=4096, m=4096, d=992, negatives=32):
+        """(name, jit function, arguments, configs) of every launch, run on meta tensors."""
+        names = {id(getattr(kernels, name)): name for name in DOT_KERNELS + GATHER_KERNELS}
+        launches = []
+
+        def record(autotuned):
+            class Grid:
+                def __getitem__(self, grid):
+                    def call(*args, **kwargs):
+                        fn = autotuned.fn
+                        launches.append((names[id(autotuned)], fn, {**dict(zip(fn.arg_names, args)), **kwargs}, autotuned.configs))
+
+                    return call
+
+            return Grid()
+
+        q = torch.empty(batch, n, d, dtype=dtype, device="meta")
+        k = torch.empty(batch, m, d, dtype=dtype, device="meta")
+        pos = torch.empty(batch, n, dtype=torch.int64, device="meta")
+        neg = torch.empty(batch, n, negatives, dtype=torch.int64, device="meta")
+        terms = kernels.triplet_forward(q, k, pos, neg, d**-0.5, 12.0, launch=record)
+        kernels.triplet_backward(torch.empty_like(terms), q, k, pos, neg, terms, d**-0.5, launch=record)
+        kernels.hardest_forward(q, k, pos, 64, 64, 1, d**-0.5, 12.0, launch=record)
+        terms, lse = kernels.nll_forward(q, k, pos, d**-0.5, launch=record)
+        kernels.nll_backward(terms, q, k, pos, lse, d**-0.5, launch=record)
+        return launches
+
+if INTERPRETING or ON_GPU:
+    DEVICE = "cpu" if INTERPRETING else "cuda"
+    from test_correspondence_loss import (
+        MODES,
+        check_hardest,
+        check_hardest_ties,
+        compare_with_reference,
+        loss_and_grads,
+        make_case,
+    )
+
+    from sketchcolor.ops import correspondence_loss
+
+    # (B, H or None, N, M, key_grid, D): one query, several key tiles and query blocks with
+    # tails, a head axis, and D = 992 (several D chunks and dq/dk slices, with tails).
+    SHAPES = [
+        (1, None, 1, 7, (1, 7), 16),
+        (2, None, 37, 45, (5, 9), 20),
+        (1, 2, 33, 63, (7, 9), 24),
+        (1, None, 40, 70, (7, 10), 992),
+    ]
+    DTYPES = [torch.float32, torch.bfloat16]
+
+    @pytest.mark.parametrize("mode", list(MODES))
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("shape", SHAPES, ids=str)
+    def test_triton_matches_reference(shape, dtype, mode):
+        q, k, pos, kwargs = make_case(*shape, dtype, **MODES[mode], device=DEVICE)
+        if mode == "hardest":
+            check_hardest(q, k, pos, kwargs, impl="triton")
+        else:
+            compare_with_reference(q, k, pos, kwargs, impl="triton")
+
+    @pytest.mark.parametrize("mode", list(MODES))
+    def test_triton_small_margin_and_non_contiguous(mode):
+        q, k, pos, kwargs = make_case(2, None, 30, 40, (5, 8), 16, torch.float32, margin=0.3, **MODES[mode], device=DEVICE)
+        k = k.detach().mT.contiguous().mT.requires_grad_()  # last-dim stride != 1
+        if mode == "hardest":
+            check_hardest(q, k, pos, kwargs, impl="triton")
+        else:
+            compare_with_reference(q, k, pos, kwargs, impl="triton")
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_triton_hardest_ties_pick_the_lowest_index(dtype):
+        check_hardest_ties(dtype, impl="triton", device=DEVICE)
+
+    @pytest.mark.parametrize("mode", list(MODES))
+    def test_triton_all_invalid_gives_zero_loss_and_zero_grads(mode):
+        q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.float32, **MODES[mode], device=DEVICE)
+        pos = torch.full_like(pos, -1)
+        loss, grad_q, grad_k = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="triton", **kwargs), q, k, 1.0)
+        assert loss.item() == 0 and loss.dtype == torch.float32
+        assert torch.equal(grad_q, torch.zeros_like(q)) and torch.equal(grad_k, torch.zeros_like(k))
+
+    @pytest.mark.parametrize("mode", list(MODES))
+    def test_triton_empty_queries(mode):
+        q, k, pos, kwargs = make_case(2, None, 0, 6, (2, 3), 4, torch.float32, **MODES[mode], device=DEVICE)
+        loss = correspondence_loss(q, k, pos, impl="triton", **kwargs)
+        assert loss.item() == 0
+        loss.backward()
+        assert not k.grad.any()
+
+    @pytest.mark.parametrize("mode", list(MODES))
+    def test_triton_deterministic(mode):
+        q, k, pos, kwargs = make_case(1, None, 40, 70, (7, 10), 32, torch.float32, **MODES[mode], device=DEVICE)
+        pos[0, :20] = 7  # many queries share a key: dk sums many contributions into it
+        first = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="triton", **kwargs), q, k, 1.0)
+        second = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="triton", **kwargs), q, k, 1.0)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+
+    def test_triton_rejects_float64_with_a_reason():
+        q, k, pos, kwargs = make_case(1, None, 5, 6, (2, 3), 4, torch.float64, **MODES["nll"], device=DEVICE)
+        with pytest.raises(TypeError, match="float64"):
+            correspondence_loss(q, k, pos, impl="triton", **kwargs)
+
+    def test_triton_opcheck_registered_ops():
+        q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.float32, **MODES["triplet_t4"], device=DEVICE)
+        correspondence_loss(q, k, pos, impl="triton", **kwargs)  # registers the triton ops
+        neg, ops = kwargs["neg"], torch.ops.sketchcolor
+        terms = ops.corr_triplet_fwd_triton(q.detach(), k.detach(), pos, neg, 0.3, 2.0)
+        cases = [
+            (ops.corr_triplet_fwd_triton.default, (q, k, pos, neg, 0.3, 2.0)),
+            (ops.corr_hardest_fwd_triton.default, (q, k, pos, 3, 4, 1, 0.3, 2.0)),
+            (ops.corr_nll_loss_triton.default, (q, k, pos, 0.3, True)),
+            (ops.corr_nll_loss_triton.default, (q.detach(), k.detach(), pos, 0.3, False)),
+            (ops.corr_triplet_bwd_triton.default, (torch.randn_like(terms), q.detach(), k.detach(), pos, neg, terms, 0.3)),
+        ]
+        for op, args in cases:
+            torch.library.opcheck(op, args)
+
+    @pytest.mark.parametrize("mode", list(MODES))
+    def test_triton_torch_compile(mode):
+        q, k, pos, kwargs = make_case(2, None, 17, 20, (4, 5), 16, torch.float32, margin=2.0, **MODES[mode], device=DEVICE)
+
+        def loss_fn(q, k):
+            return correspondence_loss(q * 2.0, k, pos, impl="triton", **kwargs)
+
+        loss_fn(q, k)  # registers the triton ops before tracing, as a first eager call does
+        compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+        got = loss_and_grads(compiled, q, k, 1.0)
+        expected = loss_and_grads(loss_fn, q, k, 1.0)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
