@@ -1,0 +1,155 @@
+"""Peak memory and time of one training step (D phase + G phase) vs image size, SCFT resolution
+and attention backend, each case in a fresh process.
+
+    python benchmarks/bench_train_memory.py                       # the full grid on CPU
+    python benchmarks/bench_train_memory.py --sizes 256 --strides 16   # the smallest cases
+    python benchmarks/bench_train_memory.py --device cuda --attn reference triton cuda
+
+Every case runs the real training step (sketchcolor.train.train_step with the paper's model
+and losses, VGG terms off) on a random batch in its own subprocess, so its peak is its own:
+on CPU the peak resident set size (ru_maxrss, which includes the weights, Adam state and the
+interpreter), on CUDA torch.cuda.max_memory_allocated. The time is that of the last of
+``--steps`` steps (the first one allocates). The table is printed and written, with the
+machine, date and command, to this script's section of benchmarks/RESULTS.md.
+
+Goal: at 512x512 with SCFT at 1/4 (16,384 tokens) the cpp step's peak memory is at most 0.4x
+the reference step's (which materializes the 16,384 x 16,384 attention and score matrices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+TARGET = {"size": 512, "scft_stride": 4, "ratio": 0.4}
+
+
+def run_case(size: int, scft_stride: int, attn: str, batch_size: int, width: int, steps: int, device_name: str) -> dict:
+    """One case in this process; returns its measurements."""
+    import torch
+
+    from sketchcolor.models import ModelConfig
+    from sketchcolor.train import TrainConfig, build_loss, build_models, build_optimizers, seed_everything, train_step
+
+    device = torch.device(device_name)
+    config = TrainConfig(size=size, batch_size=batch_size, attn=attn, device=device_name, model=ModelConfig(width=width, scft_stride=scft_stride))
+    seed_everything(0)
+    generator, discriminator = build_models(config, device)
+    optimizer_g, optimizer_d = build_optimizers(config, generator, discriminator)
+    loss = build_loss(config, generator, discriminator, device, lambda message: None)
+    grid = config.model.feature_grid(size)
+    batch = {
+        "sketch": torch.rand(batch_size, 1, size, size, device=device) * 2 - 1,
+        "reference": torch.rand(batch_size, 3, size, size, device=device) * 2 - 1,
+        "ground_truth": torch.rand(batch_size, 3, size, size, device=device) * 2 - 1,
+        "pos": torch.randint(-1, grid * grid, (batch_size, grid * grid), device=device),
+    }
+    if device.type == "cuda":
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+    seconds = None
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        train_step(loss, [batch], optimizer_g, optimizer_d, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"peak_mib": peak_mib, "step_seconds": seconds}
+
+
+def run_in_subprocess(case: dict, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable, __file__, "--case", json.dumps(case), "--batch-size", str(args.batch_size),
+        "--width", str(args.width), "--steps", str(args.steps), "--device", args.device,
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {**case, "status": f"timeout ({args.timeout} s)"}
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        reason = "killed (out of memory?)" if result.returncode < 0 else (lines[-1] if lines else f"exit {result.returncode}")
+        return {**case, "status": reason[:80]}
+    return {**case, **json.loads(result.stdout.strip().splitlines()[-1]), "status": "ok"}
+
+
+def format_table(rows: list[dict]) -> str:
+    by_case = {(row["size"], row["scft_stride"], row["attn"]): row for row in rows}
+    lines = [
+        "| size | SCFT | tokens | attn | peak MiB | step s | peak / reference | status |",
+        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        reference = by_case.get((row["size"], row["scft_stride"], "reference"), {})
+        ok = row["status"] == "ok"
+        ratio = f"{row['peak_mib'] / reference['peak_mib']:.2f}" if ok and reference.get("status") == "ok" else "-"
+        tokens = (row["size"] // row["scft_stride"]) ** 2
+        peak = f"{row['peak_mib']:.0f}" if ok else "-"
+        step = f"{row['step_seconds']:.2f}" if ok else "-"
+        lines.append(f"| {row['size']} | 1/{row['scft_stride']} | {tokens} | {row['attn']} | {peak} | {step} | {ratio} | {row['status']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024], help="image sides (default: 256 512 1024)")
+    parser.add_argument("--strides", type=int, nargs="+", default=[16, 8, 4], help="SCFT strides: 16 = 1/16 (default: 16 8 4)")
+    parser.add_argument("--attn", nargs="+", default=["reference", "cpp"], help="backends to compare (default: reference cpp)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default: 1)")
+    parser.add_argument("--width", type=int, default=16, help="model width (default: the paper's 16, D = 992)")
+    parser.add_argument("--steps", type=int, default=2, help="steps per case; the last is timed (default: 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case (default: 1800)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.case:
+        case = json.loads(args.case)
+        print(json.dumps(run_case(case["size"], case["scft_stride"], case["attn"], args.batch_size, args.width, args.steps, args.device)))
+        return
+
+    rows = []
+    for size in args.sizes:
+        for stride in args.strides:
+            for attn in args.attn:
+                row = run_in_subprocess({"size": size, "scft_stride": stride, "attn": attn}, args)
+                print(f"size {size} SCFT 1/{stride} {attn}: {row['status']}" + (f", {row['peak_mib']:.0f} MiB, {row['step_seconds']:.2f} s" if row["status"] == "ok" else ""), flush=True)
+                rows.append(row)
+    table = format_table(rows)
+    print(table)
+    if not args.no_write:
+        from sketchcolor.benchmarking.machine import describe, summary
+        from sketchcolor.benchmarking.results_file import write_section
+
+        info = describe(args.device)
+        owner = f"bench_train_memory {args.device}"
+        body = (
+            f"## Training step memory, {args.device}\n\n"
+            f"{summary(info)}.  \nCommand: `{info['command']}`\n\n"
+            f"One D step + G step of the paper's model (width {args.width}, D = {62 * args.width}) at batch {args.batch_size}, "
+            f"all losses but VGG's; peak: {'peak RSS of a fresh process per case (interpreter and weights included)' if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}; "
+            f"step s: the last of {args.steps} steps.\n"
+            f"Goal: at {TARGET['size']}x{TARGET['size']} with SCFT 1/{TARGET['scft_stride']}, cpp peak <= {TARGET['ratio']}x reference.\n\n"
+            f"{table}\n"
+        )
+        write_section(RESULTS, owner, body)
+        print(f"wrote the '{owner}' section of {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Checkpoint files: every tensor in one safetensors file, all other state as JSON in its metadata.
+
+Reading one never runs code from it (safetensors holds raw tensors, the JSON plain data), and
+writing is atomic (a temporary file in the same folder, then ``os.replace``), so a crash or
+Ctrl-C during a save leaves the previous checkpoint intact.
+
+The state is a tree of dicts, lists, tuples, numbers, strings, None and tensors. Tensors are
+named by their path in the tree ("generator/scft.query.weight"); the JSON keeps the tree with
+each tensor replaced by its name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT = "sketchcolor-checkpoint-1"
+_TENSOR, _TUPLE, _ITEMS = "$tensor", "$tuple", "$items"
+
+
+def _pack(tree, path: str, tensors: dict[str, torch.Tensor]):
+    if isinstance(tree, torch.Tensor):
+        tensors[path] = tree.detach().cpu().contiguous()
+        return {_TENSOR: path}
+    if isinstance(tree, dict):
+        if all(isinstance(key, str) and not key.startswith("$") for key in tree):
+            return {key: _pack(value, f"{path}/{key}" if path else key, tensors) for key, value in tree.items()}
+        # Keys that JSON objects cannot hold as they are (optimizer state is keyed by int).
+        return {_ITEMS: [[key, _pack(value, f"{path}/{key}", tensors)] for key, value in tree.items()]}
+    if isinstance(tree, tuple):
+        return {_TUPLE: [_pack(value, f"{path}/{index}", tensors) for index, value in enumerate(tree)]}
+    if isinstance(tree, list):
+        return [_pack(value, f"{path}/{index}", tensors) for index, value in enumerate(tree)]
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    raise TypeError(f"checkpoint state at {path!r} has unsupported type {type(tree).__name__}")
+
+
+def _unpack(tree, tensors: dict[str, torch.Tensor]):
+    if isinstance(tree, dict):
+        if _TENSOR in tree:
+            return tensors[tree[_TENSOR]]
+        if _TUPLE in tree:
+            return tuple(_unpack(value, tensors) for value in tree[_TUPLE])
+        if _ITEMS in tree:
+            return {key: _unpack(value, tensors) for key, value in tree[_ITEMS]}
+        return {key: _unpack(value, tensors) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_unpack(value, tensors) for value in tree]
+    return tree
+
+
+def write_checkpoint(path: str | Path, state: dict) -> None:
+    """Write ``state`` (a dict tree holding tensors) to ``path`` atomically."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _pack(state, "", tensors)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(temporary), metadata={"format": FORMAT, "state": json.dumps(skeleton)})
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | Path, sections: tuple[str, ...] | None = None) -> dict:
+    """The state written by ``write_checkpoint``; with ``sections``, only those top-level entries
+    (and only their tensors are read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as opened:
+            metadata = opened.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ValueError(f"checkpoint {str(path)!r} is not a sketchcolor checkpoint (format {metadata.get('format')!r})")
+            skeleton = json.loads(metadata["state"])
+            if sections is not None:
+                missing = [name for name in sections if name not in skeleton]
+                if missing:
+                    raise ValueError(f"checkpoint {str(path)!r} has no {', '.join(missing)}")
+                skeleton = {name: skeleton[name] for name in sections}
+                wanted = tuple(f"{name}/" for name in sections)
+                names = [name for name in opened.keys() if name.startswith(wanted)]
+            else:
+                names = list(opened.keys())
+            tensors = {name: opened.get_tensor(name) for name in names}
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {error}") from error
+    return _unpack(skeleton, tensors)

@@ -1,0 +1,299 @@
+"""The ``sketchcolor`` command line.
+
+Each subcommand is one ``add_<name>(subparsers)`` function that adds its parser and sets
+``handler`` to the function that runs it; ``SUBCOMMANDS`` lists them in help order, so a new
+subcommand is one function plus one entry. Handlers return the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from .benchmarking.command import add_bench
+from .ops._backends import IMPLS
+from .verify import add_verify
+
+# Annotations of the config fields the command line can set (they are strings under
+# ``from __future__ import annotations``), and the argparse type of each.
+_OPTION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_class, title: str, prefix: str = "") -> None:
+    """One option per field of a config dataclass that has a "help" entry in its metadata
+    (``--batch-size`` for ``batch_size``), stored under ``prefix + name``."""
+    group = parser.add_argument_group(title)
+    for field in dataclasses.fields(config_class):
+        if "help" not in field.metadata:
+            continue
+        type_name = field.type.removesuffix(" | None")
+        default = field.default
+        option = "--" + field.name.replace("_", "-")
+        help_text = f"{field.metadata['help']} (default: {default})"
+        if type_name == "bool":
+            group.add_argument(option, dest=prefix + field.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(
+                option,
+                dest=prefix + field.name,
+                type=_OPTION_TYPES[type_name],
+                default=default,
+                choices=field.metadata.get("choices"),
+                metavar=field.name.upper() if "choices" not in field.metadata else None,
+                help=help_text,
+            )
+
+
+def _config_values(args: argparse.Namespace, config_class, prefix: str = "") -> dict:
+    return {field.name: getattr(args, prefix + field.name) for field in dataclasses.fields(config_class) if "help" in field.metadata}
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="torch device to run on (default: auto, cuda when available)")
+    parser.add_argument("--attn", default="auto", choices=IMPLS, help="backend of the SCFT attention op (default: auto)")
+
+
+def _device(args: argparse.Namespace) -> str:
+    from .train import resolve_device
+
+    return str(resolve_device(args.device))
+
+
+# --- train -------------------------------------------------------------------------------------
+
+
+def add_train(subparsers) -> None:
+    from .losses import LossConfig
+    from .models import ModelConfig
+    from .train import TrainConfig
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train a colorization model",
+        description="Train the generator and discriminator on augmented-self pairs from a folder of images "
+        "(or the built-in procedural shapes). Ctrl-C stops after the current step and saves a checkpoint.",
+    )
+    _add_config_options(parser, TrainConfig, "training")
+    _add_config_options(parser, ModelConfig, "model (the defaults are the paper's architecture)", prefix="model.")
+    _add_config_options(parser, LossConfig, "loss", prefix="loss.")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel training over the processes torchrun started (torchrun --nproc_per_node=N -m sketchcolor "
+        "train ...); on by itself under torchrun, and with this flag a launch without torchrun is an error instead of "
+        "a single-process run",
+    )
+    parser.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .distributed import process_group, rank
+    from .losses import LossConfig
+    from .models import ModelConfig
+    from .train import TrainConfig, train
+
+    config = TrainConfig(
+        **_config_values(args, TrainConfig),
+        model=ModelConfig(**_config_values(args, ModelConfig, "model.")),
+        loss=LossConfig(**_config_values(args, LossConfig, "loss.")),
+    )
+    with process_group(config.device, required=args.distributed):
+        result = train(config)
+        if rank() == 0:
+            print(f"step {result.step}; checkpoint: {result.checkpoint}; outputs in {result.out}")
+    return 0
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+def add_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="train briefly on the built-in shapes and evaluate (minutes on a CPU)",
+        description="Train a small model (64x64, narrow channels) on the built-in procedural shapes, then score it "
+        "on held-out pairs against the blank-reference and mean-color baselines. Writes sample grids, a "
+        "checkpoint, metrics.jsonl and eval.json to --out.",
+    )
+    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
+    parser.add_argument("--eval-count", type=int, default=256, help="held-out pairs to evaluate on (default: 256)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the demo preset's)")
+    _add_runtime_options(parser)
+    parser.set_defaults(handler=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table
+    from .train import demo_config, train
+
+    config = demo_config(args.out)
+    changes = {"attn": args.attn, "device": args.device}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.workers is not None:
+        changes["workers"] = args.workers
+    config = dataclasses.replace(config, **changes)
+    started = time.monotonic()
+    result = train(config)
+    trained = time.monotonic() - started
+    scores = evaluate(result.checkpoint, count=args.eval_count, device=_device(args), attn=args.attn)
+    report = {
+        "steps": result.step,
+        "train_seconds": trained,
+        "total_seconds": time.monotonic() - started,
+        "checkpoint": str(result.checkpoint),
+        "held_out_pairs": args.eval_count,
+        "scores": {method: dataclasses.asdict(score) for method, score in scores.items()},
+        "l1_ratio_to_blank_reference": scores["model"].l1 / scores["blank_reference"].l1,
+    }
+    out = Path(args.out)
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    samples = sorted((out / "samples").glob("step-*.png"))
+    print(format_table(scores))
+    print(f"trained {result.step} steps in {trained / 60:.1f} min; total {report['total_seconds'] / 60:.1f} min")
+    print(f"sample grid: {samples[-1] if samples else 'none'}")
+    print(f"checkpoint:  {result.checkpoint}")
+    print(f"metrics:     {out / 'metrics.jsonl'}, {out / 'eval.json'}")
+    print(f"outputs in {out.resolve()}")
+    return 0
+
+
+# --- colorize ----------------------------------------------------------------------------------
+
+
+def add_colorize(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "colorize",
+        help="color a sketch like a reference image",
+        description="Color a line drawing (dark lines on white) like a reference image with a trained checkpoint. "
+        "Inputs of any size are resized to a multiple of 16; the output has the sketch's size.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--sketch", help="line drawing to color")
+    source.add_argument("--color-image", help="color image to extract the sketch from (XDoG) instead of --sketch")
+    parser.add_argument("--reference", required=True, help="color image whose colors to use")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
+    parser.add_argument("-o", "--out", required=True, help="output PNG")
+    parser.add_argument("--size", type=int, default=None, help="longer side to run the model at (default: the training size)")
+    _add_runtime_options(parser)
+    parser.set_defaults(handler=run_colorize)
+
+
+def run_colorize(args: argparse.Namespace) -> int:
+    from .colorize import colorize_file
+    from .train import find_checkpoint
+
+    out = colorize_file(
+        find_checkpoint(args.checkpoint),
+        args.reference,
+        args.out,
+        sketch=args.sketch,
+        color_image=args.color_image,
+        size=args.size,
+        device=_device(args),
+        attn=args.attn,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+# --- sketch ------------------------------------------------------------------------------------
+
+
+def add_sketch(subparsers) -> None:
+    from .data import XDoGParams
+
+    parser = subparsers.add_parser(
+        "sketch",
+        help="extract a line drawing from an image (XDoG)",
+        description="Extract dark-on-white outlines from any image with the eXtended Difference of Gaussians.",
+    )
+    parser.add_argument("image", help="input image")
+    parser.add_argument("-o", "--out", required=True, help="output image (PNG recommended)")
+    defaults = XDoGParams()
+    for name, help_text in (
+        ("sigma", "line width: standard deviation of the inner Gaussian in pixels"),
+        ("k", "ratio of the outer Gaussian's sigma to the inner one's"),
+        ("p", "sharpening strength"),
+        ("epsilon", "threshold below which a pixel is drawn dark"),
+        ("phi", "steepness of the soft threshold"),
+    ):
+        parser.add_argument(f"--{name}", type=float, default=getattr(defaults, name), help=f"{help_text} (default: %(default)s)")
+    parser.set_defaults(handler=run_sketch)
+
+
+def run_sketch(args: argparse.Namespace) -> int:
+    from .data import extract_sketch_file
+
+    extract_sketch_file(args.image, args.out, sigma=args.sigma, k=args.k, p=args.p, epsilon=args.epsilon, phi=args.phi)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# --- eval --------------------------------------------------------------------------------------
+
+
+def add_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a checkpoint on held-out pairs (L1, PSNR, SSIM) against two baselines",
+        description="Score a checkpoint on held-out augmented-self pairs: the model, the model with the reference "
+        "blanked to gray, and a fill with the reference's mean color. L1, PSNR and SSIM on [0, 1] images.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
+    parser.add_argument("--data", default=None, help="folder of held-out images (default: built-in shapes with the held-out seed)")
+    parser.add_argument("--count", type=int, default=256, help="pairs to score (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
+    parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    _add_runtime_options(parser)
+    parser.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table
+    from .train import find_checkpoint
+
+    checkpoint = find_checkpoint(args.checkpoint)
+    scores = evaluate(checkpoint, args.data, args.count, args.batch_size, _device(args), args.attn)
+    print(f"{checkpoint}: {args.count} held-out pairs")
+    print(format_table(scores))
+    if args.json:
+        Path(args.json).write_text(json.dumps({method: dataclasses.asdict(score) for method, score in scores.items()}, indent=2) + "\n")
+    return 0
+
+
+SUBCOMMANDS = (add_train, add_colorize, add_sketch, add_demo, add_eval, add_verify, add_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sketchcolor",
+        description="Reference-based sketch colorization (Lee et al., CVPR 2020) with fused SCFT kernels.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .train import NonFiniteLossError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except NonFiniteLossError as error:
+        print(f"sketchcolor {args.command}: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
+        print(f"sketchcolor {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sketchcolor {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,157 @@
+"""The training objective: L1 + correspondence triplet + adversarial + perceptual + style.
+
+``ColorizationLoss.run_D`` and ``run_G`` each return one phase's loss for one (micro-)batch,
+in the manner of StyleGAN's training/loss.py: the loop does the backward passes and the
+optimizer steps and never looks inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .models import Generator, PatchDiscriminator, VGGFeatures
+
+GAN_LOSSES = ("lsgan", "hinge")
+NEGATIVE_MODES = ("sampled", "hardest")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights and options; the defaults are the paper's (DESIGN.md, "Model")."""
+
+    l1_weight: float = field(default=30.0, metadata={"help": "weight of the L1 distance to the ground truth"})
+    correspondence_weight: float = field(default=1.0, metadata={"help": "weight of the SCFT correspondence triplet loss"})
+    adversarial_weight: float = field(default=1.0, metadata={"help": "weight of the generator's adversarial loss"})
+    perceptual_weight: float = field(default=0.01, metadata={"help": "weight of the VGG19 perceptual loss (needs --vgg-weights)"})
+    style_weight: float = field(default=50.0, metadata={"help": "weight of the VGG19 Gram-matrix style loss (needs --vgg-weights)"})
+    triplet_margin: float = field(default=12.0, metadata={"help": "margin of the triplet loss, on scaled dot products q.k/sqrt(D)"})
+    negatives: str = field(default="sampled", metadata={"help": "triplet negatives: 'sampled' (random reference cells) or 'hardest' (best-scoring cell away from the true one)", "choices": NEGATIVE_MODES})
+    num_negatives: int = field(default=32, metadata={"help": "sampled negatives per sketch cell (negatives='sampled')"})
+    gan_loss: str = field(default="lsgan", metadata={"help": "adversarial objective", "choices": GAN_LOSSES})
+
+    def __post_init__(self) -> None:
+        for name in ("l1_weight", "correspondence_weight", "adversarial_weight", "perceptual_weight", "style_weight", "triplet_margin"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if self.negatives not in NEGATIVE_MODES:
+            raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {self.negatives!r}")
+        if not (isinstance(self.num_negatives, int) and not isinstance(self.num_negatives, bool) and self.num_negatives >= 1):
+            raise ValueError(f"num_negatives must be a positive int, got {self.num_negatives!r}")
+        if self.gan_loss not in GAN_LOSSES:
+            raise ValueError(f"gan_loss must be one of {GAN_LOSSES}, got {self.gan_loss!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_negatives(pos: torch.Tensor, num_keys: int, count: int) -> torch.Tensor:
+    """``count`` random key indices per query (B, N, count), never the query's own ``pos``.
+
+    Drawn on the CPU from torch's global generator (so a resumed run draws the same ones) by
+    sampling from the ``num_keys - 1`` other keys and skipping over the positive.
+    """
+    if num_keys < 2:
+        raise ValueError(f"sampled negatives need at least 2 reference cells, got {num_keys}")
+    draws = torch.randint(num_keys - 1, (*pos.shape, count)).to(pos.device)
+    return draws + (draws >= pos.unsqueeze(-1)).long()
+
+
+def gram_matrix(activation: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, C) channel correlations, normalized by C * H * W."""
+    batch, channels, height, width = activation.shape
+    flat = activation.float().reshape(batch, channels, height * width)
+    return flat @ flat.transpose(1, 2) / (channels * height * width)
+
+
+class ColorizationLoss:
+    """Both phases' losses for a generator, a conditional discriminator and an optional VGG.
+
+    Batches are dicts of the data pipeline ("sketch", "reference", "ground_truth", "pos") on
+    the models' device. Without ``vgg`` the perceptual and style terms are left out.
+    ``attn_impl`` is the ops backend of the correspondence loss (the generator's SCFT has its own).
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        discriminator: PatchDiscriminator,
+        config: LossConfig = LossConfig(),
+        vgg: VGGFeatures | None = None,
+        attn_impl: str = "auto",
+    ) -> None:
+        self.generator, self.discriminator, self.config, self.vgg = generator, discriminator, config, vgg
+        self.attn_impl = attn_impl
+        self.scft_stride = generator.config.scft_stride
+
+    def run_D(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Discriminator loss on real (sketch, ground truth) and fake (sketch, G's output) pairs
+        (the generator runs without gradients), and its mean scores on each, detached."""
+        sketch = batch["sketch"]
+        with torch.no_grad():
+            fake = self.generator(sketch, batch["reference"]).image
+        real_scores = self.discriminator(sketch, batch["ground_truth"]).float()
+        fake_scores = self.discriminator(sketch, fake.detach()).float()
+        if self.config.gan_loss == "lsgan":
+            loss = 0.5 * ((real_scores - 1).square().mean() + fake_scores.square().mean())
+        else:
+            loss = F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
+        return loss, {"D/real": real_scores.mean().detach(), "D/fake": fake_scores.mean().detach()}
+
+    def run_G(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted sum of the generator's terms, and each term (unweighted, detached); terms of
+        weight 0 are not computed."""
+        config = self.config
+        sketch, reference, ground_truth = batch["sketch"], batch["reference"], batch["ground_truth"]
+        output = self.generator(sketch, reference)
+        fake = output.image.float()
+        terms: dict[str, torch.Tensor] = {}
+        loss = fake.new_zeros(())
+
+        def add(name: str, weight: float, value: torch.Tensor) -> None:
+            nonlocal loss
+            loss = loss + weight * value
+            terms[f"G/{name}"] = value.detach()
+
+        if config.l1_weight:
+            add("l1", config.l1_weight, (fake - ground_truth).abs().mean())
+        if config.correspondence_weight:
+            add("correspondence", config.correspondence_weight, self._correspondence(output.query, output.key, batch["pos"], reference))
+        if config.adversarial_weight:
+            scores = self.discriminator(sketch, output.image).float()
+            adversarial = (scores - 1).square().mean() if config.gan_loss == "lsgan" else -scores.mean()
+            add("adversarial", config.adversarial_weight, adversarial)
+        if self.vgg is not None and (config.perceptual_weight or config.style_weight):
+            fake_features = self.vgg(output.image)
+            with torch.no_grad():
+                real_features = self.vgg(ground_truth)
+            if config.perceptual_weight:
+                perceptual = sum((f.float() - r.float()).abs().mean() for f, r in zip(fake_features, real_features))
+                add("perceptual", config.perceptual_weight, perceptual)
+            if config.style_weight:
+                style = sum((gram_matrix(f) - gram_matrix(r)).abs().mean() for f, r in zip(fake_features, real_features))
+                add("style", config.style_weight, style)
+        return loss, terms
+
+    def _correspondence(self, query: torch.Tensor, key: torch.Tensor, pos: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Triplet loss on SCFT's own Q and K: a sketch cell must score its true reference cell
+        (``pos``, from the data's warp) above the negatives by the margin."""
+        config = self.config
+        if pos.shape != query.shape[:2]:
+            raise ValueError(
+                f"pos must have shape (B, N) = {tuple(query.shape[:2])} (one entry per SCFT sketch cell), got "
+                f"{tuple(pos.shape)}; the data's feature_grid must be size / scft_stride"
+            )
+        # Scores in float32 even under autocast: the margin is a difference of dot products.
+        query, key = query.float(), key.float()
+        if config.negatives == "hardest":
+            key_grid = (reference.shape[-2] // self.scft_stride, reference.shape[-1] // self.scft_stride)
+            return ops.correspondence_loss(
+                query, key, pos, margin=config.triplet_margin, hardest=True, key_grid=key_grid, impl=self.attn_impl
+            )
+        negatives = sample_negatives(pos, key.shape[1], config.num_negatives)
+        return ops.correspondence_loss(query, key, pos, neg=negatives, margin=config.triplet_margin, impl=self.attn_impl)

@@ -1,0 +1,162 @@
+"""The ``sketchcolor`` command line: help of every subcommand, and each one run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sketchcolor.cli import SUBCOMMANDS, build_parser, main
+
+SUBCOMMAND_NAMES = ("train", "colorize", "sketch", "demo", "eval", "verify", "bench")
+TINY_TRAIN_OPTIONS = [
+    "--size", "32", "--dataset-length", "4", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+    "--attn", "reference", "--width", "2", "--scft-stride", "8", "--residual-blocks", "1",
+    "--disc-width", "8", "--disc-layers", "2", "--sample-every", "1", "--log-every", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads; on a shared machine spinning threads hurt.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder trained for 2 steps through ``sketchcolor train``."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", *TINY_TRAIN_OPTIONS, "--steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+def _write_image(path, size, seed, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    array = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode).save(path)
+    return path
+
+
+def test_every_subcommand_is_registered():
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert len(choices) == len(SUBCOMMANDS)
+    assert set(SUBCOMMAND_NAMES) <= set(choices)
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("train", ["--data", "--size", "--attn", "--resume", "--width", "--scft-stride", "--l1-weight", "--vgg-weights", "--amp"]),
+        ("colorize", ["--sketch", "--color-image", "--reference", "--checkpoint", "--out"]),
+        ("sketch", ["--out", "--sigma"]),
+        ("demo", ["--out", "--steps"]),
+        ("eval", ["--checkpoint", "--data", "--count"]),
+    ],
+)
+def test_help(command, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in expected:
+        assert option in text, f"{command} --help does not mention {option}"
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "sketchcolor", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for name in SUBCOMMAND_NAMES:
+        assert name in result.stdout
+
+
+def test_train_writes_a_run(tiny_run):
+    assert sorted(path.name for path in (tiny_run / "checkpoints").iterdir()) == ["checkpoint-00000002.safetensors"]
+    assert len((tiny_run / "metrics.jsonl").read_text().splitlines()) == 2
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["model"]["width"] == 2 and config["size"] == 32
+
+
+def test_bad_option_values_name_the_option(tmp_path, capsys):
+    assert main(["train", *TINY_TRAIN_OPTIONS, "--size", "40", "--out", str(tmp_path)]) == 2
+    assert "size must be a multiple of 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--scft-stride", "2"])
+    assert "--scft-stride" in capsys.readouterr().err
+
+
+def test_colorize_any_size(tiny_run, tmp_path):
+    sketch = _write_image(tmp_path / "sketch.png", (50, 37), 0, mode="L")
+    reference = _write_image(tmp_path / "reference.png", (23, 61), 1)
+    out = tmp_path / "out" / "colored.png"
+    assert main(["colorize", "--sketch", str(sketch), "--reference", str(reference), "--checkpoint", str(tiny_run), "-o", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.mode == "RGB" and image.size == (50, 37)
+        assert np.asarray(image).std() > 0
+
+
+def test_colorize_from_a_color_image(tiny_run, tmp_path):
+    photo = _write_image(tmp_path / "photo.png", (40, 40), 2)
+    checkpoint = sorted((tiny_run / "checkpoints").iterdir())[-1]
+    out = tmp_path / "colored.png"
+    assert main(["colorize", "--color-image", str(photo), "--reference", str(photo), "--checkpoint", str(checkpoint), "-o", str(out), "--size", "64"]) == 0
+    with Image.open(out) as image:
+        assert image.size == (40, 40)
+
+
+def test_colorize_reports_a_missing_checkpoint(tmp_path, capsys):
+    image = _write_image(tmp_path / "image.png", (32, 32), 3)
+    code = main(["colorize", "--sketch", str(image), "--reference", str(image), "--checkpoint", str(tmp_path / "nope"), "-o", str(tmp_path / "o.png")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_sketch_extracts_outlines(tmp_path):
+    source = Image.new("RGB", (48, 40), (230, 200, 40))
+    source.paste((20, 40, 200), (10, 10, 30, 30))
+    source.save(tmp_path / "in.png")
+    assert main(["sketch", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png")]) == 0
+    with Image.open(tmp_path / "out.png") as sketch:
+        array = np.asarray(sketch)
+    assert sketch.mode == "L" and array.shape == (40, 48)
+    assert array[20, 20] == 255 and array[2, 2] == 255  # flat areas stay white
+    assert array[20, 8:12].min() < 128  # the square's left edge is drawn
+
+
+def test_eval_reports_model_and_baselines(tiny_run, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tiny_run), "--count", "4", "--batch-size", "2", "--json", str(tmp_path / "scores.json")]) == 0
+    text = capsys.readouterr().out
+    for method in ("model", "blank_reference", "mean_color"):
+        assert method in text
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores.keys() == {"model", "blank_reference", "mean_color"}
+    for score in scores.values():
+        assert 0 < score["l1"] < 1 and score["psnr"] > 0 and -1 <= score["ssim"] <= 1
+    assert scores["model"] != scores["blank_reference"]
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    # The demo preset, shrunk to a few steps of a tiny model: the command's own wiring
+    # (train, evaluate, eval.json, the closing summary) is what is tested here.
+    import sketchcolor.train as train_module
+    from sketchcolor.models import ModelConfig
+
+    preset = train_module.demo_config
+
+    def tiny_demo(out):
+        return train_module.replace_config(
+            preset(out), size=32, dataset_length=4, batch_size=2, workers=0, model=ModelConfig(width=2, scft_stride=8, residual_blocks=1, disc_width=8, disc_layers=2)
+        )
+
+    monkeypatch.setattr(train_module, "demo_config", tiny_demo)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--eval-count", "2", "--attn", "reference"]) == 0
+    report = json.loads((tmp_path / "demo" / "eval.json").read_text())
+    assert report["steps"] == 2 and report["scores"]["model"]["l1"] > 0
+    assert f"outputs in {(tmp_path / 'demo').resolve()}" in capsys.readouterr().out

@@ -1,0 +1,303 @@
+"""The loss and the training loop: backend parity of a step, checkpoints, exact resume,
+non-finite losses and Ctrl-C, on tiny models (32x32 images, width 2)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import sketchcolor.train as train_module
+from sketchcolor.checkpoint import read_checkpoint, write_checkpoint
+from sketchcolor.data import make_dataset
+from sketchcolor.losses import ColorizationLoss, LossConfig, sample_negatives
+from sketchcolor.models import Generator, ModelConfig, PatchDiscriminator, vgg19_features
+from sketchcolor.train import (
+    BatchStream,
+    NonFiniteLossError,
+    TrainConfig,
+    build_loss,
+    build_models,
+    build_optimizers,
+    list_checkpoints,
+    seed_everything,
+    train,
+    train_step,
+)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
+    # threads slow everything down. Module scope: the reference runs, which exact-resume tests
+    # compare with bitwise, must use the same thread count (reduction order) as the tests.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_MODEL = ModelConfig(width=2, scft_stride=8, residual_blocks=1, disc_width=8, disc_layers=2)
+
+
+def tiny_config(out, **changes) -> TrainConfig:
+    # 6 items at batch 2: an epoch is 3 steps, so 4 steps cross an epoch boundary.
+    values = dict(
+        size=32, dataset_length=6, steps=4, batch_size=2, seed=3, attn="reference", device="cpu", workers=0,
+        out=str(out), log_every=1, sample_every=2, checkpoint_every=2, keep_checkpoints=5, model=TINY_MODEL,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
+    """Every entry of a checkpoint's state tree by its path, except the run's config (which names
+    its output folder and step count)."""
+    flat = {}
+
+    def walk(tree, prefix):
+        if isinstance(tree, torch.Tensor):
+            flat[prefix] = tree
+        elif isinstance(tree, dict):
+            for key, value in tree.items():
+                walk(value, f"{prefix}/{key}")
+        elif isinstance(tree, (list, tuple)):
+            for index, value in enumerate(tree):
+                walk(value, f"{prefix}/{index}")
+        else:
+            flat[prefix] = tree
+
+    state = read_checkpoint(path)
+    del state["config"]
+    walk(state, "")
+    return flat
+
+
+def assert_same_checkpoint(path_a, path_b):
+    a, b = checkpoint_tensors(path_a), checkpoint_tensors(path_b)
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], torch.Tensor):
+            assert torch.equal(a[name], b[name]), f"{name} differs: max {(a[name].double() - b[name].double()).abs().max()}"
+        else:
+            assert a[name] == b[name], f"{name}: {a[name]!r} != {b[name]!r}"
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory):
+    """Uninterrupted runs of 2 and 4 steps, for comparison."""
+    root = tmp_path_factory.mktemp("runs")
+    two = train(tiny_config(root / "two", steps=2))
+    four = train(tiny_config(root / "four", steps=4))
+    return two, four
+
+
+# --- loss --------------------------------------------------------------------------------------
+
+
+def test_sample_negatives_avoid_the_positive():
+    pos = torch.randint(-1, 7, (3, 50))
+    negatives = sample_negatives(pos, 7, 16)
+    assert negatives.shape == (3, 50, 16) and negatives.dtype == torch.int64
+    assert negatives.min() >= 0 and negatives.max() < 7
+    assert not (negatives == pos.unsqueeze(-1)).any()
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_negatives(pos, 1, 4)
+
+
+class _StubDiscriminator(nn.Module):
+    """Scores 0.5 on the real image it was given and -0.25 on anything else."""
+
+    def __init__(self, real: torch.Tensor) -> None:
+        super().__init__()
+        self.real = real
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, sketch, image):
+        value = 0.5 if image is self.real else -0.25
+        return torch.full((image.shape[0], 1, 2, 2), value) + self.weight
+
+
+@pytest.mark.parametrize(("gan_loss", "d_loss", "g_adversarial"), [("lsgan", 0.5 * (0.25 + 0.0625), 1.5625), ("hinge", 0.5 + 0.75, 0.25)])
+def test_adversarial_objectives(gan_loss, d_loss, g_adversarial):
+    batch = make_dataset(None, 32, 4, seed=1, length=2)
+    batch = {name: torch.stack([batch[i][name] for i in range(2)]) for name in batch[0]}
+    generator = Generator(TINY_MODEL, attn_impl="reference")
+    loss = ColorizationLoss(generator, _StubDiscriminator(batch["ground_truth"]), LossConfig(gan_loss=gan_loss), attn_impl="reference")
+    value, terms = loss.run_D(batch)
+    assert value.item() == pytest.approx(d_loss)
+    _, terms = loss.run_G(batch)
+    assert terms["G/adversarial"].item() == pytest.approx(g_adversarial)
+
+
+def test_generator_terms_follow_the_weights(tmp_path):
+    features = vgg19_features()
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg.pth")
+    config = tiny_config(tmp_path, vgg_weights=str(tmp_path / "vgg.pth"), loss=LossConfig(adversarial_weight=0.0, negatives="hardest"))
+    generator, discriminator = build_models(config, torch.device("cpu"))
+    messages = []
+    loss = build_loss(config, generator, discriminator, torch.device("cpu"), messages.append)
+    assert messages == []
+    dataset = make_dataset(None, 32, 4, seed=1, length=2)
+    batch = {name: torch.stack([dataset[i][name] for i in range(2)]) for name in dataset[0]}
+    total, terms = loss.run_G(batch)
+    assert set(terms) == {"G/l1", "G/correspondence", "G/perceptual", "G/style"}
+    weights = LossConfig()
+    expected = sum(getattr(weights, f"{name}_weight") * terms[f"G/{name}"] for name in ("l1", "correspondence", "perceptual", "style"))
+    torch.testing.assert_close(total.detach(), expected)
+
+    without_vgg = tiny_config(tmp_path)
+    loss = build_loss(without_vgg, generator, discriminator, torch.device("cpu"), messages.append)
+    assert len(messages) == 1 and "perceptual and style losses are off" in messages[0]
+    assert "G/perceptual" not in loss.run_G(batch)[1]
+
+
+def test_pos_must_match_the_scft_grid():
+    dataset = make_dataset(None, 32, 8, seed=1, length=1)  # an 8x8 grid; the model's is 4x4
+    batch = {name: value[None] for name, value in dataset[0].items()}
+    generator = Generator(TINY_MODEL, attn_impl="reference")
+    loss = ColorizationLoss(generator, PatchDiscriminator(TINY_MODEL), attn_impl="reference")
+    with pytest.raises(ValueError, match="pos must have shape"):
+        loss.run_G(batch)
+
+
+# --- one step, every backend -------------------------------------------------------------------
+
+
+def _one_step(attn: str, tmp_path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    config = tiny_config(tmp_path, attn=attn, model=ModelConfig(width=2, scft_stride=4, residual_blocks=1, disc_width=8, disc_layers=2))
+    seed_everything(0)
+    generator, discriminator = build_models(config, torch.device("cpu"))
+    optimizer_g, optimizer_d = build_optimizers(config, generator, discriminator)
+    loss = build_loss(config, generator, discriminator, torch.device("cpu"), lambda message: None)
+    dataset = make_dataset(None, 32, 8, seed=0, length=4)
+    batches = [{name: torch.stack([dataset[i][name] for i in range(j, j + 2)]) for name in dataset[0]} for j in (0, 2)]
+    terms = train_step(loss, batches, optimizer_g, optimizer_d, contextlib.nullcontext)
+    return {name: float(value) for name, value in terms.items()}, generator.state_dict()
+
+
+@pytest.mark.parametrize("attn", ["cpp"])
+def test_a_training_step_matches_the_reference_backend(attn, tmp_path):
+    expected_terms, expected_weights = _one_step("reference", tmp_path)
+    terms, weights = _one_step(attn, tmp_path)
+    assert terms.keys() == expected_terms.keys()
+    for name in terms:
+        assert terms[name] == pytest.approx(expected_terms[name], rel=1e-4, abs=1e-5), name
+    for name in weights:
+        torch.testing.assert_close(weights[name], expected_weights[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# --- data order --------------------------------------------------------------------------------
+
+
+def test_batch_stream_resumes_mid_epoch_and_wraps():
+    dataset = make_dataset(None, 32, 4, seed=0, length=5)
+    stream = BatchStream(dataset, 2, seed=0, workers=0)
+    batches = [next(stream) for _ in range(5)]  # 2 per epoch (drop_last): epochs 0, 0, 1, 1, 2
+    assert stream.state() == {"epoch": 2, "position": 2}
+    resumed = BatchStream(dataset, 2, seed=0, workers=0)
+    resumed.load_state({"epoch": 0, "position": 2})
+    for expected in batches[1:]:
+        batch = next(resumed)
+        assert torch.equal(batch["reference"], expected["reference"]) and torch.equal(batch["pos"], expected["pos"])
+    assert not torch.equal(batches[0]["sketch"], batches[2]["sketch"])  # a new epoch, a new order and augmentation
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchStream(dataset, 6, seed=0, workers=0)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def test_checkpoint_file_round_trip(tmp_path):
+    state = {
+        "step": 7,
+        "weights": {"layer.weight": torch.randn(3, 4), "step": torch.tensor(2.0), "empty": torch.zeros(0)},
+        "optimizer": {"state": {0: {"exp_avg": torch.randn(2)}}, "param_groups": [{"betas": (0.5, 0.999), "params": [0]}]},
+        "rng": {"python": (3, (1, 2, 3), None), "torch": torch.get_rng_state()},
+        "name": "x",
+    }
+    path = tmp_path / "state.safetensors"
+    write_checkpoint(path, state)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]  # no temporary file left
+    loaded = read_checkpoint(path)
+    assert loaded["step"] == 7 and loaded["name"] == "x"
+    assert torch.equal(loaded["weights"]["layer.weight"], state["weights"]["layer.weight"])
+    assert loaded["weights"]["step"].shape == () and loaded["weights"]["empty"].shape == (0,)
+    assert list(loaded["optimizer"]["state"]) == [0]
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.5, 0.999)
+    assert loaded["rng"]["python"] == (3, (1, 2, 3), None)
+    assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+    assert read_checkpoint(path, sections=("step",)) == {"step": 7}
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_checkpoint(tmp_path / "bad.safetensors")
+    with pytest.raises(TypeError, match="unsupported type"):
+        write_checkpoint(tmp_path / "other.safetensors", {"thing": object()})
+
+
+def test_run_writes_samples_metrics_and_keeps_the_last_checkpoints(reference_runs, tmp_path):
+    result = train(tiny_config(tmp_path, steps=3, checkpoint_every=1, keep_checkpoints=2))
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-00000002.safetensors", "checkpoint-00000003.safetensors"]
+    assert result.checkpoint == list_checkpoints(tmp_path)[-1] and result.step == 3
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert {"D/loss", "G/loss", "G/l1", "G/correspondence", "G/adversarial"} <= lines[0].keys()
+    samples = sorted((tmp_path / "samples").glob("*.png"))
+    assert [path.name for path in samples] == ["step-00000002.png", "step-00000003.png"]
+    from PIL import Image
+
+    with Image.open(samples[0]) as grid:
+        assert grid.size == (4 * 34, 8 * 34)  # sketch | reference | output | ground truth, 8 rows, 1px borders
+
+
+def test_resume_continues_exactly(reference_runs, tmp_path):
+    two, four = reference_runs
+    shutil.copytree(two.out, tmp_path / "run")
+    result = train(tiny_config(tmp_path / "run", steps=4, resume="auto"))
+    assert result.step == 4
+    assert_same_checkpoint(result.checkpoint, four.checkpoint)
+
+
+def test_resume_rejects_another_model(reference_runs, tmp_path):
+    two, _ = reference_runs
+    with pytest.raises(ValueError, match="another model config"):
+        train(tiny_config(tmp_path, resume=str(two.checkpoint), model=ModelConfig(width=3, scft_stride=8, residual_blocks=1, disc_width=8, disc_layers=2)))
+
+
+@pytest.mark.parametrize("phase", ["run_D", "run_G"])
+def test_non_finite_loss_stops_with_the_last_good_state(reference_runs, tmp_path, monkeypatch, phase):
+    two, _ = reference_runs
+    original = getattr(ColorizationLoss, phase)
+    calls = []
+
+    def poisoned(self, batch):
+        calls.append(1)
+        loss, terms = original(self, batch)
+        return (loss * float("nan"), terms) if len(calls) == 3 else (loss, terms)
+
+    monkeypatch.setattr(ColorizationLoss, phase, poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite .* last good state \(step 2\)"):
+        train(tiny_config(tmp_path, steps=4))
+    assert list_checkpoints(tmp_path)[-1].name == "checkpoint-00000002.safetensors"
+    assert_same_checkpoint(list_checkpoints(tmp_path)[-1], two.checkpoint)
+
+
+def test_ctrl_c_saves_after_the_current_step(reference_runs, tmp_path, monkeypatch):
+    two, _ = reference_runs
+    original = train_module.train_step
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted)
+    result = train(tiny_config(tmp_path, steps=4, checkpoint_every=10))
+    assert result.stopped_early == "interrupted" and result.step == 2
+    assert_same_checkpoint(result.checkpoint, two.checkpoint)
