@@ -31,14 +31,6 @@ constexpr int64_t BLOCK_K = 256;
 // Query rows per work item of the gather kernels: each row costs (T + 1) dot products of length D.
 constexpr int64_t ROW_GRAIN = 16;
 
-// Accumulator type: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 inputs.
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// A (rows x cols) row-major view of a scratch buffer, so tile edges need no padding.
-at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
-  return buffer.view(-1).narrow(0, 0, rows * cols).view({rows, cols});
-}
 
 // a . b over d elements in the accumulator type. Eight independent partial sums let the
 // compiler vectorize without reassociating a single chain; the order is fixed, so the result is

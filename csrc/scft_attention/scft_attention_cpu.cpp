@@ -31,14 +31,6 @@ constexpr int64_t BLOCK_Q = 128;
 // L2 between the GEMM that writes it and the elementwise passes that read it.
 constexpr int64_t BLOCK_K = 256;
 
-// Accumulator type: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 inputs.
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-// A (rows x cols) row-major view of a scratch buffer, so tile edges need no padding.
-at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
-  return buffer.view(-1).narrow(0, 0, rows * cols).view({rows, cols});
-}
-
 // The low-precision copy of a probability tile that the second GEMM reads; fp32 and fp64
 // inputs use the tile itself.
 template <typename scalar_t>

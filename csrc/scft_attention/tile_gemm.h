@@ -1,5 +1,6 @@
-// Tile products of the CPU kernels: c = alpha * a @ b (+ c when accumulating), where a (m x k)
-// and b (k x n) are tile views (possibly transposed) and c (m x n) is in the accumulator type.
+// Tiles of the CPU kernels: the accumulator type, scratch views, and the tile products
+// c = alpha * a @ b (+ c when accumulating), where a (m x k) and b (k x n) are tile views
+// (possibly transposed) and c (m x n) is in the accumulator type.
 //
 // fp32 and fp64 go straight through at::addmm_out (BLAS). bf16 and fp16 tiles go through
 // at::mm_out in their own dtype, which ATen sends to oneDNN: with AVX512-BF16 or AMX that is
@@ -10,7 +11,18 @@
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
+
 namespace sketchcolor {
+
+// Accumulator type of the CPU kernels: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 inputs.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// A (rows x cols) row-major view of a scratch buffer, so tile edges need no padding.
+inline at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.view(-1).narrow(0, 0, rows * cols).view({rows, cols});
+}
 
 class TileGemm {
  public:
