@@ -123,14 +123,26 @@ def add_demo(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
     parser.add_argument("--eval-count", type=int, default=256, help="held-out pairs to evaluate on (default: 256)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the demo preset's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default: 1; on a small shared CPU one thread per process keeps a busy "
+        "neighbour from stalling every step, and the data worker has the other core)",
+    )
     _add_runtime_options(parser)
     parser.set_defaults(handler=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from .evaluate import evaluate, format_table
     from .train import demo_config, train
 
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     config = demo_config(args.out)
     changes = {"attn": args.attn, "device": args.device}
     if args.steps is not None:

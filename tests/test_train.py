@@ -4,9 +4,13 @@ non-finite losses and Ctrl-C, on tiny models (32x32 images, width 2)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from sketchcolor.checkpoint import read_checkpoint, write_checkpoint
 from sketchcolor.data import make_dataset
 from sketchcolor.losses import ColorizationLoss, LossConfig, sample_negatives
 from sketchcolor.models import Generator, ModelConfig, PatchDiscriminator, vgg19_features
+from sketchcolor.ops._backends import unavailable_reason
 from sketchcolor.train import (
     BatchStream,
     NonFiniteLossError,
@@ -180,7 +185,13 @@ def _one_step(attn: str, tmp_path) -> tuple[dict[str, float], dict[str, torch.Te
     return {name: float(value) for name, value in terms.items()}, generator.state_dict()
 
 
-@pytest.mark.parametrize("attn", ["cpp"])
+def _cpu_backend(attn: str):
+    # Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported).
+    reason = unavailable_reason(attn, torch.device("cpu"), "scft_attn_fwd")
+    return pytest.param(attn, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+
+
+@pytest.mark.parametrize("attn", [_cpu_backend("cpp"), _cpu_backend("triton")])
 def test_a_training_step_matches_the_reference_backend(attn, tmp_path):
     expected_terms, expected_weights = _one_step("reference", tmp_path)
     terms, weights = _one_step(attn, tmp_path)
@@ -189,6 +200,22 @@ def test_a_training_step_matches_the_reference_backend(attn, tmp_path):
         assert terms[name] == pytest.approx(expected_terms[name], rel=1e-4, abs=1e-5), name
     for name in weights:
         torch.testing.assert_close(weights[name], expected_weights[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs triton; under TRITON_INTERPRET=1 the test above runs the triton case itself",
+)
+def test_a_training_step_matches_the_reference_backend_under_the_triton_interpreter():
+    # triton reads TRITON_INTERPRET once, when imported: a fresh process runs the triton case.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_a_training_step_matches_the_reference_backend"],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 # --- data order --------------------------------------------------------------------------------

@@ -10,16 +10,19 @@ from .layers import conv_block
 
 
 class UpBlock(nn.Module):
-    """Double the side, conv, concatenate the skip at the new resolution, conv."""
+    """Conv to fewer channels, double the side, concatenate the skip at the new resolution, conv.
+
+    Reducing the channels before upsampling, not after, keeps the first block from making a
+    4x larger copy of the D-channel features (260 MB per 512x512 image at SCFT 1/4, D = 992)."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.reduce = conv_block(in_channels, out_channels)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.merge = conv_block(out_channels + skip_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.merge(torch.cat([self.reduce(self.upsample(x)), skip], dim=1))
+        return self.merge(torch.cat([self.upsample(self.reduce(x)), skip], dim=1))
 
 
 class UNetDecoder(nn.Module):

@@ -22,7 +22,7 @@ class ResidualBlock(nn.Module):
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels),
-            nn.LeakyReLU(NEGATIVE_SLOPE),
+            nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
             nn.Conv2d(channels, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels),
         )

@@ -13,5 +13,7 @@ def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Seque
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
-        nn.LeakyReLU(NEGATIVE_SLOPE),
+        # In place: batch norm's backward does not need its output, so autograd keeps one
+        # tensor per block instead of two.
+        nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
     )
