@@ -26,7 +26,7 @@ namespace {
 
 // Query rows per tile: a (BLOCK_Q x D) query tile and the (BLOCK_Q x Dv) fp32 accumulator
 // stay in L2 while all key tiles stream past them.
-constexpr int64_t BLOCK_Q = 128;
+constexpr int64_t BLOCK_Q = 256;
 // Keys per tile: the (BLOCK_Q x BLOCK_K) fp32 score tile is 128 KiB, small enough to stay in
 // L2 between the GEMM that writes it and the elementwise passes that read it.
 constexpr int64_t BLOCK_K = 256;
