@@ -75,7 +75,7 @@ LOSS = LossConfig(negatives="hardest")
 PER_RANK_BATCH, ACCUMULATE, DATASET_LENGTH, STEPS, SEED = 2, 2, 12, 3, 3
 # Per rank 6 items an epoch, 3 micro-batches of 2: step 2 ends epoch 0 and starts epoch 1.
 RUN_OPTIONS = [
-    "--size", "32", "--width", "2", "--scft-stride", "4", "--residual-blocks", "1", "--disc-width", "8",
+    "--size", "64", "--width", "2", "--scft-stride", "4", "--residual-blocks", "1", "--disc-width", "8",
     "--disc-layers", "2", "--negatives", "hardest", "--attn", "cpp", "--device", "cpu", "--workers", "0",
     "--dataset-length", str(DATASET_LENGTH), "--batch-size", str(PER_RANK_BATCH), "--accumulate", str(ACCUMULATE),
     "--seed", str(SEED), "--steps", str(STEPS), "--log-every", "1", "--sample-every", "2", "--checkpoint-every", "1",
@@ -86,7 +86,7 @@ RUN_OPTIONS = [
 def single_process_config(out: Path, steps: int, resume: Path | None) -> TrainConfig:
     """The run above as one process: its global batch (RANKS x PER_RANK_BATCH) in one micro-batch."""
     return TrainConfig(
-        size=32, dataset_length=DATASET_LENGTH, steps=steps, batch_size=RANKS * PER_RANK_BATCH, accumulate=ACCUMULATE,
+        size=64, dataset_length=DATASET_LENGTH, steps=steps, batch_size=RANKS * PER_RANK_BATCH, accumulate=ACCUMULATE,
         seed=SEED, attn="cpp", device="cpu", workers=0, out=str(out), log_every=1, sample_every=2, checkpoint_every=1,
         keep_checkpoints=5, resume=None if resume is None else str(resume), model=TINY_MODEL, loss=LOSS,
     )  # fmt: skip
