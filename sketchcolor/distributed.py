@@ -103,6 +103,9 @@ def process_group(device_name: str, required: bool = False):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield
+        # Ranks leave together: tearing gloo down while a peer still has a collective in flight
+        # aborts that peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
