@@ -74,8 +74,7 @@ class ColorizationLoss:
     Batches are dicts of the data pipeline ("sketch", "reference", "ground_truth", "pos") on
     the models' device. Without ``vgg`` the perceptual and style terms are left out.
     ``attn_impl`` is the training run's ops backend, used here for the correspondence loss (the
-    generator's SCFT has its own copy). That op has no CUDA kernel, so "cuda" means "auto" for it,
-    which picks its Triton kernels on CUDA tensors.
+    generator's SCFT has its own copy).
     """
 
     def __init__(
@@ -88,7 +87,6 @@ class ColorizationLoss:
     ) -> None:
         self.generator, self.discriminator, self.config, self.vgg = generator, discriminator, config, vgg
         self.attn_impl = attn_impl
-        self.corr_impl = "auto" if attn_impl == "cuda" else attn_impl
         self.scft_stride = generator.config.scft_stride
 
     def run_D(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -154,7 +152,7 @@ class ColorizationLoss:
         if config.negatives == "hardest":
             key_grid = (reference.shape[-2] // self.scft_stride, reference.shape[-1] // self.scft_stride)
             return ops.correspondence_loss(
-                query, key, pos, margin=config.triplet_margin, hardest=True, key_grid=key_grid, impl=self.corr_impl
+                query, key, pos, margin=config.triplet_margin, hardest=True, key_grid=key_grid, impl=self.attn_impl
             )
         negatives = sample_negatives(pos, key.shape[1], config.num_negatives)
-        return ops.correspondence_loss(query, key, pos, neg=negatives, margin=config.triplet_margin, impl=self.corr_impl)
+        return ops.correspondence_loss(query, key, pos, neg=negatives, margin=config.triplet_margin, impl=self.attn_impl)

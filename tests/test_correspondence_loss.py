@@ -95,7 +95,8 @@ def hardest_negatives(q, k, pos, key_grid, exclusion=1, scale=None, impl="cpp"):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     rows = q.shape[:-1]
     flat_pos = reference.broadcast_heads(pos, rows).reshape(-1, rows[-1])
-    hardest_fwd = torch.ops.sketchcolor.corr_hardest_fwd if impl == "cpp" else torch.ops.sketchcolor.corr_hardest_fwd_triton
+    # cpp and cuda are kernels of one op; triton registers its own.
+    hardest_fwd = torch.ops.sketchcolor.corr_hardest_fwd_triton if impl == "triton" else torch.ops.sketchcolor.corr_hardest_fwd
     _, neg = hardest_fwd(
         q.detach().reshape(-1, *q.shape[-2:]), k.detach().reshape(-1, *k.shape[-2:]), flat_pos,
         *key_grid, exclusion, scale, 12.0,
@@ -444,15 +445,23 @@ def test_auto_picks_cpp_on_cpu(recwarn):
     assert not [w for w in recwarn if "reference" in str(w.message)]
 
 
-def test_cuda_impl_is_not_implemented():
-    q, k, pos, kwargs = make_case(1, None, 5, 7, (1, 7), 6, torch.float32, **MODES["nll"])
-    with pytest.raises(NotImplementedError, match="impl='cuda' is not implemented for this op"):
-        correspondence_loss(q, k, pos, impl="cuda", **kwargs)
+def test_auto_on_cuda_tensors_without_cuda_kernels_picks_triton():
+    # Backend choice looks at the device type, the dtype and the build only: no GPU is needed.
+    if _backends.unavailable_reason("cuda", torch.device("cuda"), FWD_OP) is None:
+        pytest.skip("this build has the CUDA kernels")
+    assert _backends.resolve("auto", torch.device("cuda"), FWD_OP, torch.bfloat16) == "triton"
 
 
-def test_auto_on_cuda_tensors_picks_triton():
-    # Backend choice looks at the device type only: no GPU is needed to check it.
-    assert _backends.resolve("auto", torch.device("cuda"), FWD_OP) == "triton"
+def test_auto_on_cuda_tensors_picks_by_dtype(monkeypatch):
+    # As if the extension had CUDA kernels: they take half precision only, so float32 goes to triton.
+    monkeypatch.setattr(_backends._extension, "load_error", lambda: None)
+    monkeypatch.setattr(_backends._extension, "has_kernel", lambda op_name, dispatch_key: True)
+    cuda = torch.device("cuda")
+    assert _backends.resolve("auto", cuda, FWD_OP, torch.bfloat16) == "cuda"
+    assert _backends.resolve("auto", cuda, FWD_OP, torch.float16) == "cuda"
+    assert _backends.resolve("auto", cuda, FWD_OP, torch.float32) == "triton"
+    with pytest.raises(RuntimeError, match="impl='cuda' takes float16 or bfloat16 tensors, got float32"):
+        _backends.resolve("cuda", cuda, FWD_OP, torch.float32)
 
 
 def test_triton_without_interpreter_says_why(monkeypatch):

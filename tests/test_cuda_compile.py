@@ -7,23 +7,24 @@ Every ``csrc/**/*.cu`` is compiled with nvcc, with setup.py's flags, for sm_80 a
 * ptxas reports 0 bytes of spill stores and loads and a 0-byte stack frame (no register array
   went to local memory), and at most 255 registers;
 * static shared memory (ptxas) plus the dynamic shared memory its launcher requests fits the
-  target (sm_80: 163 KiB per block, sm_90: 227 KiB). The dynamic sizes come from
-  ``kScftKernelSmemTable`` in csrc/scft_attention/scft_attention.h, printed by a tiny host
-  program compiled from that header; a kernel is matched to its configuration by the
-  configuration's struct name, which is part of the kernel's mangled name;
+  target (sm_80: 163 KiB per block, sm_90: 227 KiB). The dynamic sizes come from each op
+  header's table (``SMEM_TABLES``), printed by a tiny host program compiled from the headers; a
+  kernel is matched to its configuration by the configuration's struct name, which is part of
+  the kernel's mangled name, and every kernel names one;
 * the SASS (cuobjdump --dump-sass, from the CUDA toolkit or Triton's package) of every kernel
   that multiplies matrices contains tensor-core instructions (HMMA, or HGMMA for wgmma), and no
   kernel contains local-memory loads or stores (LDL / STL).
 
 Also:
-* a host program linked with the sm_80 object checks that the launchers return
+* a host program linked with the sm_80 objects checks that the launchers return
   cudaErrorInvalidValue for parameters the kernels cannot take (misaligned pointers, strides
   that are not multiples of 8 elements, zero or oversized dims, B*H > 65535, missing
-  workspaces), before touching any device, and that the backward's workspace plan follows
-  the rule restated in ``expected_plan`` (tests/test_cuda_attention.py relies on it);
-* the torch binding csrc/scft_attention/scft_attention_cuda.cpp passes ``g++ -fsyntax-only``
-  against the installed torch headers (skipped where torch, its c10/cuda headers or g++ are
-  missing).
+  workspaces or outputs, a key grid that does not match M, key splits that do not cover the
+  keys), before touching any device; that attention's backward workspace plan follows the rule
+  restated in ``expected_plan`` (tests/test_cuda_attention.py relies on it); and that the
+  hardest-negative search's key splits cover every key once;
+* every torch binding csrc/<op>/<op>_cuda.cpp passes ``g++ -fsyntax-only`` against the
+  installed torch headers (skipped where torch, its c10/cuda headers or g++ are missing).
 
 Skips only where nvcc (or, for the SASS test, cuobjdump) cannot be found.
 Run: PYTHONPATH=. pytest tests/test_cuda_compile.py -q  (about 40 s on 2 cores).
@@ -44,8 +45,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-HEADER = os.path.join(CSRC, "scft_attention", "scft_attention.h")
-BINDING = os.path.join(CSRC, "scft_attention", "scft_attention_cuda.cpp")
+BINDINGS = sorted(glob.glob(os.path.join(CSRC, "*", "*_cuda.cpp")))
+# Each op header's table of {configuration struct name, dynamic shared memory bytes}.
+SMEM_TABLES = {
+    "scft_attention/scft_attention.h": "sketchcolor::scft::kScftKernelSmemTable",
+    "correspondence_loss/correspondence_loss.h": "sketchcolor::corr::kCorrKernelSmemTable",
+}
 
 # Shared memory per block (static + dynamic) each target can grant with the opt-in attribute.
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
@@ -56,7 +61,7 @@ ARCH_FLAGS = {
 # setup.py's nvcc flags (the -gencode is per target here).
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DSKETCHCOLOR_WITH_CUDA=1"]
 # Kernels that multiply matrices, by a substring of their mangled names.
-MATRIX_KERNELS = ("scft_attn_fwd_kernel", "scft_attn_bwd_probs_kernel", "scft_gemm_kernel")
+MATRIX_KERNELS = ("scft_attn_fwd_kernel", "scft_attn_bwd_probs_kernel", "scft_gemm_kernel", "corr_hardest_search_kernel")
 MAX_REGISTERS = 255
 
 
@@ -180,28 +185,38 @@ def builds(tmp_path_factory):
     return results
 
 
+def _smem_table_program() -> str:
+    """A host program printing "<config name> <bytes>" for every entry of every SMEM_TABLES table."""
+    includes = "".join(f'#include "{header}"\n' for header in SMEM_TABLES)
+    loops = "".join(
+        f"  for (const auto& e : {table}) std::printf(\"%s %zu\\n\", e.config_name, e.dynamic_smem_bytes);\n"
+        for table in SMEM_TABLES.values()
+    )
+    return f"#include <cstdio>\n{includes}int main() {{\n{loops}  return 0;\n}}\n"
+
+
+def read_smem_tables(out_dir: str) -> dict[str, int]:
+    """{configuration struct name: dynamic shared memory bytes} from the headers' tables."""
+    src = os.path.join(out_dir, "print_smem.cpp")
+    with open(src, "w") as f:
+        f.write(_smem_table_program())
+    exe = os.path.join(out_dir, "print_smem")
+    # nvcc hands a .cpp to the host compiler; the headers need only cuda_runtime_api.h.
+    subprocess.run([NVCC, "-std=c++17", "-I", CSRC, src, "-o", exe], check=True, capture_output=True)
+    table = {}
+    for line in subprocess.run([exe], check=True, capture_output=True, text=True).stdout.splitlines():
+        name, size = line.split()
+        assert name not in table, f"configuration {name} appears in two tables"
+        table[name] = int(size)
+    return table
+
+
 @pytest.fixture(scope="module")
 def dynamic_smem(tmp_path_factory) -> dict[str, int]:
-    """{configuration struct name: dynamic shared memory bytes}, from the header's table."""
     if NVCC is None:
         pytest.skip("nvcc not found")
-    out_dir = tmp_path_factory.mktemp("smem")
-    src = out_dir / "print_smem.cpp"
-    src.write_text(
-        '#include <cstdio>\n#include "scft_attention/scft_attention.h"\n'
-        "int main() {\n"
-        "  for (const auto& e : sketchcolor::scft::kScftKernelSmemTable)\n"
-        '    std::printf("%s %zu\\n", e.config_name, e.dynamic_smem_bytes);\n'
-        "  return 0;\n}\n"
-    )
-    exe = out_dir / "print_smem"
-    # nvcc hands a .cpp to the host compiler; the header needs only cuda_runtime_api.h.
-    subprocess.run([NVCC, "-std=c++17", "-I", CSRC, str(src), "-o", str(exe)], check=True, capture_output=True)
-    table = {}
-    for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines():
-        name, size = line.split()
-        table[name] = int(size)
-    assert table, "kScftKernelSmemTable is empty"
+    table = read_smem_tables(str(tmp_path_factory.mktemp("smem")))
+    assert table, "the kernel shared-memory tables are empty"
     return table
 
 
@@ -209,12 +224,8 @@ def _config_of(kernel: str, table: dict[str, int]) -> str | None:
     """The table configuration named in a mangled kernel name, or None if it names none."""
     # Itanium mangling writes an identifier as <length><name>, which delimits it exactly.
     matches = [name for name in table if f"{len(name)}{name}" in kernel]
-    assert len(matches) <= 1, f"kernel {kernel} matches configurations {matches} of kScftKernelSmemTable"
+    assert len(matches) <= 1, f"kernel {kernel} matches configurations {matches}"
     return matches[0] if matches else None
-
-
-def _is_scft_source(cu: str) -> bool:
-    return os.path.basename(cu) == "scft_attention_kernel.cu"
 
 
 @needs_nvcc
@@ -243,14 +254,9 @@ def test_shared_memory_fits_each_target(builds, dynamic_smem):
         limit = SMEM_LIMIT[r["arch"]]
         for name, k in r["kernels"].items():
             config = _config_of(name, dynamic_smem)
-            if config is None:
-                # Kernels of other ops' .cu files: their launchers' dynamic sizes are not in this
-                # table, so only their static shared memory is checked here.
-                assert not _is_scft_source(r["cu"]), f"{name} names no configuration of kScftKernelSmemTable"
-                dynamic = 0
-            else:
-                seen_configs.add(config)
-                dynamic = dynamic_smem[config]
+            assert config is not None, f"{name} names no configuration of the tables in {list(SMEM_TABLES)}"
+            seen_configs.add(config)
+            dynamic = dynamic_smem[config]
             total = k["static_smem"] + dynamic
             assert total <= limit, (
                 f"{r['arch']} {name}: {k['static_smem']} B static + {dynamic} B dynamic = {total} B > {limit} B"
@@ -281,8 +287,10 @@ def test_sass_uses_tensor_cores_and_no_local_memory(builds):
 # the cudaError_t the launcher returned; cudaErrorInvalidValue is 1.
 _HOST_PROGRAM = r"""
 #include <cstdio>
+#include "correspondence_loss/correspondence_loss.h"
 #include "scft_attention/scft_attention.h"
 using namespace sketchcolor::scft;
+using sketchcolor::KernelDtype;
 int main() {
   alignas(16) static unsigned char buf[1 << 16];
   float* fbuf = reinterpret_cast<float*>(buf);
@@ -317,6 +325,50 @@ int main() {
   { auto x = b; x.key_chunk = 128; bwd("bwd_several_chunks_without_grad_q_accum", x); }
   { auto x = b; x.delta = nullptr; bwd("bwd_null_delta", x); }
   { auto x = b; x.out_stride_row = 10; bwd("bwd_out_row_stride_not_multiple_of_8", x); }
+  sketchcolor::corr::CorrInputs in{};
+  in.q = in.k = buf; in.pos = reinterpret_cast<const int64_t*>(buf);
+  in.q_stride_b = in.k_stride_b = 1024; in.q_stride_row = in.k_stride_row = 16;
+  in.batch = 2; in.n_queries = 7; in.n_keys = 300; in.head_dim = 16; in.scale = 0.25f;
+  using namespace sketchcolor::corr;
+  auto corr = [&](const char* name, cudaError_t err) { std::printf("%s %d\n", name, int(err)); };
+  CorrTripletParams t{};
+  t.in = in; t.neg = reinterpret_cast<const int64_t*>(buf); t.terms = fbuf; t.negatives = 4; t.margin = 12.f;
+  { auto x = t; x.in.q = buf + 2; corr("triplet_misaligned_q", corr_triplet_fwd_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  { auto x = t; x.in.k_stride_row = 20; corr("triplet_k_row_stride_not_multiple_of_8", corr_triplet_fwd_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  { auto x = t; x.negatives = 0; corr("triplet_no_negatives", corr_triplet_fwd_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  { auto x = t; x.in.head_dim = sketchcolor::corr::kMaxHeadDim + 1; corr("triplet_head_dim_too_large", corr_triplet_fwd_cuda(x, KernelDtype::kFloat16, nullptr)); }
+  CorrHardestParams h{};
+  h.in = in; h.terms = fbuf; h.neg = reinterpret_cast<int64_t*>(buf); h.split_best = fbuf;
+  h.split_arg = reinterpret_cast<int*>(buf); h.grid_h = 15; h.grid_w = 20; h.exclusion = 1;
+  h.key_splits = 3; h.keys_per_split = 128; h.margin = 12.f;
+  { auto x = h; x.grid_w = 19; corr("hardest_grid_does_not_match_m", corr_hardest_fwd_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  { auto x = h; x.key_splits = 2; corr("hardest_splits_miss_keys", corr_hardest_fwd_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  { auto x = h; x.key_splits = 4; corr("hardest_empty_split", corr_hardest_fwd_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  { auto x = h; x.keys_per_split = 100; x.key_splits = 3; corr("hardest_split_not_multiple_of_tile", corr_hardest_fwd_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  { auto x = h; x.exclusion = -1; corr("hardest_negative_exclusion", corr_hardest_fwd_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  { auto x = h; x.split_arg = nullptr; corr("hardest_null_workspace", corr_hardest_fwd_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  CorrTripletGradQParams g{};
+  g.in = in; g.neg = reinterpret_cast<const int64_t*>(buf); g.coef = fbuf; g.grad_q = buf + 4; g.negatives = 4;
+  corr("grad_q_misaligned_output", corr_triplet_grad_q_cuda(g, KernelDtype::kBFloat16, nullptr));
+  CorrRowScatterParams sc{};
+  sc.src = buf; sc.src_stride_b = 1024; sc.src_stride_row = 16; sc.src_batches = 2; sc.src_rows = 7;
+  sc.entry_row = reinterpret_cast<const int*>(buf); sc.entry_coef = fbuf;
+  sc.offsets = reinterpret_cast<const int64_t*>(buf); sc.rows = 600; sc.head_dim = 16;
+  { auto x = sc; corr("scatter_no_output", corr_row_scatter_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  { auto x = sc; x.out = buf; x.out_f32 = fbuf; corr("scatter_two_outputs", corr_row_scatter_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  { auto x = sc; x.out = buf; x.src_stride_row = 12; corr("scatter_src_row_stride_not_multiple_of_8", corr_row_scatter_cuda(x, KernelDtype::kBFloat16, nullptr)); }
+  CorrNllRowsParams nr{};
+  nr.in = in; nr.lse = fbuf; nr.terms = fbuf; nr.lse_masked = fbuf; nr.grad_q = fbuf;
+  corr("nll_rows_grad_without_attn", corr_nll_rows_cuda(nr, KernelDtype::kBFloat16, nullptr));
+  { auto x = f; x.out_f32 = fbuf; fwd("fwd_two_outputs", x); }
+  std::printf("dv_without_float32_output %d\n", int(scft_attn_bwd_dv_cuda(b, ScftDtype::kFloat16, nullptr)));
+  const long long hardest_shapes[][4] = {{1, 16384, 16384, 132}, {16, 256, 256, 132}, {1, 7, 5, 108},
+                                         {3, 1000, 1025, 132}, {1, 128, 300, 0}};
+  for (const auto& s : hardest_shapes) {
+    const CorrHardestPlan plan = corr_hardest_plan(s[0], s[1], s[2], int(s[3]));
+    std::printf("hardest_plan %lld %lld %lld %lld %d %d\n", s[0], s[1], s[2], s[3], plan.key_splits,
+                plan.keys_per_split);
+  }
   const long long shapes[][5] = {{1, 16384, 16384, 992, 992}, {16, 256, 256, 992, 992},
                                  {16, 1024, 1100, 64, 48}, {33, 65536, 7, 1024, 8}, {1, 7, 1, 16, 16}};
   for (const auto& s : shapes) {
@@ -339,24 +391,38 @@ def expected_plan(batch_heads, n, m, d, dv):
     return chunk, chunks, int(chunks > 1)
 
 
+def expected_hardest_cover(n_keys, key_splits, keys_per_split, tile=128):
+    """corr_hardest_plan's contract: whole key tiles per split, every key in exactly one split."""
+    return keys_per_split % tile == 0 and keys_per_split >= tile and (key_splits - 1) * keys_per_split < n_keys <= key_splits * keys_per_split
+
+
 @needs_nvcc
 def test_launchers_reject_bad_parameters_on_the_host(builds, tmp_path):
-    obj = next(r["obj"] for r in builds if r["arch"] == "sm_80" and r["cu"].endswith("scft_attention_kernel.cu"))
+    objs = [r["obj"] for r in builds if r["arch"] == "sm_80"]
     src = tmp_path / "launcher_checks.cpp"
     src.write_text(_HOST_PROGRAM)
     exe = tmp_path / "launcher_checks"
-    proc = subprocess.run([NVCC, "-std=c++17", "-I", CSRC, str(src), obj, "-o", str(exe)], capture_output=True, text=True)
+    proc = subprocess.run([NVCC, "-std=c++17", "-I", CSRC, str(src), *objs, "-o", str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    rejections = [line.split() for line in lines if not line.startswith("plan")]
-    assert len(rejections) == 12
+    rejections = [line.split() for line in lines if not line.startswith(("plan", "hardest_plan"))]
+    assert len(rejections) == 29
     for name, code in rejections:
         assert int(code) == 1, f"{name}: launcher returned cudaError {code}, expected cudaErrorInvalidValue (1)"
-    for line in (line for line in lines if line.startswith("plan")):
+    plans = [line for line in lines if line.startswith("plan")]
+    assert len(plans) == 5
+    for line in plans:
         fields = list(map(int, line.split()[1:]))
         assert tuple(fields[5:]) == expected_plan(*fields[:5]), line
+    hardest_plans = [list(map(int, line.split()[1:])) for line in lines if line.startswith("hardest_plan")]
+    assert len(hardest_plans) == 5
+    for batch, n, m, sms, splits, per_split in hardest_plans:
+        assert expected_hardest_cover(m, splits, per_split), (batch, n, m, sms, splits, per_split)
+        # Enough CTAs for about two per SM where the keys allow it.
+        query_ctas = batch * -(-n // 128)
+        assert splits == -(-m // 128) or query_ctas * splits >= 2 * max(sms, 1), (batch, n, m, sms, splits)
 
 
 def _torch_include_dirs() -> list[str] | None:
@@ -369,7 +435,8 @@ def _torch_include_dirs() -> list[str] | None:
 
 
 @needs_nvcc
-def test_binding_passes_syntax_check():
+@pytest.mark.parametrize("binding", BINDINGS, ids=os.path.basename)
+def test_binding_passes_syntax_check(binding):
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found")
@@ -385,7 +452,7 @@ def test_binding_passes_syntax_check():
         # The CPU wheel ships c10/cuda headers but not the CMake-generated cuda_cmake_macros.h.
         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DSKETCHCOLOR_WITH_CUDA=1",
         "-I", CSRC, *[f"-I{d}" for d in includes], "-I", CUDA_INCLUDE,
-        f"-I{sysconfig.get_paths()['include']}", BINDING,
+        f"-I{sysconfig.get_paths()['include']}", binding,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
@@ -441,12 +508,7 @@ if __name__ == "__main__":
         if r["rc"] != 0:
             sys.exit(r["log"])
         r["kernels"] = parse_ptxas(r["log"])
-    src = os.path.join(out, "p.cpp")
-    with open(src, "w") as f:
-        f.write('#include <cstdio>\n#include "scft_attention/scft_attention.h"\nint main(){for(const auto& e:'
-                'sketchcolor::scft::kScftKernelSmemTable)std::printf("%s %zu\\n",e.config_name,e.dynamic_smem_bytes);}\n')
-    subprocess.run([NVCC, "-std=c++17", "-I", CSRC, src, "-o", src + ".exe"], check=True)
-    tbl = {l.split()[0]: int(l.split()[1]) for l in subprocess.run([src + ".exe"], capture_output=True, text=True).stdout.splitlines()}
+    tbl = read_smem_tables(out)
     sass_all = {}
     if CUOBJDUMP:
         for r in res:

@@ -50,4 +50,34 @@ inline void check_corr_stat(const char* op, const char* name, const at::Tensor& 
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
+// The arguments of each op, whatever the backend (device and dtype support are the backend's).
+inline void check_corr_triplet_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                                    const at::Tensor& neg, double scale) {
+  check_corr_inputs(op, q, k, scale);
+  TORCH_CHECK(neg.dim() == 3, op, ": neg must have shape (B, N, T), got rank ", neg.dim());
+  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1));
+  check_corr_index(op, "neg", neg, {q.size(0), q.size(1), neg.size(2)}, q, k.size(1));
+}
+
+inline void check_corr_margin(const char* op, double margin) {
+  TORCH_CHECK(std::isfinite(margin), op, ": margin must be finite, got ", margin);
+}
+
+inline void check_corr_hardest_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                                    int64_t grid_h, int64_t grid_w, int64_t exclusion, double scale, double margin) {
+  check_corr_inputs(op, q, k, scale);
+  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1));
+  TORCH_CHECK(grid_h >= 1 && grid_w >= 1 && grid_h * grid_w == k.size(1), op,
+              ": key_grid (h, w) must be positive with h * w == M = ", k.size(1), ", got (", grid_h, ", ", grid_w,
+              ")");
+  TORCH_CHECK(exclusion >= 0, op, ": exclusion must be >= 0, got ", exclusion);
+  check_corr_margin(op, margin);
+}
+
+inline void check_corr_nll_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                                double scale) {
+  check_corr_inputs(op, q, k, scale);
+  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1));
+}
+
 }  // namespace sketchcolor

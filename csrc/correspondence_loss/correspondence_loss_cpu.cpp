@@ -414,12 +414,9 @@ void check_cpu(const char* op, const at::Tensor& q) {
 at::Tensor corr_triplet_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& neg,
                                 double scale, double margin) {
   constexpr const char* op = "corr_triplet_fwd";
-  check_corr_inputs(op, q, k, scale);
+  check_corr_triplet_args(op, q, k, pos, neg, scale);
   check_cpu(op, q);
-  TORCH_CHECK(neg.dim() == 3, op, ": neg must have shape (B, N, T), got rank ", neg.dim());
-  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1));
-  check_corr_index(op, "neg", neg, {q.size(0), q.size(1), neg.size(2)}, q, k.size(1));
-  TORCH_CHECK(std::isfinite(margin), op, ": margin must be finite, got ", margin);
+  check_corr_margin(op, margin);
   // The kernel's views of the inputs must not be seen by autograd.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto terms = at::empty(neg.sizes(), q.options().dtype(corr_stat_type(q)));
@@ -434,11 +431,8 @@ std::tuple<at::Tensor, at::Tensor> corr_triplet_bwd_cpu(const at::Tensor& grad_t
                                                         const at::Tensor& k, const at::Tensor& pos,
                                                         const at::Tensor& neg, const at::Tensor& terms, double scale) {
   constexpr const char* op = "corr_triplet_bwd";
-  check_corr_inputs(op, q, k, scale);
+  check_corr_triplet_args(op, q, k, pos, neg, scale);
   check_cpu(op, q);
-  TORCH_CHECK(neg.dim() == 3, op, ": neg must have shape (B, N, T), got rank ", neg.dim());
-  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1));
-  check_corr_index(op, "neg", neg, {q.size(0), q.size(1), neg.size(2)}, q, k.size(1));
   check_corr_stat(op, "terms", terms, neg.sizes(), q);
   check_corr_stat(op, "grad_terms", grad_terms, neg.sizes(), q);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -457,14 +451,8 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cpu(const at::Tensor& q, con
                                                         const at::Tensor& pos, int64_t grid_h, int64_t grid_w,
                                                         int64_t exclusion, double scale, double margin) {
   constexpr const char* op = "corr_hardest_fwd";
-  check_corr_inputs(op, q, k, scale);
+  check_corr_hardest_args(op, q, k, pos, grid_h, grid_w, exclusion, scale, margin);
   check_cpu(op, q);
-  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1));
-  TORCH_CHECK(grid_h >= 1 && grid_w >= 1 && grid_h * grid_w == k.size(1), op,
-              ": key_grid (h, w) must be positive with h * w == M = ", k.size(1), ", got (", grid_h, ", ", grid_w,
-              ")");
-  TORCH_CHECK(exclusion >= 0, op, ": exclusion must be >= 0, got ", exclusion);
-  TORCH_CHECK(std::isfinite(margin), op, ": margin must be finite, got ", margin);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto terms = at::empty(pos.sizes(), q.options().dtype(corr_stat_type(q)));
   auto neg = at::empty(pos.sizes(), pos.options());
@@ -479,9 +467,8 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cpu(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                   const at::Tensor& pos, double scale, bool with_grad) {
   constexpr const char* op = "corr_nll_loss";
-  check_corr_inputs(op, q, k, scale);
+  check_corr_nll_args(op, q, k, pos, scale);
   check_cpu(op, q);
-  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1));
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto terms = at::empty(pos.sizes(), q.options().dtype(corr_stat_type(q)));
   const auto stat_options = q.options().dtype(corr_stat_type(q));

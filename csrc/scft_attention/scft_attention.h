@@ -18,10 +18,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/kernel_dtype.h"
+
 namespace sketchcolor {
 namespace scft {
 
-enum class ScftDtype : int { kFloat16 = 0, kBFloat16 = 1 };
+using ScftDtype = KernelDtype;
 
 // Largest D and Dv the binding accepts. No tile shape depends on it: D and Dv are streamed
 // through shared memory in chunks; it bounds what the index arithmetic and tests reason about.
@@ -138,6 +140,8 @@ struct ScftAttnFwdParams {
   const void* k;          // (B, H, M, D)  same dtype as q
   const void* v;          // (B, H, M, Dv) same dtype as q
   void* out;              // (B, H, N, Dv) same dtype as q, contiguous: softmax(scale q k^T) v
+  float* out_f32;         // (B, H, N, Dv) float32, contiguous: the same output unrounded, written
+                          //   instead of `out` when set (exactly one of the two is non-null)
   float* lse;             // (B, H, N)     float32, contiguous: logsumexp_j (scale q_i . k_j)
   int64_t q_stride_b, q_stride_h, q_stride_row;   // elements
   int64_t k_stride_b, k_stride_h, k_stride_row;
@@ -168,6 +172,9 @@ struct ScftAttnBwdParams {
   void* grad_q;           // (B, H, N, D)
   void* grad_k;           // (B, H, M, D)
   void* grad_v;           // (B, H, M, Dv)
+  float* grad_v_f32;      // (B, H, M, Dv) float32: scft_attn_bwd_dv_cuda's output (the other
+                          //   launcher ignores it, and that one ignores v, out, delta, dscores,
+                          //   grad_q, grad_k, grad_v and grad_q_accum)
   // Workspaces, contiguous, allocated by the caller (see scft_bwd_workspace_plan).
   float* delta;           // (B, H, N) float32: Delta_i = sum_c grad_out[i, c] * out[i, c]
   void* probs;            // (B, H, N, key_chunk) dtype of q: P = exp(scale S - lse) of one key chunk
@@ -224,6 +231,12 @@ cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& params, ScftDtype dtype,
 // grad_q, grad_k, grad_v <- backward. Enqueues: Delta; then per key chunk: P and dS, the grouped
 // GEMM dV/dK for the chunk's keys, and the GEMM dQ (+)= scale dS k_chunk.
 cudaError_t scft_attn_bwd_cuda(const ScftAttnBwdParams& params, ScftDtype dtype, cudaStream_t stream);
+
+// grad_v_f32 <- P^T grad_out in float32, P = exp(scale q k^T - lse): the value gradient alone, per
+// key chunk P then one GEMM. A query whose lse is +inf has P = 0 and contributes nothing, which is
+// how the nll correspondence loss (csrc/correspondence_loss) leaves out queries without a
+// correspondence when it computes sum_i P_ij q_i with grad_out = q.
+cudaError_t scft_attn_bwd_dv_cuda(const ScftAttnBwdParams& params, ScftDtype dtype, cudaStream_t stream);
 
 }  // namespace scft
 }  // namespace sketchcolor

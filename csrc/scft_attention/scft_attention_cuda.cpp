@@ -16,24 +16,12 @@
 #include <limits>
 #include <tuple>
 
+#include "common/cuda_binding.h"
 #include "scft_attention/scft_attention.h"
 #include "scft_attention/scft_attention_checks.h"
 
 namespace sketchcolor {
 namespace {
-
-using scft::ScftDtype;
-
-void check_cuda_tensor(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.is_cuda(), op, " (cuda backend): ", name, " must be a CUDA tensor, got one on ", t.device());
-}
-
-void check_low_precision(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, " (cuda backend): ", name,
-              " has dtype ", t.scalar_type(),
-              ", but the cuda backend takes float16 or bfloat16 tensors only. For float32 or float64 use "
-              "impl=\"triton\" (CUDA tensors) or impl=\"cpp\" (CPU tensors).");
-}
 
 // Sizes the kernels' int32 indices and grid dimensions can take.
 void check_kernel_limits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
@@ -48,40 +36,6 @@ void check_kernel_limits(const at::Tensor& q, const at::Tensor& k, const at::Ten
               " (cuda backend): N = ", q.size(2), " queries exceed ", int64_t(65535) * scft::ScftBwdProbsConfig::kBlockM);
   TORCH_CHECK(k.size(2) <= std::numeric_limits<int32_t>::max() / 2, op, " (cuda backend): M = ", k.size(2),
               " keys exceed the kernels' 32-bit key index");
-}
-
-// A view of `t` the kernels can read directly: last-axis stride 1, 16-byte aligned data, and
-// strides that are multiples of 8 elements on every axis with more than one index (so every row a
-// kernel copies starts on a 16-byte boundary). Inputs that qualify, whatever their strides (a
-// transposed view whose rows stay contiguous, a slice), are passed as they are; others are
-// copied once into a buffer whose rows are padded to a multiple of 8 elements.
-at::Tensor kernel_layout(const at::Tensor& t) {
-  at::Tensor x = t.stride(3) == 1 ? t : t.contiguous();
-  bool qualifies = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-  for (int64_t d = 0; d < 3; ++d) {
-    if (x.size(d) > 1 && x.stride(d) % scft::kRowAlignElems != 0) qualifies = false;
-  }
-  if (qualifies) return x;
-  const int64_t cols = x.size(3);
-  const int64_t padded_cols = (cols + scft::kRowAlignElems - 1) / scft::kRowAlignElems * scft::kRowAlignElems;
-  at::Tensor buffer = at::empty({x.size(0), x.size(1), x.size(2), padded_cols}, x.options());
-  at::Tensor view = buffer.narrow(3, 0, cols);
-  view.copy_(x);
-  return view;
-}
-
-ScftDtype dtype_of(const at::Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 ? ScftDtype::kBFloat16 : ScftDtype::kFloat16;
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, " (cuda backend): launch failed: ", cudaGetErrorName(err), ": ",
-              cudaGetErrorString(err),
-              err == cudaErrorInvalidConfiguration
-                  ? " (the device grants less shared memory per block than the kernels need, up to "
-                    "152 KiB: sm_80 and sm_90 GPUs have it)"
-                  : "");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -122,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cuda_op(const at::Tensor& q, co
   p.head_dim = static_cast<int>(d);
   p.value_dim = static_cast<int>(dv);
   p.scale = static_cast<float>(scale);
-  check_launch(scft::scft_attn_fwd_cuda(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
+  check_launch(scft::scft_attn_fwd_cuda(p, kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
   return {out, lse};
 }
 
@@ -196,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::T
   p.head_dim = static_cast<int>(d);
   p.value_dim = static_cast<int>(dv);
   p.scale = static_cast<float>(scale);
-  check_launch(scft::scft_attn_bwd_cuda(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
+  check_launch(scft::scft_attn_bwd_cuda(p, kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
   return {grad_q, grad_k, grad_v};
 }
 

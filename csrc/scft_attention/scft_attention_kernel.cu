@@ -17,258 +17,18 @@
 // SASS), operands fed by ldmatrix from shared memory that cp.async fills several stages ahead.
 #include "scft_attention/scft_attention.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
-#include <cstring>
+
+#include "common/tile_mma.cuh"
 
 namespace sketchcolor {
 namespace scft {
 namespace {
 
+using namespace tiles;
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// ---------------------------------------------------------------------------------------------
-// Element types. Kernels move fp16/bf16 data as raw 16-bit words (uint16_t); the traits convert
-// and pick the matching mma instruction.
-
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<__nv_bfloat16> {
-  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    uint32_t u;
-    memcpy(&u, &v, sizeof(u));
-    return u;
-  }
-  __device__ static __forceinline__ uint16_t from_float(float x) {
-    const __nv_bfloat16 v = __float2bfloat16_rn(x);
-    uint16_t u;
-    memcpy(&u, &v, sizeof(u));
-    return u;
-  }
-  __device__ static __forceinline__ float2 unpack(uint32_t u) {
-    __nv_bfloat162 v;
-    memcpy(&v, &u, sizeof(u));
-    return __bfloat1622float2(v);
-  }
-  __device__ static __forceinline__ float to_float(uint16_t u) {
-    __nv_bfloat16 v;
-    memcpy(&v, &u, sizeof(u));
-    return __bfloat162float(v);
-  }
-  // d (16x8 fp32) += a (16x16, row) * b (16x8, col)
-  __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct Elem<__half> {
-  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    uint32_t u;
-    memcpy(&u, &v, sizeof(u));
-    return u;
-  }
-  __device__ static __forceinline__ uint16_t from_float(float x) {
-    const __half v = __float2half_rn(x);
-    uint16_t u;
-    memcpy(&u, &v, sizeof(u));
-    return u;
-  }
-  __device__ static __forceinline__ float2 unpack(uint32_t u) {
-    __half2 v;
-    memcpy(&v, &u, sizeof(u));
-    return __half22float2(v);
-  }
-  __device__ static __forceinline__ float to_float(uint16_t u) {
-    __half v;
-    memcpy(&v, &u, sizeof(u));
-    return __half2float(v);
-  }
-  __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// Shared-memory copies and fragment loads.
-
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16-byte asynchronous global->shared copy; bytes past src_bytes (0..16) are zero-filled and
-// src is not read past them. .cg: the stream goes through L2 only, it is reused from shared memory.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-// Copies a kRows x kCols tile (2-byte elements, columns contiguous in global memory) whose
-// top-left element is (row0, col0) of the matrix at `gmem` (row pitch `row_stride` elements) into
-// shared memory at `smem_tile` (row pitch `smem_pitch` elements). Rows >= row_limit and columns
-// >= col_limit are zero-filled, so the tile edges of every product are exact zeros: a masked
-// key or head-dim column contributes 0 to every dot product, never garbage or NaN.
-// Requires gmem 16-byte aligned and row_stride, col0 multiples of 8 (launchers check this).
-template <int kRows, int kCols, int kThreads>
-__device__ __forceinline__ void load_tile_async(uint32_t smem_tile, int smem_pitch, const uint16_t* gmem,
-                                                int64_t row_stride, int row0, int row_limit, int col0,
-                                                int col_limit, int tid) {
-  static_assert(kCols % 8 == 0, "tile columns are copied in 16-byte (8-element) pieces");
-  constexpr int kPiecesPerRow = kCols / 8;
-  constexpr int kPieces = kRows * kPiecesPerRow;
-  static_assert(kThreads % kPiecesPerRow == 0 && kPieces % kThreads == 0,
-                "each thread copies the same column of evenly spaced rows");
-  // Thread tid copies column piece c of rows r0, r0 + kRowStep, ...: one column mask, one base
-  // address and a constant row step, instead of a 64-bit address per piece held in registers.
-  constexpr int kRowStep = kThreads / kPiecesPerRow;
-  const int r0 = tid / kPiecesPerRow;
-  const int c = (tid % kPiecesPerRow) * 8;
-  int col_bytes = (col_limit - (col0 + c)) * 2;
-  col_bytes = col_bytes < 0 ? 0 : (col_bytes > 16 ? 16 : col_bytes);
-  const int64_t first = int64_t(row0 + r0) * row_stride + col0 + c;
-  const int64_t step = int64_t(kRowStep) * row_stride;
-  const uint32_t dst = smem_tile + uint32_t(r0 * smem_pitch + c) * 2u;
-#pragma unroll
-  for (int i = 0; i < kPieces / kThreads; ++i) {
-    const int bytes = row0 + r0 + i * kRowStep < row_limit ? col_bytes : 0;
-    // A piece with no bytes to read still names a valid address (the tile's matrix base).
-    const uint16_t* src = bytes > 0 ? gmem + (first + i * step) : gmem;
-    cp_async_16(dst + uint32_t(i * kRowStep * smem_pitch) * 2u, src, bytes);
-  }
-}
-
-// Fragment loads for mma.m16n8k16 (PTX ISA fragment layouts; g = lane / 4, t = lane % 4):
-//   A 16x16: a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
-//   B 16x8:  b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
-//   C 16x8:  c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
-// ldmatrix.x4 takes lanes 8i..8i+7 as the row addresses of 8x8 matrix i and returns matrix i in
-// register i (lane holds row g, columns 2t..2t+1; with .trans, the transpose).
-
-// A fragment of rows [m0, m0+16), columns [k0, k0+16) of a tile stored [m][k] (k contiguous).
-__device__ __forceinline__ void load_a_kcontig(uint32_t (&a)[4], uint32_t tile, int pitch, int m0, int k0,
-                                               int lane) {
-  ldmatrix_x4(a, tile + uint32_t((m0 + (lane & 15)) * pitch + k0 + (lane >> 4) * 8) * 2u);
-}
-// A fragment of rows [m0, m0+16), columns [k0, k0+16) of a tile stored [k][m] (m contiguous).
-__device__ __forceinline__ void load_a_mcontig(uint32_t (&a)[4], uint32_t tile, int pitch, int m0, int k0,
-                                               int lane) {
-  ldmatrix_x4_trans(a, tile + uint32_t((k0 + (lane & 7) + (lane >> 4) * 8) * pitch + m0 + ((lane >> 3) & 1) * 8) * 2u);
-}
-// B fragments of two n8 tiles, columns [n0, n0+16), rows [k0, k0+16), of a tile stored [n][k]
-// (k contiguous): b[0], b[1] for columns n0..n0+7; b[2], b[3] for n0+8..n0+15.
-__device__ __forceinline__ void load_b_pair_kcontig(uint32_t (&b)[4], uint32_t tile, int pitch, int n0, int k0,
-                                                    int lane) {
-  ldmatrix_x4(b, tile + uint32_t((n0 + (lane & 7) + (lane >> 4) * 8) * pitch + k0 + ((lane >> 3) & 1) * 8) * 2u);
-}
-// The same two B fragments from a tile stored [k][n] (n contiguous).
-__device__ __forceinline__ void load_b_pair_ncontig(uint32_t (&b)[4], uint32_t tile, int pitch, int k0, int n0,
-                                                    int lane) {
-  ldmatrix_x4_trans(b, tile + uint32_t((k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * pitch + n0 + (lane >> 4) * 8) * 2u);
-}
-
-// acc (kMt*16 x kNt*8 warp tile) += A (rows [m0, ...), k16 step k0, stored [m][k]) *
-// B^T (B stored [n][k], columns [n0, ...)). The product q k^T and dO v^T.
-template <typename T, int kMt, int kNt>
-__device__ __forceinline__ void warp_mma_k16_nk(float (&acc)[kMt][kNt][4], uint32_t a_tile, int a_pitch, int m0,
-                                                uint32_t b_tile, int b_pitch, int n0, int k0, int lane) {
-  static_assert(kNt % 2 == 0, "B fragments are loaded for pairs of n8 tiles");
-  uint32_t a[kMt][4];
-#pragma unroll
-  for (int mt = 0; mt < kMt; ++mt) load_a_kcontig(a[mt], a_tile, a_pitch, m0 + mt * 16, k0, lane);
-#pragma unroll
-  for (int np = 0; np < kNt / 2; ++np) {
-    uint32_t b[4];
-    load_b_pair_kcontig(b, b_tile, b_pitch, n0 + np * 16, k0, lane);
-#pragma unroll
-    for (int mt = 0; mt < kMt; ++mt) {
-      Elem<T>::mma(acc[mt][2 * np], a[mt], b[0], b[1]);
-      Elem<T>::mma(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-    }
-  }
-}
-
-// acc += A * B with B stored [k][n] (n contiguous) and A stored [m][k] (kAKContig) or [k][m].
-template <typename T, int kMt, int kNt, bool kAKContig>
-__device__ __forceinline__ void warp_mma_k16_kn(float (&acc)[kMt][kNt][4], uint32_t a_tile, int a_pitch, int m0,
-                                                uint32_t b_tile, int b_pitch, int n0, int k0, int lane) {
-  static_assert(kNt % 2 == 0, "B fragments are loaded for pairs of n8 tiles");
-  uint32_t a[kMt][4];
-#pragma unroll
-  for (int mt = 0; mt < kMt; ++mt) {
-    if (kAKContig) {
-      load_a_kcontig(a[mt], a_tile, a_pitch, m0 + mt * 16, k0, lane);
-    } else {
-      load_a_mcontig(a[mt], a_tile, a_pitch, m0 + mt * 16, k0, lane);
-    }
-  }
-#pragma unroll
-  for (int np = 0; np < kNt / 2; ++np) {
-    uint32_t b[4];
-    load_b_pair_ncontig(b, b_tile, b_pitch, k0, n0 + np * 16, lane);
-#pragma unroll
-    for (int mt = 0; mt < kMt; ++mt) {
-      Elem<T>::mma(acc[mt][2 * np], a[mt], b[0], b[1]);
-      Elem<T>::mma(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-    }
-  }
-}
-
-template <int kMt, int kNt>
-__device__ __forceinline__ void zero_acc(float (&acc)[kMt][kNt][4]) {
-#pragma unroll
-  for (int mt = 0; mt < kMt; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
-}
-
-// Two adjacent outputs (columns col, col+1 of one row) in the element type; `pairs` says the
-// row's storage allows a 4-byte store at even columns.
-template <typename T>
-__device__ __forceinline__ void store_pair(uint16_t* row_ptr, int col, int col_limit, bool pairs, float v0, float v1) {
-  if (pairs && col + 1 < col_limit) {
-    *reinterpret_cast<uint32_t*>(row_ptr + col) = Elem<T>::pack(v0, v1);
-  } else {
-    if (col < col_limit) row_ptr[col] = Elem<T>::from_float(v0);
-    if (col + 1 < col_limit) row_ptr[col + 1] = Elem<T>::from_float(v1);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
@@ -496,7 +256,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const S
     }
   __syncthreads();
 
-  uint16_t* out = static_cast<uint16_t*>(p.out) + int64_t(bh) * n_queries * value_dim;
+  const int64_t out_offset = int64_t(bh) * n_queries * value_dim;
+  uint16_t* out = p.out_f32 == nullptr ? static_cast<uint16_t*>(p.out) + out_offset : nullptr;
+  float* out_f32 = p.out_f32 != nullptr ? p.out_f32 + out_offset : nullptr;
   const bool out_pairs = (value_dim % 2) == 0;
 #pragma unroll
   for (int mt = 0; mt < kMt; ++mt)
@@ -510,12 +272,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const S
       if (row < n_queries) {
         // total >= 1: the row's maximal key contributes exp2(0).
         const float inv_total = 1.f / total;
-        uint16_t* out_row = out + int64_t(row) * value_dim;
 #pragma unroll
         for (int nt = 0; nt < kNtO; ++nt) {
           const int col = dv0 + warp_n * kWarpCols + nt * 8 + quad_lane * 2;
-          store_pair<T>(out_row, col, value_dim, out_pairs, acc_o[mt][nt][2 * half] * inv_total,
-                        acc_o[mt][nt][2 * half + 1] * inv_total);
+          const float o0 = acc_o[mt][nt][2 * half] * inv_total, o1 = acc_o[mt][nt][2 * half + 1] * inv_total;
+          if (out_f32 != nullptr) {
+            float* out_row = out_f32 + int64_t(row) * value_dim;
+            if (col < value_dim) out_row[col] = o0;
+            if (col + 1 < value_dim) out_row[col + 1] = o1;
+          } else {
+            store_pair<T>(out + int64_t(row) * value_dim, col, value_dim, out_pairs, o0, o1);
+          }
         }
         if (blockIdx.y == 0 && warp_n == 0 && quad_lane == 0) {
           p.lse[int64_t(bh) * n_queries + row] = row_max[mt][half] * kLn2 + logf(total);
@@ -541,27 +308,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) scft_attn_bwd_delta_kernel(cons
                       int64_t(i) * p.out_stride_row;
   const uint16_t* go = static_cast<const uint16_t*>(p.grad_out) + b * p.grad_out_stride_b +
                        h * p.grad_out_stride_h + int64_t(i) * p.grad_out_stride_row;
-  const int value_dim = p.value_dim;
-  float acc = 0.f;
-  for (int c = lane * 8; c < value_dim; c += 32 * 8) {
-    if (c + 8 <= value_dim) {
-      const uint4 ov = __ldg(reinterpret_cast<const uint4*>(o + c));
-      const uint4 gv = __ldg(reinterpret_cast<const uint4*>(go + c));
-      const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w};
-      const uint32_t gw[4] = {gv.x, gv.y, gv.z, gv.w};
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const float2 of = Elem<T>::unpack(ow[w]);
-        const float2 gf = Elem<T>::unpack(gw[w]);
-        acc = fmaf(of.x, gf.x, acc);
-        acc = fmaf(of.y, gf.y, acc);
-      }
-    } else {
-      for (int e = c; e < value_dim; ++e) acc = fmaf(Elem<T>::to_float(o[e]), Elem<T>::to_float(go[e]), acc);
-    }
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+  const float acc = warp_row_dot<T>(o, go, p.value_dim, lane);
   if (lane == 0) p.delta[row_id] = acc;
 }
 
@@ -573,7 +320,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) scft_attn_bwd_delta_kernel(cons
 // all through one stage ring. The two 128x128 fp32 accumulators are split over 8 warps (64 + 64
 // registers per thread). P and dS are written in the input dtype: the GEMMs that consume them
 // take 16-bit operands, exactly like the P tile of the forward.
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, bool kWithDScores>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     scft_attn_bwd_probs_kernel(const ScftAttnBwdParams p, const int key_begin, const int key_end) {
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kBlockK = Cfg::kBlockK;
@@ -607,7 +354,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       static_cast<const uint16_t*>(p.grad_out) + b * p.grad_out_stride_b + h * p.grad_out_stride_h;
 
   const int s_jobs = ceil_div(head_dim, kBlockK);
-  const int total_jobs = s_jobs + ceil_div(value_dim, kBlockK);
+  const int total_jobs = s_jobs + (kWithDScores ? ceil_div(value_dim, kBlockK) : 0);
 
   float acc_s[kMt][kNt][4];    // q k^T
   float acc_dp[kMt][kNt][4];   // dO v^T
@@ -647,7 +394,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     issue_next_job();
     const uint32_t stage = stage_base + uint32_t(job % kStages) * kStageBytes;
     const uint32_t b_tile = stage + kBlockM * Cfg::kStride * 2;
-    if (job < s_jobs) {
+    if (!kWithDScores || job < s_jobs) {
 #pragma unroll
       for (int kk = 0; kk < kBlockK; kk += 16)
         warp_mma_k16_nk<T, kMt, kNt>(acc_s, stage, Cfg::kStride, warp_m * kWarpRows, b_tile, Cfg::kStride,
@@ -673,7 +420,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const int row = m0 + warp_m * kWarpRows + mt * 16 + half * 8 + group;
       if (row < n_queries) {
         const float lse_log2 = p.lse[int64_t(bh) * n_queries + row] * kLog2e;
-        const float delta = p.delta[int64_t(bh) * n_queries + row];
+        const float delta = kWithDScores ? p.delta[int64_t(bh) * n_queries + row] : 0.f;
         uint16_t* p_row = probs + int64_t(row) * chunk;
         uint16_t* ds_row = dscores + int64_t(row) * chunk;
 #pragma unroll
@@ -681,13 +428,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           const int key = n0 + warp_n * kWarpKeys + nt * 8 + quad_lane * 2;
           const float p0 = exp2f(acc_s[mt][nt][2 * half] * scale_log2 - lse_log2);
           const float p1 = exp2f(acc_s[mt][nt][2 * half + 1] * scale_log2 - lse_log2);
-          const float ds0 = p0 * (acc_dp[mt][nt][2 * half] - delta);
-          const float ds1 = p1 * (acc_dp[mt][nt][2 * half + 1] - delta);
           // Chunk-local column; key_chunk and key_begin are even, so pairs are 4-byte aligned.
           const int col = key - key_begin;
           const int col_limit = key_end - key_begin;
           store_pair<T>(p_row, col, col_limit, true, p0, p1);
-          store_pair<T>(ds_row, col, col_limit, true, ds0, ds1);
+          if (kWithDScores) {
+            const float ds0 = p0 * (acc_dp[mt][nt][2 * half] - delta);
+            const float ds1 = p1 * (acc_dp[mt][nt][2 * half + 1] - delta);
+            store_pair<T>(ds_row, col, col_limit, true, ds0, ds1);
+          }
         }
       }
     }
@@ -856,8 +605,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
-bool aligned4(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 4) == 0; }
 // A stride matters only when its axis has more than one index.
 bool stride_ok(int64_t stride, int64_t extent) { return extent <= 1 || (stride % kRowAlignElems) == 0; }
 bool dims_ok(int batch, int heads, int n, int m, int d, int dv) {
@@ -865,21 +612,6 @@ bool dims_ok(int batch, int heads, int n, int m, int d, int dv) {
   return batch >= 1 && heads >= 1 && batch_heads <= 65535 && n >= 1 && m >= 1 && d >= 1 && dv >= 1 &&
          d <= kMaxHeadDim && dv <= kMaxHeadDim &&
          ceil_div(n, ScftBwdProbsConfig::kBlockM) <= 65535;   // grid.y of the probs kernel
-}
-
-// Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KiB,
-// after checking that the device can give it.
-template <typename Kernel>
-cudaError_t prepare_smem(Kernel kernel, size_t smem_bytes) {
-  if (smem_bytes <= 48 * 1024) return cudaSuccess;
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  int optin = 0;
-  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
-  if (smem_bytes > size_t(optin)) return cudaErrorInvalidConfiguration;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes));
 }
 
 template <typename T, typename Cfg>
@@ -919,10 +651,43 @@ GemmOperand operand(const void* ptr, int64_t stride_b, int64_t stride_h, int64_t
   return op;
 }
 
+// P (and with kWithDScores dS) of the keys [key_begin, key_end) into the chunk workspaces.
+template <typename T, bool kWithDScores>
+cudaError_t launch_probs(const ScftAttnBwdParams& p, int key_begin, int key_end, cudaStream_t stream) {
+  using Cfg = ScftBwdProbsConfig;
+  auto kernel = scft_attn_bwd_probs_kernel<T, Cfg, kWithDScores>;
+  const cudaError_t err = prepare_smem(kernel, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(key_end - key_begin, Cfg::kBlockN), ceil_div(p.n_queries, Cfg::kBlockM), p.batch * p.heads);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, key_begin, key_end);
+  return cudaGetLastError();
+}
+
+// dV[chunk] = P^T dO for the chunk's keys, into grad_v_f32 (float32) when it is set, else grad_v.
+// A is the P workspace read transposed ([query][key] storage, m = key, k = query).
+GemmProblem value_grad_problem(const ScftAttnBwdParams& p, int key_begin, int chunk_keys) {
+  const int64_t n = p.n_queries, m = p.n_keys, dv = p.value_dim, chunk = p.key_chunk;
+  GemmProblem pv;
+  pv.a = operand(p.probs, int64_t(p.heads) * n * chunk, n * chunk, chunk);
+  pv.b = operand(p.grad_out, p.grad_out_stride_b, p.grad_out_stride_h, p.grad_out_stride_row);
+  pv.c_in = nullptr;
+  pv.c_out_f32 = p.grad_v_f32 != nullptr ? p.grad_v_f32 + int64_t(key_begin) * dv : nullptr;
+  pv.c_out = p.grad_v_f32 == nullptr ? static_cast<uint16_t*>(p.grad_v) + int64_t(key_begin) * dv : nullptr;
+  pv.c_stride_b = int64_t(p.heads) * m * dv;
+  pv.c_stride_h = m * dv;
+  pv.c_stride_row = dv;
+  pv.c_pairs = (dv % 2) == 0;
+  pv.m = chunk_keys;
+  pv.n = p.value_dim;
+  pv.k = p.n_queries;
+  pv.alpha = 1.f;
+  return pv;
+}
+
 template <typename T>
 cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
   const int batch_heads = p.batch * p.heads;
-  const int64_t n = p.n_queries, m = p.n_keys, d = p.head_dim, dv = p.value_dim;
+  const int64_t n = p.n_queries, m = p.n_keys, d = p.head_dim;
   const int64_t chunk = p.key_chunk;
 
   {  // Delta
@@ -934,44 +699,22 @@ cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
 
-  using ProbsCfg = ScftBwdProbsConfig;
-  auto probs_kernel = scft_attn_bwd_probs_kernel<T, ProbsCfg>;
-  cudaError_t err = prepare_smem(probs_kernel, ProbsCfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-
+  cudaError_t err = cudaSuccess;
   const int num_chunks = ceil_div(p.n_keys, p.key_chunk);
   for (int c = 0; c < num_chunks; ++c) {
     const int key_begin = c * p.key_chunk;
     const int key_end = key_begin + p.key_chunk < p.n_keys ? key_begin + p.key_chunk : p.n_keys;
     const int chunk_keys = key_end - key_begin;
 
-    // P and dS of the chunk.
-    const dim3 probs_grid(ceil_div(chunk_keys, ProbsCfg::kBlockN), ceil_div(p.n_queries, ProbsCfg::kBlockM),
-                          batch_heads);
-    probs_kernel<<<probs_grid, ProbsCfg::kThreads, ProbsCfg::kSmemBytes, stream>>>(p, key_begin, key_end);
-    err = cudaGetLastError();
+    err = launch_probs<T, true>(p, key_begin, key_end, stream);
     if (err != cudaSuccess) return err;
 
-    // dV[chunk] = P^T dO and dK[chunk] = scale dS^T q: A is the workspace read transposed
-    // ([query][key] storage, m = key, k = query), B the (query x dim) input.
+    // dV[chunk] = P^T dO and dK[chunk] = scale dS^T q.
     GemmBatch kv;
     kv.num_problems = 2;
     kv.heads = p.heads;
     {
-      GemmProblem& pv = kv.problem[0];
-      pv.a = operand(p.probs, int64_t(p.heads) * n * chunk, n * chunk, chunk);
-      pv.b = operand(p.grad_out, p.grad_out_stride_b, p.grad_out_stride_h, p.grad_out_stride_row);
-      pv.c_in = nullptr;
-      pv.c_out_f32 = nullptr;
-      pv.c_out = static_cast<uint16_t*>(p.grad_v) + int64_t(key_begin) * dv;
-      pv.c_stride_b = int64_t(p.heads) * m * dv;
-      pv.c_stride_h = m * dv;
-      pv.c_stride_row = dv;
-      pv.c_pairs = (dv % 2) == 0;
-      pv.m = chunk_keys;
-      pv.n = p.value_dim;
-      pv.k = p.n_queries;
-      pv.alpha = 1.f;
+      kv.problem[0] = value_grad_problem(p, key_begin, chunk_keys);
       GemmProblem& pk = kv.problem[1];
       pk.a = operand(p.dscores, int64_t(p.heads) * n * chunk, n * chunk, chunk);
       pk.b = operand(p.q, p.q_stride_b, p.q_stride_h, p.q_stride_row);
@@ -1022,14 +765,51 @@ cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+
+// grad_v_f32 = P^T grad_out only: per key chunk, P then one GEMM.
+template <typename T>
+cudaError_t dv_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
+  const int num_chunks = ceil_div(p.n_keys, p.key_chunk);
+  for (int c = 0; c < num_chunks; ++c) {
+    const int key_begin = c * p.key_chunk;
+    const int key_end = key_begin + p.key_chunk < p.n_keys ? key_begin + p.key_chunk : p.n_keys;
+    cudaError_t err = launch_probs<T, false>(p, key_begin, key_end, stream);
+    if (err != cudaSuccess) return err;
+    GemmBatch batch;
+    batch.num_problems = 1;
+    batch.heads = p.heads;
+    batch.problem[0] = value_grad_problem(p, key_begin, key_end - key_begin);
+    batch.problem[1] = batch.problem[0];   // unused (num_problems = 1), kept initialized
+    batch.tiles_n = ceil_div(p.value_dim, ScftGemmConfig::kBlockN);
+    err = launch_gemm<T, false>(batch, ceil_div(key_end - key_begin, ScftGemmConfig::kBlockM), p.batch * p.heads,
+                                stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// What both backward launchers read: sizes, the key chunk, grad_out, q, k, lse and the P workspace.
+bool bwd_common_ok(const ScftAttnBwdParams& p) {
+  if (!dims_ok(p.batch, p.heads, p.n_queries, p.n_keys, p.head_dim, p.value_dim)) return false;
+  if (p.key_chunk <= 0 || p.key_chunk % 128 != 0) return false;
+  const void* tiled[] = {p.grad_out, p.q, p.k, p.probs};
+  for (const void* ptr : tiled)
+    if (ptr == nullptr || !aligned16(ptr)) return false;
+  if (p.lse == nullptr || !aligned4(p.lse)) return false;
+  return stride_ok(p.grad_out_stride_b, p.batch) && stride_ok(p.grad_out_stride_h, p.heads) &&
+         stride_ok(p.grad_out_stride_row, p.n_queries) && stride_ok(p.q_stride_b, p.batch) &&
+         stride_ok(p.q_stride_h, p.heads) && stride_ok(p.q_stride_row, p.n_queries) &&
+         stride_ok(p.k_stride_b, p.batch) && stride_ok(p.k_stride_h, p.heads) && stride_ok(p.k_stride_row, p.n_keys);
+}
+
 }  // namespace
 
 cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& p, ScftDtype dtype, cudaStream_t stream) {
   if (!dims_ok(p.batch, p.heads, p.n_queries, p.n_keys, p.head_dim, p.value_dim)) return cudaErrorInvalidValue;
-  if (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.out == nullptr || p.lse == nullptr)
-    return cudaErrorInvalidValue;
-  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) || !aligned4(p.lse))
-    return cudaErrorInvalidValue;
+  if (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.lse == nullptr) return cudaErrorInvalidValue;
+  if ((p.out == nullptr) == (p.out_f32 == nullptr)) return cudaErrorInvalidValue;   // exactly one output
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned4(p.lse)) return cudaErrorInvalidValue;
+  if (p.out != nullptr ? !aligned16(p.out) : !aligned4(p.out_f32)) return cudaErrorInvalidValue;
   if (!stride_ok(p.q_stride_b, p.batch) || !stride_ok(p.q_stride_h, p.heads) ||
       !stride_ok(p.q_stride_row, p.n_queries) || !stride_ok(p.k_stride_b, p.batch) ||
       !stride_ok(p.k_stride_h, p.heads) || !stride_ok(p.k_stride_row, p.n_keys) ||
@@ -1045,32 +825,37 @@ cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& p, ScftDtype dtype, cuda
 }
 
 cudaError_t scft_attn_bwd_cuda(const ScftAttnBwdParams& p, ScftDtype dtype, cudaStream_t stream) {
-  if (!dims_ok(p.batch, p.heads, p.n_queries, p.n_keys, p.head_dim, p.value_dim)) return cudaErrorInvalidValue;
-  if (p.key_chunk <= 0 || p.key_chunk % 128 != 0) return cudaErrorInvalidValue;
-  const int num_chunks = ceil_div(p.n_keys, p.key_chunk);
-  // Tiles are copied in 16-byte pieces and outputs stored in pairs: 16-byte aligned. lse and
-  // delta are read one float at a time.
-  const void* tiled[] = {p.grad_out, p.q, p.k, p.v, p.out, p.grad_q, p.grad_k, p.grad_v, p.probs, p.dscores};
+  if (!bwd_common_ok(p)) return cudaErrorInvalidValue;
+  // Tiles are copied in 16-byte pieces and outputs stored in pairs: 16-byte aligned. delta is read
+  // one float at a time.
+  const void* tiled[] = {p.v, p.out, p.grad_q, p.grad_k, p.grad_v, p.dscores};
   for (const void* ptr : tiled)
     if (ptr == nullptr || !aligned16(ptr)) return cudaErrorInvalidValue;
-  if (p.lse == nullptr || !aligned4(p.lse) || p.delta == nullptr || !aligned4(p.delta)) return cudaErrorInvalidValue;
-  if (num_chunks > 1 && (p.grad_q_accum == nullptr || !aligned16(p.grad_q_accum))) return cudaErrorInvalidValue;
-  const int64_t strides_n[][3] = {{p.grad_out_stride_b, p.grad_out_stride_h, p.grad_out_stride_row},
-                                  {p.q_stride_b, p.q_stride_h, p.q_stride_row},
-                                  {p.out_stride_b, p.out_stride_h, p.out_stride_row}};
-  for (const auto& s : strides_n)
-    if (!stride_ok(s[0], p.batch) || !stride_ok(s[1], p.heads) || !stride_ok(s[2], p.n_queries))
-      return cudaErrorInvalidValue;
-  const int64_t strides_m[][3] = {{p.k_stride_b, p.k_stride_h, p.k_stride_row},
-                                  {p.v_stride_b, p.v_stride_h, p.v_stride_row}};
-  for (const auto& s : strides_m)
-    if (!stride_ok(s[0], p.batch) || !stride_ok(s[1], p.heads) || !stride_ok(s[2], p.n_keys))
-      return cudaErrorInvalidValue;
+  if (p.delta == nullptr || !aligned4(p.delta)) return cudaErrorInvalidValue;
+  if (ceil_div(p.n_keys, p.key_chunk) > 1 && (p.grad_q_accum == nullptr || !aligned16(p.grad_q_accum)))
+    return cudaErrorInvalidValue;
+  if (!stride_ok(p.out_stride_b, p.batch) || !stride_ok(p.out_stride_h, p.heads) ||
+      !stride_ok(p.out_stride_row, p.n_queries) || !stride_ok(p.v_stride_b, p.batch) ||
+      !stride_ok(p.v_stride_h, p.heads) || !stride_ok(p.v_stride_row, p.n_keys))
+    return cudaErrorInvalidValue;
   switch (dtype) {
     case ScftDtype::kFloat16:
       return bwd_dispatch<__half>(p, stream);
     case ScftDtype::kBFloat16:
       return bwd_dispatch<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t scft_attn_bwd_dv_cuda(const ScftAttnBwdParams& p, ScftDtype dtype, cudaStream_t stream) {
+  if (!bwd_common_ok(p)) return cudaErrorInvalidValue;
+  // float2 stores of pairs of float32 outputs.
+  if (p.grad_v_f32 == nullptr || !aligned16(p.grad_v_f32)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case ScftDtype::kFloat16:
+      return dv_dispatch<__half>(p, stream);
+    case ScftDtype::kBFloat16:
+      return dv_dispatch<__nv_bfloat16>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

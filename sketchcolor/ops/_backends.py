@@ -19,14 +19,27 @@ from . import _extension
 
 IMPLS = ("auto", "reference", "cpp", "triton", "cuda")
 _AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+# Backends whose kernels take only some floating dtypes; the others take every one they can run.
+DTYPES = {"cuda": (torch.float16, torch.bfloat16)}
 
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(impl: str, device: torch.device, op_name: str) -> str | None:
-    """None if ``impl`` can run ``op_name`` (the C++ schema name) on ``device``, else why not."""
+def unavailable_reason(impl: str, device: torch.device, op_name: str, dtype: torch.dtype | None = None) -> str | None:
+    """None if ``impl`` can run ``op_name`` (the C++ schema name) on ``device`` (for ``dtype``
+    inputs, when given), else why not."""
+    reason = _placement_reason(impl, device, op_name)
+    accepted = DTYPES.get(impl)
+    if reason is None and dtype is not None and accepted is not None and dtype not in accepted:
+        names = " or ".join(str(d).removeprefix("torch.") for d in accepted)
+        reason = f"impl={impl!r} takes {names} tensors, got {str(dtype).removeprefix('torch.')}"
+    return reason
+
+
+def _placement_reason(impl: str, device: torch.device, op_name: str) -> str | None:
+    """Why ``impl`` cannot run ``op_name`` on ``device`` in this installation, or None."""
     if impl == "reference":
         return None
     if impl == "cpp":
@@ -64,18 +77,19 @@ def _warn_fallback(op_name: str, device_type: str, reasons: str) -> None:
     )
 
 
-def resolve(impl: str, device: torch.device, op_name: str) -> str:
-    """The concrete backend name for ``impl``; raises with the reason if it cannot run."""
+def resolve(impl: str, device: torch.device, op_name: str, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend name for ``impl`` on ``dtype`` inputs; raises with the reason if it
+    cannot run. ``auto`` skips a backend that cannot take the dtype (float32 on CUDA: triton)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
-        reason = unavailable_reason(impl, device, op_name)
+        reason = unavailable_reason(impl, device, op_name, dtype)
         if reason is not None:
             raise RuntimeError(f"sketchcolor: impl={impl!r} is not available: {reason}")
         return impl
     reasons = []
     for candidate in _AUTO_ORDER.get(device.type, ()):
-        reason = unavailable_reason(candidate, device, op_name)
+        reason = unavailable_reason(candidate, device, op_name, dtype)
         if reason is None:
             return candidate
         reasons.append(f"{candidate}: {reason}")

@@ -7,7 +7,8 @@ folded into B here), with pos (B, N) int64:
     sketchcolor::corr_hardest_fwd(q, k, pos, grid_h, grid_w, exclusion, scale, margin)
         -> (terms (B, N), neg (B, N) int64, -1 for none); its backward is corr_triplet_bwd, T = 1
     sketchcolor::corr_nll_loss(q, k, pos, scale, with_grad) -> (loss (), grad_q, grad_k float32)
-(C++ schemas in csrc/ops.cpp; triton registers the same ops with a ``_triton`` suffix).
+(C++ schemas in csrc/ops.cpp, with cpp and cuda kernels; triton registers the same ops with a
+``_triton`` suffix).
 Triplet terms that are not valid are 0 and pass no gradient, so the triplet loss is the sum of
 the terms divided by the number of valid terms, and autograd hands the backward op a gradient
 per term. The nll op returns the mean itself and, when autograd will need it (``with_grad``),
@@ -67,8 +68,7 @@ def correspondence_loss(
         key_grid: (h, w) with h * w = M, key j at cell (j // w, j % w); required with
             ``hardest`` and not allowed otherwise.
         exclusion: the half-width of the excluded window, an int >= 0 (0 excludes only pos_i).
-        impl: "auto", "reference", "cpp" or "triton". There is no CUDA kernel of this op;
-            "auto" on CUDA tensors uses triton.
+        impl: "auto", "reference", "cpp", "triton" or "cuda" (see sketchcolor.ops._backends).
 
     Returns the mean over all valid terms of the whole batch (and every head): float32 for
     float32/bfloat16/float16 inputs, float64 for float64 inputs. No valid term gives 0 with
@@ -108,12 +108,7 @@ def correspondence_loss(
         key_grid = _check_key_grid(key_grid, num_keys)
     elif key_grid is not None:
         raise ValueError("key_grid is only used with hardest=True; pass key_grid=None")
-    if impl == "cuda":
-        raise NotImplementedError(
-            "correspondence_loss: impl='cuda' is not implemented for this op (it has no CUDA kernel); "
-            "on CUDA tensors use impl='triton' (or 'auto', which picks it)"
-        )
-    backend = _backends.resolve(impl, q.device, FWD_OP)
+    backend = _backends.resolve(impl, q.device, FWD_OP, q.dtype)
 
     if backend == "reference":
         return reference.correspondence_loss(
@@ -189,23 +184,25 @@ class _ForwardOps:
     nll_loss: object
 
 
-# "cpp" or "triton" -> its forward ops with autograd registered. A plain dict so that
-# torch.compile traces a lookup, not the one-time registration (which dynamo refuses to trace).
+# "extension" (cpp and cuda: kernels of one set of ops) or "triton" -> its forward ops with
+# autograd registered. A plain dict so that torch.compile traces a lookup, not the one-time
+# registration (which dynamo refuses to trace).
 _FORWARD_OPS: dict[str, _ForwardOps] = {}
 
 
 def _fused_ops(backend: str) -> _ForwardOps:
     """The forward ops of a fused backend, registering their fake kernels and autograd once."""
-    ops = _FORWARD_OPS.get(backend)
+    key = "triton" if backend == "triton" else "extension"
+    ops = _FORWARD_OPS.get(key)
     if ops is None:
-        if backend == "cpp":
+        if key == "extension":
             _register_cpp_fakes()
             ops = _register_autograd("")
         else:
             from . import _triton_correspondence  # noqa: F401  (defines the triton ops and their fakes)
 
             ops = _register_autograd("_triton")
-        _FORWARD_OPS[backend] = ops
+        _FORWARD_OPS[key] = ops
     return ops
 
 

@@ -48,7 +48,7 @@ def scft_attention(q, k, v, scale=None, *, impl: str = "auto", return_lse: bool 
         if size == 0:
             raise ValueError(f"{name}: {what} must be at least 1, got 0")
     scale = resolve_scale(scale, q.shape[-1])
-    backend = _backends.resolve(impl, q.device, FWD_OP)
+    backend = _backends.resolve(impl, q.device, FWD_OP, q.dtype)
 
     if backend == "reference":
         out, lse = reference.scft_attention(q, k, v, scale, return_lse=True)

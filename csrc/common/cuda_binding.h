@@ -1,0 +1,69 @@
+// What every torch binding of a CUDA kernel file needs (compiled only in CUDA builds): device and
+// dtype checks with messages that name the op and the argument, the layout the kernels read, and
+// the launch error check.
+//
+// ATen/cuda/CUDAContext.h is not included: it pulls in cuBLAS / cuSPARSE headers, which would keep
+// the bindings from being syntax-checked where torch is a CPU build (tests/test_cuda_compile.py).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "common/kernel_dtype.h"
+
+namespace sketchcolor {
+
+inline void check_cuda_tensor(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.is_cuda(), op, " (cuda backend): ", name, " must be a CUDA tensor, got one on ", t.device());
+}
+
+inline void check_low_precision(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, " (cuda backend): ", name,
+              " has dtype ", t.scalar_type(),
+              ", but the cuda backend takes float16 or bfloat16 tensors only. For float32 or float64 use "
+              "impl=\"triton\" (CUDA tensors) or impl=\"cpp\" (CPU tensors).");
+}
+
+inline KernelDtype kernel_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? KernelDtype::kBFloat16 : KernelDtype::kFloat16;
+}
+
+// Every row a kernel copies starts on a 16-byte boundary: 8 fp16/bf16 elements.
+constexpr int64_t kKernelRowAlignElems = 8;
+
+// A view of `t` (any rank >= 1, 16-bit elements) the kernels can read directly: last-axis stride 1,
+// 16-byte aligned data, and strides that are multiples of 8 elements on every other axis with more
+// than one index (so every row starts on a 16-byte boundary and can be copied with 16-byte cp.async
+// or read with 16-byte loads). Inputs that qualify, whatever their strides (a transposed view whose
+// rows stay contiguous, a slice), are passed as they are; others are copied once into a buffer
+// whose rows are padded to a multiple of 8 elements.
+inline at::Tensor kernel_layout(const at::Tensor& t) {
+  const int64_t last = t.dim() - 1;
+  at::Tensor x = t.stride(last) == 1 ? t : t.contiguous();
+  bool qualifies = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d < last; ++d) {
+    if (x.size(d) > 1 && x.stride(d) % kKernelRowAlignElems != 0) qualifies = false;
+  }
+  if (qualifies) return x;
+  std::vector<int64_t> padded(x.sizes().begin(), x.sizes().end());
+  padded[last] = (padded[last] + kKernelRowAlignElems - 1) / kKernelRowAlignElems * kKernelRowAlignElems;
+  at::Tensor view = at::empty(padded, x.options()).narrow(last, 0, x.size(last));
+  view.copy_(x);
+  return view;
+}
+
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, " (cuda backend): launch failed: ", cudaGetErrorName(err), ": ",
+              cudaGetErrorString(err),
+              err == cudaErrorInvalidConfiguration
+                  ? " (the device grants less shared memory per block than the kernels need, up to "
+                    "152 KiB: sm_80 and sm_90 GPUs have it)"
+                  : "");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace sketchcolor

@@ -1,0 +1,175 @@
+"""cuda backend of correspondence_loss (csrc/correspondence_loss/*_kernel.cu) against sketchcolor.reference.
+
+GPU only: every test skips cleanly without a CUDA device or without a CUDA build of the extension.
+The kernels take float16 and bfloat16 inputs (fp32 arithmetic), so the comparisons use the 2x rule
+of tests/conftest.py against the float64 reference; the hardest-negative checks allow near ties to
+be resolved either way by different roundings (see check_hardest).
+
+Outputs are poisoned before the kernels write them: NaN-filled blocks of the caching allocator are
+freed right before each call, so the op's allocations of the same sizes reuse them, and the
+comparisons (which fail on NaN) then prove every output element was written.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_correspondence_loss import (
+    MODES,
+    check_hardest,
+    check_hardest_ties,
+    compare_with_reference,
+    loss_and_grads,
+    make_case,
+)
+from sketchcolor.ops import correspondence_loss
+from sketchcolor.ops.correspondence_loss import FWD_OP
+
+
+def _cuda_unavailable_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from sketchcolor.ops import _backends
+
+    return _backends.unavailable_reason("cuda", torch.device("cuda"), FWD_OP)
+
+
+_REASON = _cuda_unavailable_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=f"cuda backend unavailable: {_REASON}")]
+
+DEVICE = "cuda"
+DTYPES = [torch.float16, torch.bfloat16]
+# (B, H or None, N, M, key_grid, D): one query; odd N != M; a head axis; several query tiles and
+# key tiles with tails (N = 129, M = 300); D = 992 and D = 100 (not a multiple of 8: padded rows,
+# element-wise tails); many key splits (N small, M = 1025).
+SHAPES = [
+    (1, None, 1, 7, (1, 7), 16),
+    (2, None, 37, 45, (5, 9), 24),
+    (1, 2, 33, 63, (7, 9), 100),
+    (1, None, 129, 300, (15, 20), 992),
+    (3, None, 7, 1025, (25, 41), 64),
+    (2, None, 200, 257, (1, 257), 64),
+]
+
+
+def poison_allocator(count=8, numel=1 << 20):
+    blocks = [torch.full((numel,), float("nan"), device=DEVICE) for _ in range(count)]
+    torch.cuda.synchronize()
+    del blocks
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cuda_matches_reference(shape, dtype, mode):
+    q, k, pos, kwargs = make_case(*shape, dtype, **MODES[mode], device=DEVICE)
+    poison_allocator()
+    if mode == "hardest":
+        check_hardest(q, k, pos, kwargs, impl="cuda")
+    else:
+        compare_with_reference(q, k, pos, kwargs, impl="cuda")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_small_margin_and_strided_inputs(mode):
+    q, k, pos, kwargs = make_case(2, None, 30, 40, (5, 8), 16, torch.bfloat16, margin=0.3, **MODES[mode], device=DEVICE)
+    k = k.detach().mT.contiguous().mT.requires_grad_()   # last-dim stride != 1: copied
+    q = torch.randn(2, 60, 16, dtype=torch.bfloat16, device=DEVICE)[:, ::2].requires_grad_()   # every other row: read in place
+    if mode == "hardest":
+        check_hardest(q, k, pos, kwargs, impl="cuda")
+    else:
+        compare_with_reference(q, k, pos, kwargs, impl="cuda")
+
+
+@pytest.mark.parametrize("mode", ["triplet_t4", "nll"])
+@pytest.mark.parametrize("scale", [-0.4, 2.0])
+def test_cuda_custom_scale(mode, scale):
+    q, k, pos, kwargs = make_case(1, None, 40, 50, (5, 10), 32, torch.bfloat16, **MODES[mode], device=DEVICE)
+    compare_with_reference(q, k, pos, {**kwargs, "scale": scale}, impl="cuda")
+
+
+def test_cuda_sliced_rows_are_read_in_place_or_copied():
+    # Rows 20 elements apart (not a multiple of 8): the binding copies them into padded rows.
+    base = torch.randn(2, 31, 20, dtype=torch.bfloat16, device=DEVICE)
+    q = base[:, :, :12].requires_grad_()
+    k = torch.randn(2, 40, 12, dtype=torch.bfloat16, device=DEVICE).requires_grad_()
+    _, _, pos, kwargs = make_case(2, None, 31, 40, (5, 8), 12, torch.bfloat16, **MODES["nll"], device=DEVICE)
+    compare_with_reference(q, k, pos, kwargs, impl="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_hardest_ties_pick_the_lowest_index(dtype):
+    check_hardest_ties(dtype, impl="cuda", device=DEVICE)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_all_invalid_gives_zero_loss_and_zero_grads(mode):
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.bfloat16, **MODES[mode], device=DEVICE)
+    pos = torch.full_like(pos, -1)
+    loss, grad_q, grad_k = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="cuda", **kwargs), q, k, 1.0)
+    assert loss.item() == 0 and loss.dtype == torch.float32
+    assert torch.equal(grad_q, torch.zeros_like(q)) and torch.equal(grad_k, torch.zeros_like(k))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_empty_queries(mode):
+    q, k, pos, kwargs = make_case(2, None, 0, 6, (2, 3), 8, torch.bfloat16, **MODES[mode], device=DEVICE)
+    loss = correspondence_loss(q, k, pos, impl="cuda", **kwargs)
+    assert loss.item() == 0
+    loss.backward()
+    assert not k.grad.any()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_deterministic(mode):
+    q, k, pos, kwargs = make_case(1, None, 300, 70, (7, 10), 32, torch.bfloat16, **MODES[mode], device=DEVICE)
+    pos[0, :200] = 7   # many queries share a key: its gradient sums many contributions
+    first = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="cuda", **kwargs), q, k, 1.0)
+    second = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="cuda", **kwargs), q, k, 1.0)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_cuda_rejects_float32_with_a_pointer_to_other_backends():
+    q, k, pos, kwargs = make_case(1, None, 5, 6, (2, 3), 8, torch.float32, **MODES["nll"], device=DEVICE)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        correspondence_loss(q, k, pos, impl="cuda", **kwargs)
+    correspondence_loss(q.detach().bfloat16(), k.detach().bfloat16(), pos, impl="cuda", **kwargs)   # registers
+    with pytest.raises(RuntimeError, match=r"float16 or bfloat16.*impl=\"triton\""):
+        torch.ops.sketchcolor.corr_nll_loss(q.detach(), k.detach(), pos, 0.3, False)
+
+
+def test_cuda_entry_points_check_devices_and_indices():
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.bfloat16, **MODES["triplet_t4"], device=DEVICE)
+    q, k, neg, ops = q.detach(), k.detach(), kwargs["neg"], torch.ops.sketchcolor
+    correspondence_loss(q, k, pos, impl="cuda", **kwargs)
+    with pytest.raises(RuntimeError, match="k is on cpu"):
+        ops.corr_triplet_fwd(q, k.cpu(), pos, neg, 0.3, 2.0)
+    with pytest.raises(RuntimeError, match=r"neg values must be in \[-1, M\)"):
+        ops.corr_triplet_fwd(q, k, pos, neg + 20, 0.3, 2.0)
+    with pytest.raises(RuntimeError, match="key_grid"):
+        ops.corr_hardest_fwd(q, k, pos, 5, 3, 1, 0.3, 2.0)
+
+
+def test_cuda_opcheck_registered_ops():
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.bfloat16, **MODES["triplet_t4"], device=DEVICE)
+    correspondence_loss(q, k, pos, impl="cuda", **kwargs)
+    neg, ops = kwargs["neg"], torch.ops.sketchcolor
+    terms = ops.corr_triplet_fwd(q.detach(), k.detach(), pos, neg, 0.3, 2.0)
+    cases = [
+        (ops.corr_triplet_fwd.default, (q, k, pos, neg, 0.3, 2.0)),
+        (ops.corr_hardest_fwd.default, (q, k, pos, 3, 4, 1, 0.3, 2.0)),
+        (ops.corr_nll_loss.default, (q, k, pos, 0.3, True)),
+        (ops.corr_nll_loss.default, (q.detach(), k.detach(), pos, 0.3, False)),
+        (ops.corr_triplet_bwd.default, (torch.randn_like(terms), q.detach(), k.detach(), pos, neg, terms, 0.3)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_auto_picks_cuda_for_half_precision_and_triton_for_float32():
+    from sketchcolor.ops import _backends
+
+    device = torch.device(DEVICE)
+    assert _backends.resolve("auto", device, FWD_OP, torch.bfloat16) == "cuda"
+    assert _backends.resolve("auto", device, FWD_OP, torch.float32) == "triton"
