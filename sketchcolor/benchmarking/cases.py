@@ -25,7 +25,7 @@ from ..ops.scft_attention import FWD_OP as ATTENTION_FWD_OP
 OPS = ("attention", "correspondence")
 CORRESPONDENCE_MODES = ("triplet", "hardest", "nll")
 BACKENDS = ("cpp", "triton", "cuda")  # the fused backends; what --impl selects
-OP_BACKENDS = {"attention": BACKENDS, "correspondence": ("cpp", "triton")}
+OP_BACKENDS = {"attention": BACKENDS, "correspondence": BACKENDS}
 BASELINES = {"attention": ("reference", "torch_sdpa"), "correspondence": ("reference",)}
 PASSES = ("fwd", "fwd+bwd")
 
@@ -37,6 +37,7 @@ _BACKEND_DTYPES = {
     ("attention", "triton"): (torch.float32, torch.bfloat16, torch.float16),
     ("attention", "cuda"): (torch.bfloat16, torch.float16),
     ("correspondence", "triton"): (torch.float32, torch.bfloat16, torch.float16),
+    ("correspondence", "cuda"): (torch.bfloat16, torch.float16),
 }
 
 PAPER_HEAD_DIM = 992  # D = Dv of the paper's SCFT features
