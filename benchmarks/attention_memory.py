@@ -90,10 +90,9 @@ def main() -> int:
     print(format_table(headers, rows))
     print("\n".join(["", *targets]))
 
-    info = machine.describe("cpu")
     body = "\n\n".join([
         "## SCFT attention: peak memory of forward+backward on CPU (benchmarks/attention_memory.py)",
-        f"{machine.summary(info)}.  \nCommand: `{info['command']}`",
+        machine.provenance("cpu"),
         f"B = H = 1, D = Dv = {args.head_dim}. Each case in its own process: peak RSS minus the RSS after imports "
         "(inputs included), and the raw peak RSS.",
         markdown_table(headers, rows),

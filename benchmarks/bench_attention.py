@@ -29,11 +29,9 @@ from pathlib import Path
 
 import torch
 
-from sketchcolor.benchmarking import machine
 from sketchcolor.benchmarking.cases import PAPER_HEAD_DIM, Case, bench_case, dtype_skip_reason, skip_reason
 from sketchcolor.benchmarking.options import default_device, dtype, non_negative_int, positive_int, size_list
-from sketchcolor.benchmarking.report import bench_table, format_table, markdown_table
-from sketchcolor.benchmarking.results_file import write_section
+from sketchcolor.benchmarking.report import publish
 from sketchcolor.benchmarking.suite import run_benchmarks
 from sketchcolor.ops import _backends
 from sketchcolor.verify import ATTENTION_SHAPES_QUICK, attention_case, check_case
@@ -121,24 +119,17 @@ def main() -> int:
             cases.append(bench_case("attention", provider, n, head_dim=args.head_dim, dtype=case_dtype, device=args.device))
     cases.sort(key=lambda case: case.n)  # each size's baselines and backends measured together
     results = run_benchmarks(cases, repeats=args.repeats, warmup=args.warmup)
-
-    headers, rows = bench_table(results)
-    print(format_table(headers, rows))
-    print("\n" + "\n".join([LEGEND, *notes]))
-
-    if not args.no_write:
-        env = machine.describe(args.device)
-        body = "\n\n".join([
-            f"## SCFT attention, {args.device}, {str(case_dtype).removeprefix('torch.')}, D = Dv = {args.head_dim}",
-            f"{machine.summary(env)}.  \nCommand: `{env['command']}`",
-            "Correctness first (sketchcolor.verify rule, float64 reference):\n" + "\n".join(f"- {line}" for line in check_lines),
-            markdown_table(headers, rows),
-            "\n".join([LEGEND, *(f"- {note}" for note in notes)]),
-        ])
-        write_section(RESULTS, f"bench_attention {args.device}", body)
-        print(f"wrote the 'bench_attention {args.device}' section of {RESULTS}")
-    failed = [r for r in results if r.error is not None and not r.out_of_memory]
-    return 1 if failed else 0
+    return publish(
+        results,
+        title=f"SCFT attention, {args.device}, {str(case_dtype).removeprefix('torch.')}, D = Dv = {args.head_dim}",
+        section=f"bench_attention {args.device}",
+        device=args.device,
+        check_lines=check_lines,
+        legend=LEGEND,
+        notes=notes,
+        results_path=RESULTS,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

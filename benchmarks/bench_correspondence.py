@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from sketchcolor.benchmarking import machine
 from sketchcolor.benchmarking.cases import (
     CORRESPONDENCE_MODES,
     DEFAULT_NEGATIVES,
@@ -37,8 +36,7 @@ from sketchcolor.benchmarking.cases import (
     skip_reason,
 )
 from sketchcolor.benchmarking.options import default_device, dtype, mode_list, non_negative_int, positive_int, size_list
-from sketchcolor.benchmarking.report import baseline_ratios, bench_table, format_table, markdown_table
-from sketchcolor.benchmarking.results_file import write_section
+from sketchcolor.benchmarking.report import baseline_ratios, publish
 from sketchcolor.benchmarking.suite import run_benchmarks
 from sketchcolor.verify import CORRESPONDENCE_SHAPES_QUICK, check_case, correspondence_case
 
@@ -90,7 +88,7 @@ def main() -> int:
     parser.add_argument("--dtype", type=dtype, default=None, help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--sizes", type=size_list, default=(1024, 4096, 16384), metavar="LIST", help="N = M (default: 1024,4096,16384)")
     parser.add_argument("--modes", type=mode_list, default=CORRESPONDENCE_MODES, metavar="LIST", help="triplet, hardest, nll or all (default: all)")
-    parser.add_argument("--impl", nargs="+", choices=("cpp", "triton"), default=None, help="fused backends (default: cpp on cpu, triton on cuda)")
+    parser.add_argument("--impl", nargs="+", choices=("cpp", "triton", "cuda"), default=None, help="fused backends (default: cpp on cpu, triton and cuda on cuda)")
     parser.add_argument("--negatives", type=positive_int, default=DEFAULT_NEGATIVES, help=f"T of mode triplet (default: {DEFAULT_NEGATIVES})")
     parser.add_argument("--head-dim", type=positive_int, default=PAPER_HEAD_DIM, help=f"D (default: {PAPER_HEAD_DIM})")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions per pass; the median is reported (default: 3)")
@@ -102,7 +100,7 @@ def main() -> int:
         parser.error("--device cuda: no CUDA device is available on this machine")
 
     case_dtype = args.dtype or (torch.bfloat16 if args.device == "cuda" else torch.float32)
-    impls = args.impl or (["cpp"] if args.device == "cpu" else ["triton"])
+    impls = args.impl or (["cpp"] if args.device == "cpu" else ["triton", "cuda"])
     runnable, skipped = [], []
     for provider in ("reference", *impls):
         reason = skip_reason("correspondence", provider, args.device) or dtype_skip_reason("correspondence", provider, case_dtype)
@@ -128,27 +126,17 @@ def main() -> int:
     # Each (mode, size) with its reference next to it, smallest first.
     cases.sort(key=lambda case: (case.mode, case.n))
     results = run_benchmarks(cases, repeats=args.repeats, warmup=args.warmup)
-
-    headers, rows = bench_table(results)
-    keep = [i for i, header in enumerate(headers) if not header.endswith("/sdpa")]  # no SDPA baseline for a loss
-    headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
-    notes = [*skipped, *goal_lines(results)]
-    print(format_table(headers, rows))
-    print("\n" + "\n".join([LEGEND, *notes]))
-
-    if not args.no_write:
-        env = machine.describe(args.device)
-        body = "\n\n".join([
-            f"## Correspondence loss, {args.device}, {str(case_dtype).removeprefix('torch.')}, D = {args.head_dim}",
-            f"{machine.summary(env)}.  \nCommand: `{env['command']}`",
-            "Correctness first (sketchcolor.verify rule, float64 reference):\n" + "\n".join(f"- {line}" for line in check_lines),
-            markdown_table(headers, rows),
-            "\n".join([LEGEND, *(f"- {note}" for note in notes)]),
-        ])
-        write_section(RESULTS, f"bench_correspondence {args.device}", body)
-        print(f"wrote the 'bench_correspondence {args.device}' section of {RESULTS}")
-    failed = [r for r in results if r.error is not None and not r.out_of_memory]
-    return 1 if failed else 0
+    return publish(
+        results,
+        title=f"Correspondence loss, {args.device}, {str(case_dtype).removeprefix('torch.')}, D = {args.head_dim}",
+        section=f"bench_correspondence {args.device}",
+        device=args.device,
+        check_lines=check_lines,
+        legend=LEGEND,
+        notes=[*skipped, *goal_lines(results)],
+        results_path=RESULTS,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

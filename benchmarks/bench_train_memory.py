@@ -6,11 +6,12 @@ and attention backend, each case in a fresh process.
     python benchmarks/bench_train_memory.py --device cuda --attn reference triton cuda
 
 Every case runs the real training step (sketchcolor.train.train_step with the paper's model
-and losses, VGG terms off) on a random batch in its own subprocess, so its peak is its own:
-on CPU the peak resident set size (ru_maxrss, which includes the weights, Adam state and the
-interpreter), on CUDA torch.cuda.max_memory_allocated. The time is that of the last of
-``--steps`` steps (the first one allocates). The table is printed and written, with the
-machine, date and command, to this script's section of benchmarks/RESULTS.md.
+and losses, VGG terms off) on a random batch in its own subprocess
+(sketchcolor.benchmarking.memory.run_in_child), so its peak is its own: on CPU the peak
+resident set size (VmHWM, which includes the weights, Adam state and the interpreter), on CUDA
+torch.cuda.max_memory_allocated. The time is that of the last of ``--steps`` steps (the first
+one allocates). The table is printed and written, with the machine, date and command, to this
+script's section of benchmarks/RESULTS.md.
 
 Goal: at 512x512 with SCFT at 1/4 (16,384 tokens) the cpp step's peak memory is at most 0.4x
 the reference step's (which materializes the 16,384 x 16,384 attention and score matrices).
@@ -20,24 +21,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import torch
+
+from sketchcolor.benchmarking import machine
+from sketchcolor.benchmarking.memory import run_in_child
+from sketchcolor.benchmarking.results_file import write_section
+from sketchcolor.models import ModelConfig
+from sketchcolor.train import TrainConfig, build_loss, build_models, build_optimizers, seed_everything, train_step
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 TARGET = {"size": 512, "scft_stride": 4, "ratio": 0.4}
 
 
 def run_case(size: int, scft_stride: int, attn: str, batch_size: int, width: int, steps: int, device_name: str) -> dict:
-    """One case in this process; returns its measurements."""
-    import torch
-
-    from sketchcolor.models import ModelConfig
-    from sketchcolor.train import TrainConfig, build_loss, build_models, build_optimizers, seed_everything, train_step
-
+    """One case in this process (a run_in_child child): the time of its last step and, on CUDA,
+    its peak allocated memory (the child's peak RSS is the CPU measure)."""
     device = torch.device(device_name)
     config = TrainConfig(size=size, batch_size=batch_size, attn=attn, device=device_name, model=ModelConfig(width=width, scft_stride=scft_stride))
     seed_everything(0)
@@ -64,27 +65,20 @@ def run_case(size: int, scft_stride: int, attn: str, batch_size: int, width: int
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-    if device.type == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"peak_mib": peak_mib, "step_seconds": seconds}
+    cuda_peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"step_seconds": seconds, "cuda_peak_bytes": cuda_peak_bytes}
 
 
 def run_in_subprocess(case: dict, args: argparse.Namespace) -> dict:
-    command = [
-        sys.executable, __file__, "--case", json.dumps(case), "--batch-size", str(args.batch_size),
-        "--width", str(args.width), "--steps", str(args.steps), "--device", args.device,
-    ]  # fmt: skip
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {**case, "status": f"timeout ({args.timeout} s)"}
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines()
-        reason = "killed (out of memory?)" if result.returncode < 0 else (lines[-1] if lines else f"exit {result.returncode}")
-        return {**case, "status": reason[:80]}
-    return {**case, **json.loads(result.stdout.strip().splitlines()[-1]), "status": "ok"}
+    run = run_in_child(
+        run_case, timeout=args.timeout, **case, batch_size=args.batch_size, width=args.width, steps=args.steps, device_name=args.device
+    )
+    if run.error is not None:
+        return {**case, "status": run.error[:80]}  # a table cell, not a log
+    cuda_peak_bytes = run.returned["cuda_peak_bytes"]
+    # On CUDA the step's tensors are in GPU memory, which the process's RSS does not count.
+    peak_bytes = run.peak_rss_bytes if cuda_peak_bytes is None else cuda_peak_bytes
+    return {**case, "peak_mib": peak_bytes / 2**20, "step_seconds": run.returned["step_seconds"], "status": "ok"}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -115,13 +109,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case (default: 1800)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
-    parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.case:
-        case = json.loads(args.case)
-        print(json.dumps(run_case(case["size"], case["scft_stride"], case["attn"], args.batch_size, args.width, args.steps, args.device)))
-        return
 
     rows = []
     for size in args.sizes:
@@ -133,14 +121,10 @@ def main() -> None:
     table = format_table(rows)
     print(table)
     if not args.no_write:
-        from sketchcolor.benchmarking.machine import describe, summary
-        from sketchcolor.benchmarking.results_file import write_section
-
-        info = describe(args.device)
         owner = f"bench_train_memory {args.device}"
         body = (
             f"## Training step memory, {args.device}\n\n"
-            f"{summary(info)}.  \nCommand: `{info['command']}`\n\n"
+            f"{machine.provenance(args.device)}\n\n"
             f"One D step + G step of the paper's model (width {args.width}, D = {62 * args.width}) at batch {args.batch_size}, "
             f"all losses but VGG's; peak: {'peak RSS of a fresh process per case (interpreter and weights included)' if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}; "
             f"step s: the last of {args.steps} steps.\n"

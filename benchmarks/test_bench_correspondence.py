@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of the correspondence loss: the reference against cpp (CPU) and triton
+"""pytest-benchmark suite of the correspondence loss: the reference against cpp (CPU), triton and cuda
 (GPU), forward+backward, every mode, N = M in 1024, 4096, 16384, D = 992.
 
     pytest benchmarks/test_bench_correspondence.py --benchmark-only            # every case (long)
@@ -20,7 +20,7 @@ from sketchcolor.benchmarking.memory import measure_peak_memory
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 SIZES = (1024, 4096, 16384)
-PROVIDERS = ("reference", "cpp", "triton")
+PROVIDERS = ("reference", "cpp", "triton", "cuda")
 
 
 @pytest.mark.parametrize("n", SIZES)

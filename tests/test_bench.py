@@ -1,7 +1,11 @@
-"""``sketchcolor bench`` on CPU with tiny sizes, the FLOP counts, and the RESULTS.md sections."""
+"""``sketchcolor bench`` on CPU with tiny sizes, the FLOP counts, the RESULTS.md sections and the
+peak RSS of a function run in a child process."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -9,8 +13,11 @@ from PIL import Image
 
 from sketchcolor import cli
 from sketchcolor.benchmarking import cases
+from sketchcolor.benchmarking.memory import CPU_METHOD, PeakMemory
+from sketchcolor.benchmarking.report import publish
 from sketchcolor.benchmarking.results_file import write_section
-from sketchcolor.benchmarking.suite import run_benchmarks
+from sketchcolor.benchmarking.suite import BenchResult, run_benchmarks
+from sketchcolor.benchmarking.timing import Timing
 
 
 def test_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
@@ -84,3 +91,67 @@ def test_results_sections_are_replaced_in_place(tmp_path):
     assert text.startswith("# Results\n\nwritten by hand\n")
     assert "A v1" not in text and text.count("<!-- BEGIN script_a -->") == 1
     assert text.index("A v2\nsecond line") < text.index("B v1")  # script_a kept its place
+
+
+def _bench_result(provider: str, error: str | None = None, out_of_memory: bool = False) -> BenchResult:
+    case = cases.bench_case("attention", provider, 64, head_dim=8)
+    if error is not None:
+        return BenchResult(case, PeakMemory(CPU_METHOD, error=error, out_of_memory=out_of_memory), error=error, out_of_memory=out_of_memory)
+    return BenchResult(case, PeakMemory(CPU_METHOD, 2**20, 3 * 2**20, 2 * 2**20), {"fwd": Timing(1.0, (1.0,)), "fwd+bwd": Timing(3.0, (3.0,))})
+
+
+def test_publish_prints_writes_the_section_and_returns_the_exit_status(tmp_path, capsys):
+    results_path = tmp_path / "RESULTS.md"
+    options = dict(title="Attention, cpu", section="bench_x cpu", device="cpu", check_lines=["PASS cpp float32 B1"],
+                   legend="the legend", notes=["a note"], results_path=results_path)
+    results = [_bench_result("reference"), _bench_result("cpp"), _bench_result("triton", "out of memory: 1 TiB", out_of_memory=True)]
+
+    assert publish(results, **options, write=False) == 0
+    printed = capsys.readouterr().out
+    assert "fwd+bwd GFLOP/s" in printed and "time/ref" in printed and "time/sdpa" not in printed
+    assert printed.endswith("\nthe legend\na note\n") and not results_path.exists()
+
+    assert publish(results, **options, write=True) == 0
+    assert capsys.readouterr().out.endswith(f"wrote the 'bench_x cpu' section of {results_path}\n")
+    text = results_path.read_text()
+    assert text.startswith("<!-- BEGIN bench_x cpu -->\n## Attention, cpu\n\n") and "Command: `" in text
+    assert "Correctness first (sketchcolor.verify rule, float64 reference):\n- PASS cpp float32 B1\n" in text
+    assert "| attention | cpp | float32 | 64 |" in text and text.endswith("the legend\n- a note\n<!-- END bench_x cpu -->\n")
+
+    assert publish([*results, _bench_result("cuda", "RuntimeError: broken")], **options, write=False) == 1
+
+
+def test_run_in_child_finds_a_function_of_the_running_script(tmp_path):
+    script = tmp_path / "allocate.py"
+    script.write_text(textwrap.dedent("""
+        import json
+        import time
+
+        from sketchcolor.benchmarking.memory import run_in_child
+
+
+        def allocate(mib):
+            block = bytearray(mib * 2**20)
+            block[::4096] = b"x" * len(block[::4096])  # touch every page so that it is resident
+            return {"allocated": len(block)}
+
+
+        def sleep():
+            time.sleep(60)
+            return {}
+
+
+        if __name__ == "__main__":
+            for mib in (0, 256):
+                run = run_in_child(allocate, mib=mib)
+                print(json.dumps({"returned": run.returned, "peak_rss_bytes": run.peak_rss_bytes, "error": run.error}))
+            print(run_in_child(sleep, timeout=0.5).error)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    *runs, timeout_error = proc.stdout.strip().splitlines()
+    without, with_block = (json.loads(run) for run in runs)
+    assert without["error"] is None and with_block["error"] is None
+    assert with_block["returned"] == {"allocated": 256 * 2**20}
+    # Each child's peak is its own: the block shows in the second and was never in the first.
+    assert with_block["peak_rss_bytes"] - without["peak_rss_bytes"] > 200 * 2**20
+    assert timeout_error == "the measuring process ran past the 0.5 s timeout"

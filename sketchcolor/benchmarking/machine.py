@@ -47,6 +47,13 @@ def summary(info: dict) -> str:
     return f"{info['date']} on {where}; torch {info['torch']}"
 
 
+def provenance(device: torch.device | str) -> str:
+    """The lines under a results-file section's heading: the summary of a run on ``device``, then
+    the command that made it (a Markdown line break between them)."""
+    info = describe(device)
+    return f"{summary(info)}.  \nCommand: `{info['command']}`"
+
+
 def command_line() -> str:
     """The command that started this process, as it could be typed again from the same folder."""
     program, args = sys.argv[0], sys.argv[1:]

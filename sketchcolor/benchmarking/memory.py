@@ -1,10 +1,10 @@
-"""Peak memory of one forward+backward of a case.
+"""Peak memory of one forward+backward of a case, and the peak RSS of any function run in a child.
 
-CPU: a fresh Python process per case (``python -m sketchcolor.benchmarking.memory SPEC``),
-because a process's peak RSS never goes down. The child imports torch and sketchcolor, runs
-the case once at a tiny size (lazy imports, op registration, thread pools), records its RSS
-("after imports"), runs the case and reports its peak RSS (VmHWM). What the case needed,
-inputs included, is the peak minus the RSS after imports; the raw peak is kept too.
+CPU: a fresh Python process per measurement (``python -m sketchcolor.benchmarking.memory SPEC``,
+see run_in_child), because a process's peak RSS never goes down. For a case the child imports
+torch and sketchcolor, runs the case once at a tiny size (lazy imports, op registration, thread
+pools), records its RSS ("after imports"), runs the case and reports its peak RSS (VmHWM). What
+the case needed, inputs included, is the peak minus the RSS after imports; the raw peak is kept too.
 
 CUDA: in this process. A warm-up run first (Triton autotuning allocates scratch), then
 torch.cuda.max_memory_allocated over one run, reset before the inputs are allocated; the
@@ -13,11 +13,14 @@ baseline is what was allocated at the reset.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import runpy
 import signal
 import subprocess
 import sys
 import traceback
+from typing import Callable
 
 import torch
 
@@ -36,6 +39,17 @@ class PeakMemory:
     peak_bytes: int | None = None
     raw_peak_bytes: int | None = None
     baseline_bytes: int | None = None
+    error: str | None = None
+    out_of_memory: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildRun:
+    """What the function given to run_in_child returned and the child's peak RSS, or, when
+    ``error`` is set, neither and why."""
+
+    returned: dict | None = None
+    peak_rss_bytes: int | None = None
     error: str | None = None
     out_of_memory: bool = False
 
@@ -71,18 +85,51 @@ def _measure_cuda(case: Case, seed: int) -> PeakMemory:
 
 
 def _measure_in_child(case: Case, seed: int) -> PeakMemory:
-    spec = json.dumps({"case": case.to_json(), "seed": seed, "threads": torch.get_num_threads()})
-    proc = subprocess.run([sys.executable, "-m", __name__, spec], capture_output=True, text=True)
+    run = run_in_child(_run_case_after_warmup, case=case.to_json(), seed=seed)
+    if run.error is not None:
+        return PeakMemory(CPU_METHOD, error=run.error, out_of_memory=run.out_of_memory)
+    rss_after_imports = run.returned["rss_after_imports"]
+    return PeakMemory(CPU_METHOD, run.peak_rss_bytes - rss_after_imports, run.peak_rss_bytes, rss_after_imports)
+
+
+def _run_case_after_warmup(case: dict, seed: int) -> dict:
+    """measure_peak_memory's work in the child: a warm-up at a tiny size, then the case; returns
+    the RSS between the two, what the process holds before the case allocates anything."""
+    case = Case.from_json(case)
+    _run_once(dataclasses.replace(case, n=min(case.n, _WARMUP_SIZE), m=min(case.m, _WARMUP_SIZE)), seed)
+    rss_after_imports = _proc_status_bytes("VmRSS")
+    _run_once(case, seed)
+    return {"rss_after_imports": rss_after_imports}
+
+
+def run_in_child(function: Callable[..., dict], *, timeout: float | None = None, **kwargs) -> ChildRun:
+    """``function(**kwargs)`` in a fresh Python process: what it returned and the process's peak RSS.
+
+    The child finds ``function`` by its name in its module, so it must be defined at the top level
+    of an importable module or of the script this process runs (``__main__``, executed again in
+    the child under another name, so its ``if __name__ == "__main__"`` part does not run).
+    ``kwargs`` and the returned dict travel as JSON. The child uses this process's torch thread
+    count. Past ``timeout`` seconds the child is killed and the run fails.
+    """
+    if function.__module__ == "__main__":
+        location = {"script": sys.modules["__main__"].__file__}
+    else:
+        location = {"module": function.__module__}
+    spec = json.dumps({**location, "function": function.__name__, "kwargs": kwargs, "threads": torch.get_num_threads()})
+    try:
+        proc = subprocess.run([sys.executable, "-m", __name__, spec], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return ChildRun(error=f"the measuring process ran past the {timeout:g} s timeout")
     lines = proc.stdout.strip().splitlines()
     report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
     if proc.returncode == 0 and report is not None:
-        return PeakMemory(CPU_METHOD, report["peak_rss"] - report["rss_after_imports"], report["peak_rss"], report["rss_after_imports"])
+        return ChildRun(report["returned"], report["peak_rss"])
     if report is not None:  # the child caught the error and said what it was
-        return PeakMemory(CPU_METHOD, error=report["error"], out_of_memory=report["out_of_memory"])
+        return ChildRun(error=report["error"], out_of_memory=report["out_of_memory"])
     if proc.returncode == -signal.SIGKILL:
-        return PeakMemory(CPU_METHOD, error="the measuring process was killed (SIGKILL): out of memory?", out_of_memory=True)
+        return ChildRun(error="the measuring process was killed (SIGKILL): out of memory?", out_of_memory=True)
     detail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    return PeakMemory(CPU_METHOD, error=f"the measuring process failed: {detail}")
+    return ChildRun(error=f"the measuring process failed: {detail}")
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -96,19 +143,20 @@ def _proc_status_bytes(field: str) -> int:
 
 def _child_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
-    case, seed = Case.from_json(spec["case"]), spec["seed"]
     torch.set_num_threads(spec["threads"])
+    if "script" in spec:
+        function = runpy.run_path(spec["script"])[spec["function"]]
+    else:
+        function = getattr(importlib.import_module(spec["module"]), spec["function"])
     try:
-        _run_once(dataclasses.replace(case, n=min(case.n, _WARMUP_SIZE), m=min(case.m, _WARMUP_SIZE)), seed)
-        rss_after_imports = _proc_status_bytes("VmRSS")
-        _run_once(case, seed)
+        returned = function(**spec["kwargs"])
         peak_rss = _proc_status_bytes("VmHWM")
     except (RuntimeError, MemoryError) as error:
         traceback.print_exc()
         out_of_memory = isinstance(error, MemoryError) or "can't allocate memory" in str(error)
         print(json.dumps({"error": str(error).splitlines()[0], "out_of_memory": out_of_memory}))
         return 1
-    print(json.dumps({"rss_after_imports": rss_after_imports, "peak_rss": peak_rss}))
+    print(json.dumps({"returned": returned, "peak_rss": peak_rss}))
     return 0
 
 

@@ -50,8 +50,11 @@ def _plot(results, path, ylabel: str, lines) -> None:
     for ax, variant in zip(axes, variants):
         for color_index, provider in enumerate(providers):
             for label, style, value in lines:
+                # A log axis cannot show 0 (a tiny case can peak at 0 MiB above the baseline RSS).
                 points = sorted(
-                    (r.case.n, value(r)) for r in results if r.case.variant == variant and r.case.provider == provider and value(r) is not None
+                    (r.case.n, value(r))
+                    for r in results
+                    if r.case.variant == variant and r.case.provider == provider and (value(r) or 0) > 0
                 )
                 if points:
                     name = provider if len(lines) == 1 else f"{provider} {label}"

@@ -1,4 +1,4 @@
-"""Benchmark results as a text table, a Markdown table and JSON.
+"""Benchmark results as a text table, a Markdown table, JSON and a section of a results file.
 
 Rates use the FLOP counts of cases.flops: GFLOP/s on CPU, TFLOP/s on GPU. Ratios divide a
 row's fwd+bwd time and peak memory by those of torch_sdpa and of the reference at the same
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from . import machine
 from .cases import Case, flops
+from .results_file import write_section
 from .suite import BenchResult
 
 BASELINE_COLUMNS = (("torch_sdpa", "sdpa"), ("reference", "ref"))
@@ -66,6 +68,42 @@ def bench_table(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]
         row.append(result.error or "")
         rows.append(row)
     return headers, rows
+
+
+def publish(
+    results: list[BenchResult],
+    *,
+    title: str,
+    section: str,
+    device: str,
+    check_lines: list[str],
+    legend: str,
+    notes: list[str],
+    results_path: Path | str,
+    write: bool,
+) -> int:
+    """Print the bench table of ``results``, ``legend`` and ``notes``; if ``write``, also put them,
+    under the heading ``title`` with the machine, the command and the correctness check's
+    ``check_lines``, into the section ``section`` of the Markdown file ``results_path``.
+
+    Returns the exit status of the benchmark: 1 if a case failed other than by running out of
+    memory (an oversized case is a result, a broken one is not), else 0.
+    """
+    headers, rows = bench_table(results)
+    print(format_table(headers, rows))
+    print("\n" + "\n".join([legend, *notes]))
+    if write:
+        body = "\n\n".join([
+            f"## {title}",
+            machine.provenance(device),
+            "Correctness first (sketchcolor.verify rule, float64 reference):\n" + "\n".join(f"- {line}" for line in check_lines),
+            markdown_table(headers, rows),
+            "\n".join([legend, *(f"- {note}" for note in notes)]),
+        ])
+        write_section(results_path, section, body)
+        print(f"wrote the '{section}' section of {results_path}")
+    failed = [r for r in results if r.error is not None and not r.out_of_memory]
+    return 1 if failed else 0
 
 
 def baseline_ratios(result: BenchResult, results: list[BenchResult]) -> dict[str, float | None]:
