@@ -209,6 +209,17 @@ __device__ __forceinline__ void warp_mma_k16_nk(float (&acc)[kMt][kNt][4], uint3
   }
 }
 
+// acc += A B^T over a whole kChunk-wide chunk of the shared dimension: the k16 steps of
+// warp_mma_k16_nk. The score products q k^T of every kernel that streams D in chunks.
+template <typename T, int kMt, int kNt, int kChunk>
+__device__ __forceinline__ void warp_mma_chunk_nk(float (&acc)[kMt][kNt][4], uint32_t a_tile, int a_pitch, int m0,
+                                                  uint32_t b_tile, int b_pitch, int n0, int lane) {
+  static_assert(kChunk % 16 == 0, "chunks are whole k16 steps");
+#pragma unroll
+  for (int kk = 0; kk < kChunk; kk += 16)
+    warp_mma_k16_nk<T, kMt, kNt>(acc, a_tile, a_pitch, m0, b_tile, b_pitch, n0, kk, lane);
+}
+
 // acc += A * B with B stored [k][n] (n contiguous) and A stored [m][k] (kAKContig) or [k][m].
 template <typename T, int kMt, int kNt, bool kAKContig>
 __device__ __forceinline__ void warp_mma_k16_kn(float (&acc)[kMt][kNt][4], uint32_t a_tile, int a_pitch, int m0,
@@ -255,6 +266,17 @@ __device__ __forceinline__ void store_pair(uint16_t* row_ptr, int col, int col_l
     if (col < col_limit) row_ptr[col] = Elem<T>::from_float(v0);
     if (col + 1 < col_limit) row_ptr[col + 1] = Elem<T>::from_float(v1);
   }
+}
+
+// The step a consumer of a kStages-deep cp.async stage ring takes before reading job j's stage:
+// j's copies have landed for this thread (at most kStages - 2 newer groups stay in flight), the
+// barrier makes them visible to every warp and says every warp is done with job j - 1, whose stage
+// `issue_next` then refills (it commits one group, empty past the last job).
+template <int kStages, typename IssueNext>
+__device__ __forceinline__ void ring_wait_and_refill(IssueNext& issue_next) {
+  cp_async_wait<kStages - 2>();
+  __syncthreads();
+  issue_next();
 }
 
 // sum_c a[c] * b[c] for c < n in fp32, computed by one warp and returned to every lane. Lanes read

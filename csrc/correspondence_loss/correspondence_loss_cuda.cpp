@@ -21,6 +21,7 @@
 #include "correspondence_loss/correspondence_loss.h"
 #include "correspondence_loss/correspondence_loss_checks.h"
 #include "scft_attention/scft_attention.h"
+#include "scft_attention/scft_attention_binding.h"
 
 namespace sketchcolor {
 namespace {
@@ -224,24 +225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
   at::Tensor attn = at::empty({batch, 1, n, value_dim}, f32);
   at::Tensor lse = at::empty({batch, 1, n}, f32);
   {
-    scft::ScftAttnFwdParams p{};
-    p.q = q4.data_ptr();
-    p.k = p.v = k4.data_ptr();
+    // v = the first value_dim columns of k: the same rows and strides.
+    scft::ScftAttnFwdParams p = scft_fwd_params(q4, k4, k4.narrow(3, 0, value_dim), scale);
     p.out_f32 = attn.data_ptr<float>();
     p.lse = lse.data_ptr<float>();
-    p.q_stride_b = q4.stride(0);
-    p.q_stride_h = q4.stride(1);
-    p.q_stride_row = q4.stride(2);
-    p.k_stride_b = p.v_stride_b = k4.stride(0);
-    p.k_stride_h = p.v_stride_h = k4.stride(1);
-    p.k_stride_row = p.v_stride_row = k4.stride(2);
-    p.batch = static_cast<int>(batch);
-    p.heads = 1;
-    p.n_queries = static_cast<int>(n);
-    p.n_keys = static_cast<int>(m);
-    p.head_dim = static_cast<int>(d);
-    p.value_dim = static_cast<int>(value_dim);
-    p.scale = static_cast<float>(scale);
     check_launch(scft::scft_attn_fwd_cuda(p, kernel_dtype(q), stream), kOp);
   }
 
@@ -269,26 +256,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
   {
     const scft::ScftBwdWorkspacePlan plan = scft::scft_bwd_workspace_plan(batch, n, m, d, d);
     at::Tensor probs = at::empty({batch, 1, n, plan.key_chunk}, q.options());
-    scft::ScftAttnBwdParams p{};
-    p.grad_out = p.q = q4.data_ptr();
-    p.k = k4.data_ptr();
-    p.lse = lse_masked.data_ptr<float>();
-    p.grad_out_stride_b = p.q_stride_b = q4.stride(0);
-    p.grad_out_stride_h = p.q_stride_h = q4.stride(1);
-    p.grad_out_stride_row = p.q_stride_row = q4.stride(2);
-    p.k_stride_b = k4.stride(0);
-    p.k_stride_h = k4.stride(1);
-    p.k_stride_row = k4.stride(2);
+    // grad_out = q: P^T q.
+    scft::ScftAttnBwdParams p = scft_bwd_params(q4, q4, k4, lse_masked, probs, scale);
     p.grad_v_f32 = grad_k.data_ptr<float>();
-    p.probs = probs.data_ptr();
-    p.key_chunk = plan.key_chunk;
-    p.batch = static_cast<int>(batch);
-    p.heads = 1;
-    p.n_queries = static_cast<int>(n);
-    p.n_keys = static_cast<int>(m);
-    p.head_dim = static_cast<int>(d);
-    p.value_dim = static_cast<int>(d);
-    p.scale = static_cast<float>(scale);
     check_launch(scft::scft_attn_bwd_dv_cuda(p, kernel_dtype(q), stream), kOp);
   }
   // grad_k[pos_i] -= q_i for the queries with a pos.

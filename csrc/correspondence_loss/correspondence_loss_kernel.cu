@@ -201,17 +201,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) corr_hard
     zero_acc(acc);
 #pragma unroll 1
     for (int step = 0; step < qk_jobs; ++step, ++job) {
-      // Job `job` has landed for this thread; the barrier publishes it and says every warp is done
-      // with job - 1, whose stage the next issue overwrites.
-      cp_async_wait<kStages - 2>();
-      __syncthreads();
-      issue_next_job();
+      ring_wait_and_refill<kStages>(issue_next_job);
       const uint32_t q_tile = stage_base + uint32_t(job % kStages) * kStageBytes;
       const uint32_t k_tile = q_tile + kBlockM * Cfg::kStride * 2;
-#pragma unroll
-      for (int kk = 0; kk < kBlockK; kk += 16)
-        warp_mma_k16_nk<T, kMt, kNt>(acc, q_tile, Cfg::kStride, warp_m * kWarpRows, k_tile, Cfg::kStride,
-                                     warp_n * kWarpKeys, kk, lane);
+      warp_mma_chunk_nk<T, kMt, kNt, kBlockK>(acc, q_tile, Cfg::kStride, warp_m * kWarpRows, k_tile, Cfg::kStride,
+                                              warp_n * kWarpKeys, lane);
     }
     // ---- fold the tile into the running maxima ----
     const int key_base = key_begin + tile * kBlockN + warp_n * kWarpKeys + quad_lane * 2;

@@ -18,6 +18,7 @@
 
 #include "common/cuda_binding.h"
 #include "scft_attention/scft_attention.h"
+#include "scft_attention/scft_attention_binding.h"
 #include "scft_attention/scft_attention_checks.h"
 
 namespace sketchcolor {
@@ -47,35 +48,15 @@ std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cuda_op(const at::Tensor& q, co
   check_kernel_limits(q, k, v, kOp);
 
   c10::cuda::OptionalCUDAGuard device_guard(q.device());
-  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), m = k.size(2);
-  const int64_t d = q.size(3), dv = v.size(3);
+  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), dv = v.size(3);
   at::Tensor out = at::empty({batch, heads, n, dv}, q.options());
   at::Tensor lse = at::empty({batch, heads, n}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};   // no queries (or B * H = 0): nothing to compute
 
   const at::Tensor qx = kernel_layout(q), kx = kernel_layout(k), vx = kernel_layout(v);
-  scft::ScftAttnFwdParams p{};
-  p.q = qx.data_ptr();
-  p.k = kx.data_ptr();
-  p.v = vx.data_ptr();
+  scft::ScftAttnFwdParams p = scft_fwd_params(qx, kx, vx, scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.q_stride_b = qx.stride(0);
-  p.q_stride_h = qx.stride(1);
-  p.q_stride_row = qx.stride(2);
-  p.k_stride_b = kx.stride(0);
-  p.k_stride_h = kx.stride(1);
-  p.k_stride_row = kx.stride(2);
-  p.v_stride_b = vx.stride(0);
-  p.v_stride_h = vx.stride(1);
-  p.v_stride_row = vx.stride(2);
-  p.batch = static_cast<int>(batch);
-  p.heads = static_cast<int>(heads);
-  p.n_queries = static_cast<int>(n);
-  p.n_keys = static_cast<int>(m);
-  p.head_dim = static_cast<int>(d);
-  p.value_dim = static_cast<int>(dv);
-  p.scale = static_cast<float>(scale);
   check_launch(scft::scft_attn_fwd_cuda(p, kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
   return {out, lse};
 }
@@ -113,43 +94,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::T
   at::Tensor grad_q_accum;
   if (plan.needs_grad_q_accum) grad_q_accum = at::empty({batch, heads, n, d}, q.options().dtype(at::kFloat));
 
-  scft::ScftAttnBwdParams p{};
-  p.grad_out = gox.data_ptr();
-  p.q = qx.data_ptr();
-  p.k = kx.data_ptr();
+  scft::ScftAttnBwdParams p = scft_bwd_params(gox, qx, kx, lse_c, probs, scale);
   p.v = vx.data_ptr();
   p.out = ox.data_ptr();
-  p.lse = lse_c.data_ptr<float>();
-  p.grad_out_stride_b = gox.stride(0);
-  p.grad_out_stride_h = gox.stride(1);
-  p.grad_out_stride_row = gox.stride(2);
-  p.q_stride_b = qx.stride(0);
-  p.q_stride_h = qx.stride(1);
-  p.q_stride_row = qx.stride(2);
-  p.k_stride_b = kx.stride(0);
-  p.k_stride_h = kx.stride(1);
-  p.k_stride_row = kx.stride(2);
-  p.v_stride_b = vx.stride(0);
-  p.v_stride_h = vx.stride(1);
-  p.v_stride_row = vx.stride(2);
-  p.out_stride_b = ox.stride(0);
-  p.out_stride_h = ox.stride(1);
-  p.out_stride_row = ox.stride(2);
+  scft_strides(vx, p.v_stride_b, p.v_stride_h, p.v_stride_row);
+  scft_strides(ox, p.out_stride_b, p.out_stride_h, p.out_stride_row);
   p.grad_q = grad_q.data_ptr();
   p.grad_k = grad_k.data_ptr();
   p.grad_v = grad_v.data_ptr();
   p.delta = delta.data_ptr<float>();
-  p.probs = probs.data_ptr();
   p.dscores = dscores.data_ptr();
   p.grad_q_accum = plan.needs_grad_q_accum ? grad_q_accum.data_ptr<float>() : nullptr;
-  p.key_chunk = plan.key_chunk;
-  p.batch = static_cast<int>(batch);
-  p.heads = static_cast<int>(heads);
-  p.n_queries = static_cast<int>(n);
-  p.n_keys = static_cast<int>(m);
-  p.head_dim = static_cast<int>(d);
-  p.value_dim = static_cast<int>(dv);
-  p.scale = static_cast<float>(scale);
   check_launch(scft::scft_attn_bwd_cuda(p, kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
   return {grad_q, grad_k, grad_v};
 }

@@ -139,19 +139,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const S
     zero_acc(acc_s);
 #pragma unroll 1
     for (int step = 0; step < qk_jobs; ++step, ++job) {
-      // Job `job` has landed for this thread; the barrier makes it visible to all and also says
-      // every warp is done with job-1, whose stage the next issue overwrites.
-      cp_async_wait<kStages - 2>();
-      __syncthreads();
-      issue_next_job();
+      ring_wait_and_refill<kStages>(issue_next_job);
       // ---- S += q_chunk k_chunk^T ----
       const uint32_t q_tile = stage_base + uint32_t(job % kStages) * kStageBytes;
       const uint32_t k_tile = q_tile + kBlockM * Cfg::kQkStride * 2;
-#pragma unroll
-      for (int kk = 0; kk < kBlockK; kk += 16) {
-        warp_mma_k16_nk<T, kMt, kNtS>(acc_s, q_tile, Cfg::kQkStride, warp_m * kWarpRows, k_tile, Cfg::kQkStride,
-                                      warp_n * kWarpKeys, kk, lane);
-      }
+      warp_mma_chunk_nk<T, kMt, kNtS, kBlockK>(acc_s, q_tile, Cfg::kQkStride, warp_m * kWarpRows, k_tile,
+                                               Cfg::kQkStride, warp_n * kWarpKeys, lane);
     }
 
     // ---- online softmax step for key tile `tile` ----
@@ -227,9 +220,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const S
 
 #pragma unroll 1
     for (int v_step = 0; v_step < kVJobs; ++v_step, ++job) {
-      cp_async_wait<kStages - 2>();
-      __syncthreads();
-      issue_next_job();
+      ring_wait_and_refill<kStages>(issue_next_job);
       // ---- O += P[:, keys of this job] v_chunk ----
       // A = the probability tile's columns [p_col0, p_col0 + kKeysPerVJob) (base address moved to
       // column p_col0, 64-byte aligned), B = rows [0, kKeysPerVJob) of the v chunk in this stage.
@@ -389,21 +380,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
 #pragma unroll 1
   for (int job = 0; job < total_jobs; ++job) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    issue_next_job();
+    ring_wait_and_refill<kStages>(issue_next_job);
     const uint32_t stage = stage_base + uint32_t(job % kStages) * kStageBytes;
     const uint32_t b_tile = stage + kBlockM * Cfg::kStride * 2;
     if (!kWithDScores || job < s_jobs) {
-#pragma unroll
-      for (int kk = 0; kk < kBlockK; kk += 16)
-        warp_mma_k16_nk<T, kMt, kNt>(acc_s, stage, Cfg::kStride, warp_m * kWarpRows, b_tile, Cfg::kStride,
-                                     warp_n * kWarpKeys, kk, lane);
+      warp_mma_chunk_nk<T, kMt, kNt, kBlockK>(acc_s, stage, Cfg::kStride, warp_m * kWarpRows, b_tile, Cfg::kStride,
+                                              warp_n * kWarpKeys, lane);
     } else {
-#pragma unroll
-      for (int kk = 0; kk < kBlockK; kk += 16)
-        warp_mma_k16_nk<T, kMt, kNt>(acc_dp, stage, Cfg::kStride, warp_m * kWarpRows, b_tile, Cfg::kStride,
-                                     warp_n * kWarpKeys, kk, lane);
+      warp_mma_chunk_nk<T, kMt, kNt, kBlockK>(acc_dp, stage, Cfg::kStride, warp_m * kWarpRows, b_tile, Cfg::kStride,
+                                              warp_n * kWarpKeys, lane);
     }
   }
   cp_async_wait<0>();
@@ -542,9 +527,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
 
 #pragma unroll 1
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    issue_next_tile();
+    ring_wait_and_refill<kStages>(issue_next_tile);
     const uint32_t stage = stage_base + uint32_t(kt % kStages) * kStageBytes;
 #pragma unroll
     for (int kk = 0; kk < kBlockK; kk += 16)

@@ -1,0 +1,66 @@
+// Parameter structs of the SCFT attention launchers (scft_attention.h) filled from torch tensors:
+// for the attention binding and for the ops built on attention (the nll correspondence loss).
+// Compiled only in CUDA builds. Tensors are the kernels' views (common/cuda_binding.h,
+// kernel_layout) of (B, H, rows, cols) operands; outputs and workspaces are the caller's to set.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "scft_attention/scft_attention.h"
+
+namespace sketchcolor {
+
+// stride_b, stride_h, stride_row <- t's strides of a (B, H, rows, cols) tensor.
+inline void scft_strides(const at::Tensor& t, int64_t& stride_b, int64_t& stride_h, int64_t& stride_row) {
+  stride_b = t.stride(0);
+  stride_h = t.stride(1);
+  stride_row = t.stride(2);
+}
+
+// Inputs, strides and sizes of the forward; out / out_f32 and lse are left null.
+inline scft::ScftAttnFwdParams scft_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               double scale) {
+  scft::ScftAttnFwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  scft_strides(q, p.q_stride_b, p.q_stride_h, p.q_stride_row);
+  scft_strides(k, p.k_stride_b, p.k_stride_h, p.k_stride_row);
+  scft_strides(v, p.v_stride_b, p.v_stride_h, p.v_stride_row);
+  p.batch = static_cast<int>(q.size(0));
+  p.heads = static_cast<int>(q.size(1));
+  p.n_queries = static_cast<int>(q.size(2));
+  p.n_keys = static_cast<int>(k.size(2));
+  p.head_dim = static_cast<int>(q.size(3));
+  p.value_dim = static_cast<int>(v.size(3));
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+// What both backward launchers read (grad_out, q, k, lse, their strides, the sizes; Dv is
+// grad_out's width) and the P workspace with its key chunk. The rest is left null.
+inline scft::ScftAttnBwdParams scft_bwd_params(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& lse, const at::Tensor& probs, double scale) {
+  scft::ScftAttnBwdParams p{};
+  p.grad_out = grad_out.data_ptr();
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  scft_strides(grad_out, p.grad_out_stride_b, p.grad_out_stride_h, p.grad_out_stride_row);
+  scft_strides(q, p.q_stride_b, p.q_stride_h, p.q_stride_row);
+  scft_strides(k, p.k_stride_b, p.k_stride_h, p.k_stride_row);
+  p.probs = probs.data_ptr();
+  p.key_chunk = static_cast<int>(probs.size(3));
+  p.batch = static_cast<int>(q.size(0));
+  p.heads = static_cast<int>(q.size(1));
+  p.n_queries = static_cast<int>(q.size(2));
+  p.n_keys = static_cast<int>(k.size(2));
+  p.head_dim = static_cast<int>(q.size(3));
+  p.value_dim = static_cast<int>(grad_out.size(3));
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+}  // namespace sketchcolor
