@@ -258,14 +258,19 @@ def test_cpp_thread_counts(threads, batch):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_cpp_deterministic(mode):
-    q, k, pos, kwargs = make_case(1, None, 300, 1100, (22, 50), 32, torch.float32, **MODES[mode])
-    pos[0, :40] = 7  # many queries share a key: the dk scatter sums many contributions into it
-    first = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="cpp", **kwargs), q, k, 1.0)
-    second = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="cpp", **kwargs), q, k, 1.0)
+def check_deterministic(q, k, pos, kwargs, impl):
+    """Two runs give bitwise equal loss and gradients; the first 40 queries share key 7, so the
+    key-gradient scatter sums many contributions into one row."""
+    pos[0, :40] = 7
+    first = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl=impl, **kwargs), q, k, 1.0)
+    second = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl=impl, **kwargs), q, k, 1.0)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cpp_deterministic(mode):
+    check_deterministic(*make_case(1, None, 300, 1100, (22, 50), 32, torch.float32, **MODES[mode]), impl="cpp")
 
 
 def check_hardest_ties(dtype, impl="cpp", device="cpu"):
@@ -317,14 +322,28 @@ def test_hardest_ties_pick_the_lowest_index(dtype):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["reference", "cpp"])
-@pytest.mark.parametrize("mode", list(MODES))
-def test_all_invalid_gives_zero_loss_and_zero_grads(mode, impl):
-    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.float32, **MODES[mode])
+def check_all_invalid(mode, impl, dtype=torch.float32, device="cpu"):
+    """Every pos is -1: a float32 loss of exactly 0 and exactly zero gradients."""
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, dtype, **MODES[mode], device=device)
     pos = torch.full_like(pos, -1)
     loss, grad_q, grad_k = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl=impl, **kwargs), q, k, 1.0)
     assert loss.item() == 0 and loss.dtype == torch.float32
     assert torch.equal(grad_q, torch.zeros_like(q)) and torch.equal(grad_k, torch.zeros_like(k))
+
+
+def check_empty(mode, impl, batch, n, dtype=torch.float32, device="cpu"):
+    """No queries (n = 0) or no batch: a loss of 0 whose backward gives k a zero gradient."""
+    q, k, pos, kwargs = make_case(batch, None, n, 6, (2, 3), 8, dtype, **MODES[mode], device=device)
+    loss = correspondence_loss(q, k, pos, impl=impl, **kwargs)
+    assert loss.item() == 0
+    loss.backward()
+    assert not k.grad.any()
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_all_invalid_gives_zero_loss_and_zero_grads(mode, impl):
+    check_all_invalid(mode, impl)
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpp"])
@@ -354,11 +373,7 @@ def test_hardest_without_candidates_is_excluded(impl):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_empty_queries_and_batches(mode):
     for batch, n in ((2, 0), (0, 5)):
-        q, k, pos, kwargs = make_case(batch, None, n, 6, (2, 3), 4, torch.float32, **MODES[mode])
-        loss = correspondence_loss(q, k, pos, impl="cpp", **kwargs)
-        assert loss.item() == 0
-        loss.backward()
-        assert not k.grad.any()
+        check_empty(mode, "cpp", batch, n)
 
 
 def test_zero_negatives_per_query():

@@ -16,10 +16,12 @@ import torch
 
 from test_correspondence_loss import (
     MODES,
+    check_all_invalid,
+    check_deterministic,
+    check_empty,
     check_hardest,
     check_hardest_ties,
     compare_with_reference,
-    loss_and_grads,
     make_case,
 )
 from sketchcolor.ops import correspondence_loss
@@ -104,30 +106,17 @@ def test_cuda_hardest_ties_pick_the_lowest_index(dtype):
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_all_invalid_gives_zero_loss_and_zero_grads(mode):
-    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.bfloat16, **MODES[mode], device=DEVICE)
-    pos = torch.full_like(pos, -1)
-    loss, grad_q, grad_k = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="cuda", **kwargs), q, k, 1.0)
-    assert loss.item() == 0 and loss.dtype == torch.float32
-    assert torch.equal(grad_q, torch.zeros_like(q)) and torch.equal(grad_k, torch.zeros_like(k))
+    check_all_invalid(mode, "cuda", dtype=torch.bfloat16, device=DEVICE)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_empty_queries(mode):
-    q, k, pos, kwargs = make_case(2, None, 0, 6, (2, 3), 8, torch.bfloat16, **MODES[mode], device=DEVICE)
-    loss = correspondence_loss(q, k, pos, impl="cuda", **kwargs)
-    assert loss.item() == 0
-    loss.backward()
-    assert not k.grad.any()
+    check_empty(mode, "cuda", 2, 0, dtype=torch.bfloat16, device=DEVICE)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_deterministic(mode):
-    q, k, pos, kwargs = make_case(1, None, 300, 70, (7, 10), 32, torch.bfloat16, **MODES[mode], device=DEVICE)
-    pos[0, :200] = 7   # many queries share a key: its gradient sums many contributions
-    first = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="cuda", **kwargs), q, k, 1.0)
-    second = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="cuda", **kwargs), q, k, 1.0)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    check_deterministic(*make_case(1, None, 300, 70, (7, 10), 32, torch.bfloat16, **MODES[mode], device=DEVICE), impl="cuda")
 
 
 def test_cuda_rejects_float32_with_a_pointer_to_other_backends():

@@ -93,6 +93,9 @@ if INTERPRETING or ON_GPU:
     DEVICE = "cpu" if INTERPRETING else "cuda"
     from test_correspondence_loss import (
         MODES,
+        check_all_invalid,
+        check_deterministic,
+        check_empty,
         check_hardest,
         check_hardest_ties,
         compare_with_reference,
@@ -137,28 +140,15 @@ if INTERPRETING or ON_GPU:
 
     @pytest.mark.parametrize("mode", list(MODES))
     def test_triton_all_invalid_gives_zero_loss_and_zero_grads(mode):
-        q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.float32, **MODES[mode], device=DEVICE)
-        pos = torch.full_like(pos, -1)
-        loss, grad_q, grad_k = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="triton", **kwargs), q, k, 1.0)
-        assert loss.item() == 0 and loss.dtype == torch.float32
-        assert torch.equal(grad_q, torch.zeros_like(q)) and torch.equal(grad_k, torch.zeros_like(k))
+        check_all_invalid(mode, "triton", device=DEVICE)
 
     @pytest.mark.parametrize("mode", list(MODES))
     def test_triton_empty_queries(mode):
-        q, k, pos, kwargs = make_case(2, None, 0, 6, (2, 3), 4, torch.float32, **MODES[mode], device=DEVICE)
-        loss = correspondence_loss(q, k, pos, impl="triton", **kwargs)
-        assert loss.item() == 0
-        loss.backward()
-        assert not k.grad.any()
+        check_empty(mode, "triton", 2, 0, device=DEVICE)
 
     @pytest.mark.parametrize("mode", list(MODES))
     def test_triton_deterministic(mode):
-        q, k, pos, kwargs = make_case(1, None, 40, 70, (7, 10), 32, torch.float32, **MODES[mode], device=DEVICE)
-        pos[0, :20] = 7  # many queries share a key: dk sums many contributions into it
-        first = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="triton", **kwargs), q, k, 1.0)
-        second = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl="triton", **kwargs), q, k, 1.0)
-        for a, b in zip(first, second):
-            assert torch.equal(a, b)
+        check_deterministic(*make_case(1, None, 40, 70, (7, 10), 32, torch.float32, **MODES[mode], device=DEVICE), impl="triton")
 
     def test_triton_rejects_float64_with_a_reason():
         q, k, pos, kwargs = make_case(1, None, 5, 6, (2, 3), 4, torch.float64, **MODES["nll"], device=DEVICE)
