@@ -312,6 +312,9 @@ __device__ __forceinline__ float warp_row_dot(const uint16_t* a, const uint16_t*
 
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
 inline bool aligned4(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 4) == 0; }
+// An element stride of 16-bit rows keeps every row 16-byte aligned (a multiple of 8 elements); it
+// matters only when its axis has more than one index.
+inline bool stride_ok(int64_t stride, int64_t extent) { return extent <= 1 || stride % 8 == 0; }
 
 // Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KiB,
 // after checking that the device can give it.

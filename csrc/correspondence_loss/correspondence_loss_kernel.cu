@@ -444,8 +444,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) corr_nll_rows_kernel(const Corr
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-bool stride_ok(int64_t stride, int64_t extent) { return extent <= 1 || stride % 8 == 0; }
-
 bool inputs_ok(const CorrInputs& in) {
   return in.q != nullptr && in.k != nullptr && in.pos != nullptr && aligned16(in.q) && aligned16(in.k) &&
          in.batch >= 1 && in.batch <= 65535 && in.n_queries >= 1 && in.n_keys >= 1 && in.head_dim >= 1 &&

@@ -28,8 +28,6 @@ using ScftDtype = KernelDtype;
 // Largest D and Dv the binding accepts. No tile shape depends on it: D and Dv are streamed
 // through shared memory in chunks; it bounds what the index arithmetic and tests reason about.
 constexpr int kMaxHeadDim = 4096;
-// Every row handed to the kernels starts on a 16-byte boundary: 8 fp16/bf16 elements.
-constexpr int kRowAlignElems = 8;
 // Shared-memory rows are padded by 8 elements (16 bytes): a row pitch of 16 * odd bytes puts the
 // 8 rows that one ldmatrix 8x8 reads into 8 distinct 16-byte bank groups (no bank conflicts).
 constexpr int kSmemPad = 8;

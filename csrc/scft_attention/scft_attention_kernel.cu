@@ -588,8 +588,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// A stride matters only when its axis has more than one index.
-bool stride_ok(int64_t stride, int64_t extent) { return extent <= 1 || (stride % kRowAlignElems) == 0; }
 bool dims_ok(int batch, int heads, int n, int m, int d, int dv) {
   const int64_t batch_heads = int64_t(batch) * heads;
   return batch >= 1 && heads >= 1 && batch_heads <= 65535 && n >= 1 && m >= 1 && d >= 1 && dv >= 1 &&
