@@ -4,6 +4,9 @@ GPU only: every test skips cleanly without a CUDA device or without a CUDA build
 Rule (tests/conftest.py): max |cuda - float64 reference| <= 2 * max |reference in the same low
 precision - float64 reference| + a small atol, for out, lse and the three gradients.
 
+Every test runs with each forward kernel the device has (the fwd_kernel fixture: mma.sync
+everywhere, wgmma on compute capability 9.0).
+
 Outputs are poisoned before the kernels write them: the op allocates them itself, so the tests
 first fill and free blocks of the CUDA caching allocator with NaN (the op's allocations of the
 same sizes reuse those blocks), and every output is checked to be finite.
@@ -33,6 +36,18 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=f"
 
 DEVICE = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
+# The forward kernels (SKETCHCOLOR_CUDA_ATTN_FWD): mma.sync on every device, wgmma on compute
+# capability 9.0, where it is also what "auto" picks.
+FWD_KERNELS = ["mma_sync", "wgmma"]
+
+
+@pytest.fixture(autouse=True, params=FWD_KERNELS)
+def fwd_kernel(request, monkeypatch):
+    """Every test runs once per forward kernel that the device has."""
+    if request.param == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma forward runs on compute capability 9.0 only")
+    monkeypatch.setenv("SKETCHCOLOR_CUDA_ATTN_FWD", request.param)
+    return request.param
 
 # (B, H or None, N, M, D, Dv): N != M, N and M from {1, 7, 97, 256, 1025}, D from {16, 64, 100, 992},
 # Dv != D except the paper's D = Dv = 992; Dv = 992 needs two 512-wide output slices in the forward.
@@ -218,6 +233,37 @@ def test_cuda_rejects_mismatched_devices_and_shapes():
     out, lse = torch.ops.sketchcolor.scft_attn_fwd(q, k, v, 0.25)
     with pytest.raises(RuntimeError, match="lse must have shape"):
         torch.ops.sketchcolor.scft_attn_bwd(out, q, k, v, out, lse[:, :, :2], 0.25)
+
+
+def test_cuda_forward_kernel_choice_is_checked(monkeypatch, fwd_kernel):
+    if fwd_kernel != FWD_KERNELS[0]:
+        pytest.skip("sets the kernel choice itself: runs once")
+    q, k, v = (t.detach() for t in make_inputs(1, 1, 5, 6, 16, 8, torch.bfloat16))
+    monkeypatch.setenv("SKETCHCOLOR_CUDA_ATTN_FWD", "hgmma")
+    with pytest.raises(RuntimeError, match="SKETCHCOLOR_CUDA_ATTN_FWD must be auto, mma_sync or wgmma, got 'hgmma'"):
+        scft_attention(q, k, v, impl="cuda")
+    if torch.cuda.get_device_capability() != (9, 0):
+        monkeypatch.setenv("SKETCHCOLOR_CUDA_ATTN_FWD", "wgmma")
+        with pytest.raises(RuntimeError, match="wgmma needs a compute capability 9.0 GPU"):
+            scft_attention(q, k, v, impl="cuda")
+
+
+def test_cuda_forward_kernels_agree(monkeypatch, fwd_kernel):
+    """auto, mma_sync and wgmma (where it runs) give outputs within the low-precision rounding of each other."""
+    if fwd_kernel != FWD_KERNELS[0]:
+        pytest.skip("sets the kernel choice itself: runs once")
+    q, k, v = (t.detach() for t in make_inputs(2, 3, 333, 517, 992, 992, torch.bfloat16))
+    results = {}
+    for choice in ["auto", *FWD_KERNELS]:
+        if choice == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+            continue
+        monkeypatch.setenv("SKETCHCOLOR_CUDA_ATTN_FWD", choice)
+        results[choice] = scft_attention(q, k, v, impl="cuda", return_lse=True)
+    base_out, base_lse = results["mma_sync"]
+    for choice, (out, lse) in results.items():
+        # Both accumulate in fp32 and round P and out to bf16: differences are a few bf16 ulps.
+        torch.testing.assert_close(out.float(), base_out.float(), atol=2e-2, rtol=2e-2, msg=choice)
+        torch.testing.assert_close(lse, base_lse, atol=1e-4, rtol=1e-5, msg=choice)
 
 
 def test_cuda_opcheck():

@@ -17,6 +17,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/kernel_dtype.h"
 
@@ -69,6 +71,39 @@ struct ScftFwdTile {
 struct ScftFwdConfigDv128 : ScftFwdTile<128> {};
 struct ScftFwdConfigDv256 : ScftFwdTile<256> {};
 struct ScftFwdConfigDv512 : ScftFwdTile<512> {};
+
+// Forward on sm_90a (scft_attention_fwd_sm90_kernel.cu): the same jobs, ring and Dv slices as
+// ScftFwdTile, with the two products on wgmma (warpgroup MMA, operands read straight from shared
+// memory) instead of mma.sync. Two warpgroups share the CTA's 64 query rows: warpgroup w computes
+// the score columns [w * kBlockN / 2, ...) of every key tile (a 64 x 64 wgmma accumulator) and owns
+// the output columns [w * kBlockDv / 2, ...) of the slice (64 x kBlockDv / 2 fp32: 128 registers
+// per thread at kBlockDv = 512). Row maxima and sums are combined across the two warpgroups through
+// shared memory; P goes through shared memory because each warpgroup's product needs all kBlockN
+// columns of it. Stage tiles use the interleaved layout of common/wgmma.cuh (no padding).
+// Jobs are twice as long as ScftFwdTile's (128-wide D chunks, 64-key V jobs): each job pays a
+// barrier, a proxy fence and a wait for its wgmma group, so fewer, longer jobs keep the tensor
+// cores busier; kStages is what fits 227 KiB beside the P tile.
+template <int kBlockDv_, int kStages_>
+struct ScftFwdSm90Tile {
+  static constexpr int kBlockM = 64;     // the M of one wgmma
+  static constexpr int kBlockN = 128;
+  static constexpr int kBlockK = 128;
+  static constexpr int kBlockDv = kBlockDv_;
+  static constexpr int kKeysPerVJob = 64;
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kThreads = kWarpgroups * 128;
+  static constexpr int kStages = kStages_;
+  static constexpr int kQkStageBytes = (kBlockM + kBlockN) * kBlockK * kElemBytes;   // q chunk, k chunk
+  static constexpr int kVStageBytes = kKeysPerVJob * kBlockDv * kElemBytes;          // v rows of the slice
+  static constexpr int kStageBytes = scft_max(kQkStageBytes, kVStageBytes);
+  // Stage ring, the probability tile (kBlockM x kBlockN), and two kWarpgroups x kBlockM fp32
+  // row-reduction buffers (partial row maxima, partial row sums).
+  static constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + size_t(kBlockM * kBlockN) * kElemBytes +
+                                       size_t(2 * kWarpgroups * kBlockM) * sizeof(float);
+};
+struct ScftFwdSm90ConfigDv128 : ScftFwdSm90Tile<128, 4> {};   // 48 KiB stages
+struct ScftFwdSm90ConfigDv256 : ScftFwdSm90Tile<256, 4> {};   // 48 KiB stages
+struct ScftFwdSm90ConfigDv512 : ScftFwdSm90Tile<512, 3> {};   // 64 KiB stages
 
 // ---------------------------------------------------------------------------------------------
 // Backward, probabilities and score gradients of one key chunk: a CTA owns a kBlockM x kBlockN
@@ -124,6 +159,9 @@ inline constexpr ScftKernelSmem kScftKernelSmemTable[] = {
     {"ScftFwdConfigDv128", ScftFwdConfigDv128::kSmemBytes},
     {"ScftFwdConfigDv256", ScftFwdConfigDv256::kSmemBytes},
     {"ScftFwdConfigDv512", ScftFwdConfigDv512::kSmemBytes},
+    {"ScftFwdSm90ConfigDv128", ScftFwdSm90ConfigDv128::kSmemBytes},
+    {"ScftFwdSm90ConfigDv256", ScftFwdSm90ConfigDv256::kSmemBytes},
+    {"ScftFwdSm90ConfigDv512", ScftFwdSm90ConfigDv512::kSmemBytes},
     {"ScftBwdProbsConfig", ScftBwdProbsConfig::kSmemBytes},
     {"ScftGemmConfig", ScftGemmConfig::kSmemBytes},
     {"ScftBwdDeltaConfig", ScftBwdDeltaConfig::kSmemBytes},
@@ -223,8 +261,26 @@ inline ScftBwdWorkspacePlan scft_bwd_workspace_plan(int64_t batch_heads, int64_t
 // cannot take, cudaErrorInvalidConfiguration when the device has too little shared memory per
 // block for a kernel), never swallowing one. All work is deterministic: no atomics.
 
-// out, lse <- attention(q, k, v).
+// Which forward kernel runs, read from the environment variable SKETCHCOLOR_CUDA_ATTN_FWD on every
+// call: unset or "auto" lets the device decide (wgmma on compute capability 9.0, H100 and H200,
+// whose code in this build is sm_90a; mma.sync elsewhere); "mma_sync" forces mma.sync, which tests
+// and benchmarks use to compare the two on one device; "wgmma" insists on wgmma.
+enum class ScftFwdKernelChoice { kAuto, kMmaSync, kWgmma, kUnknown };
+inline ScftFwdKernelChoice scft_fwd_kernel_choice() {
+  const char* choice = std::getenv("SKETCHCOLOR_CUDA_ATTN_FWD");
+  if (choice == nullptr || std::strcmp(choice, "auto") == 0) return ScftFwdKernelChoice::kAuto;
+  if (std::strcmp(choice, "mma_sync") == 0) return ScftFwdKernelChoice::kMmaSync;
+  if (std::strcmp(choice, "wgmma") == 0) return ScftFwdKernelChoice::kWgmma;
+  return ScftFwdKernelChoice::kUnknown;
+}
+
+// out, lse <- attention(q, k, v), on the kernel scft_fwd_kernel_choice() names. An unknown choice
+// is cudaErrorInvalidValue; "wgmma" on a device that is not 9.0, cudaErrorInvalidDeviceFunction.
 cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& params, ScftDtype dtype, cudaStream_t stream);
+
+// The wgmma forward alone, for parameters scft_attn_fwd_cuda has validated, on a 9.0 device; its
+// kernels are built for sm_90a only (elsewhere their bodies trap).
+cudaError_t scft_attn_fwd_sm90_cuda(const ScftAttnFwdParams& params, ScftDtype dtype, cudaStream_t stream);
 
 // grad_q, grad_k, grad_v <- backward. Enqueues: Delta; then per key chunk: P and dS, the grouped
 // GEMM dV/dK for the chunk's keys, and the GEMM dQ (+)= scale dS k_chunk.

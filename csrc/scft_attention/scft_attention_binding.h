@@ -5,8 +5,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "scft_attention/scft_attention.h"
 
@@ -61,6 +63,22 @@ inline scft::ScftAttnBwdParams scft_bwd_params(const at::Tensor& grad_out, const
   p.value_dim = static_cast<int>(grad_out.size(3));
   p.scale = static_cast<float>(scale);
   return p;
+}
+
+// The forward kernel the environment asks for exists for this device (scft_fwd_kernel_choice).
+inline void check_fwd_kernel_choice(const at::Tensor& q, const char* op) {
+  const scft::ScftFwdKernelChoice choice = scft::scft_fwd_kernel_choice();
+  TORCH_CHECK(choice != scft::ScftFwdKernelChoice::kUnknown, op,
+              " (cuda backend): SKETCHCOLOR_CUDA_ATTN_FWD must be auto, mma_sync or wgmma, got '",
+              std::getenv("SKETCHCOLOR_CUDA_ATTN_FWD"), "'");
+  if (choice == scft::ScftFwdKernelChoice::kWgmma) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()));
+    TORCH_CHECK(major == 9 && minor == 0, op,
+                " (cuda backend): SKETCHCOLOR_CUDA_ATTN_FWD=wgmma needs a compute capability 9.0 GPU (H100, H200); ",
+                q.device(), " is ", major, ".", minor);
+  }
 }
 
 }  // namespace sketchcolor

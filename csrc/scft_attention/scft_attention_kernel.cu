@@ -13,8 +13,9 @@
 //   scft_gemm_kernel            the backward's products over the chunk workspaces:
 //                               dV = P^T dO, dK = scale dS^T q (one grouped launch), dQ += scale dS k
 //
-// Matrix products use mma.sync.m16n8k16 with fp32 accumulators on both sm_80 and sm_90a (HMMA in
-// SASS), operands fed by ldmatrix from shared memory that cp.async fills several stages ahead.
+// Matrix products use mma.sync.m16n8k16 with fp32 accumulators (HMMA in SASS), operands fed by
+// ldmatrix from shared memory that cp.async fills several stages ahead. On compute capability 9.0
+// the forward runs the wgmma kernel of scft_attention_fwd_sm90_kernel.cu instead.
 #include "scft_attention/scft_attention.h"
 
 #include <cstdint>
@@ -783,6 +784,24 @@ bool bwd_common_ok(const ScftAttnBwdParams& p) {
          stride_ok(p.k_stride_b, p.batch) && stride_ok(p.k_stride_h, p.heads) && stride_ok(p.k_stride_row, p.n_keys);
 }
 
+// Whether the wgmma forward runs (see scft_fwd_kernel_choice).
+cudaError_t pick_fwd_kernel(bool* use_wgmma) {
+  const ScftFwdKernelChoice choice = scft_fwd_kernel_choice();
+  if (choice == ScftFwdKernelChoice::kUnknown) return cudaErrorInvalidValue;
+  if (choice == ScftFwdKernelChoice::kMmaSync) {
+    *use_wgmma = false;
+    return cudaSuccess;
+  }
+  int device = 0, major = 0, minor = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return err;
+  *use_wgmma = major == 9 && minor == 0;
+  if (choice == ScftFwdKernelChoice::kWgmma && !*use_wgmma) return cudaErrorInvalidDeviceFunction;
+  return cudaSuccess;
+}
+
 }  // namespace
 
 cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& p, ScftDtype dtype, cudaStream_t stream) {
@@ -796,6 +815,11 @@ cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& p, ScftDtype dtype, cuda
       !stride_ok(p.k_stride_h, p.heads) || !stride_ok(p.k_stride_row, p.n_keys) ||
       !stride_ok(p.v_stride_b, p.batch) || !stride_ok(p.v_stride_h, p.heads) || !stride_ok(p.v_stride_row, p.n_keys))
     return cudaErrorInvalidValue;
+  if (dtype != ScftDtype::kFloat16 && dtype != ScftDtype::kBFloat16) return cudaErrorInvalidValue;
+  bool use_wgmma = false;
+  const cudaError_t err = pick_fwd_kernel(&use_wgmma);
+  if (err != cudaSuccess) return err;
+  if (use_wgmma) return scft_attn_fwd_sm90_cuda(p, dtype, stream);
   switch (dtype) {
     case ScftDtype::kFloat16:
       return fwd_dispatch<__half>(p, stream);

@@ -1,0 +1,204 @@
+// Warpgroup matrix products for sm_90a (wgmma.mma_async, HGMMA in SASS): the shared-memory operand
+// layout they read, its descriptors, the instructions with fp32 accumulators, and the fences that
+// order them against ordinary register and shared-memory accesses.
+//
+// Device code and the CUDA runtime only, no torch header. The wgmma primitives exist only when the
+// device pass targets sm_90a (__CUDA_ARCH_FEAT_SM90_ALL): a kernel that uses them guards its body
+// the same way, so that the sm_80 pass of the same file never sees them.
+//
+// Operand layout ("interleaved", the descriptor's no-swizzle mode). A kRows x kCols tile of 16-bit
+// elements is stored as 8 x 8 core matrices of 128 contiguous bytes (8 rows of 16 bytes); core
+// (row / 8, col / 8) starts at ((row / 8) * (kCols / 8) + col / 8) * 128 bytes. So, in bytes:
+//   next core along the columns: 128;  next core along the rows: kCols / 8 * 128.
+// wgmma names the two strides by the product's dimensions: LBO is the step between cores along K,
+// SBO the step along M or N. A K-major operand (q, k, P: rows are M or N, columns are K) therefore
+// has LBO = 128 and SBO = kCols / 8 * 128; an MN-major operand (v: rows are K = keys, columns are
+// N = value columns, read with the transpose flag) has LBO = kCols / 8 * 128 and SBO = 128.
+// Why not a swizzled layout: those are made for the bulk tensor copy (TMA); tiles here are filled
+// by 16-byte cp.async, and this layout makes that copy conflict-free (below) with no swizzle math.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/tile_mma.cuh"
+
+namespace sketchcolor {
+namespace tiles {
+
+// Copies a kRows x kCols tile (2-byte elements, columns contiguous in global memory) whose
+// top-left element is (row0, col0) of the matrix at `gmem` (row pitch `row_stride` elements) into
+// shared memory at `smem_tile` in the interleaved layout. Rows >= row_limit and columns >=
+// col_limit are zero-filled, like load_tile_async. Piece p (16 bytes) lands at byte 16 p, so eight
+// consecutive threads fill one core matrix (8 rows of one 16-byte column piece): 128 contiguous
+// bytes, a conflict-free shared-memory wavefront. A warp reads 4 consecutive pieces (two whole
+// 32-byte sectors) of each of 8 rows.
+// Requires gmem 16-byte aligned and row_stride, col0 multiples of 8 (launchers check this).
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void load_tile_interleaved_async(uint32_t smem_tile, const uint16_t* gmem,
+                                                            int64_t row_stride, int row0, int row_limit, int col0,
+                                                            int col_limit, int tid) {
+  static_assert(kRows % 8 == 0 && kCols % 8 == 0, "tiles are whole 8 x 8 core matrices");
+  constexpr int kPiecesPerRow = kCols / 8;
+  constexpr int kPieces = kRows * kPiecesPerRow;
+  constexpr int kCoresPerPass = kThreads / 8;   // core matrices the CTA fills per pass
+  static_assert(kThreads % 8 == 0 && kPieces % kThreads == 0, "every thread copies the same number of pieces");
+  static_assert(kCoresPerPass % kPiecesPerRow == 0 || kPiecesPerRow % kCoresPerPass == 0,
+                "a pass covers whole core rows, or a row is whole passes");
+  // Pass i copies piece tid + i * kThreads: core tid / 8 + i * kCoresPerPass. Under the assert
+  // above, its row and column are this thread's first ones plus compile-time offsets, so the
+  // loop needs one base address and no division per piece.
+  const int first_core = tid >> 3;
+  const int row = (first_core / kPiecesPerRow) * 8 + (tid & 7);
+  const int col = col0 + (first_core % kPiecesPerRow) * 8;
+  const uint16_t* base = gmem + (int64_t(row0 + row) * row_stride + col);
+#pragma unroll
+  for (int i = 0; i < kPieces / kThreads; ++i) {
+    const int pass_core = i * kCoresPerPass;
+    const int row_offset = (pass_core / kPiecesPerRow) * 8;
+    const int col_offset = (pass_core % kPiecesPerRow) * 8;
+    int bytes = (col_limit - (col + col_offset)) * 2;
+    bytes = bytes < 0 ? 0 : (bytes > 16 ? 16 : bytes);
+    if (row0 + row + row_offset >= row_limit) bytes = 0;
+    // A piece with no bytes to read still names a valid address (the matrix base).
+    const uint16_t* src = bytes > 0 ? base + (int64_t(row_offset) * row_stride + col_offset) : gmem;
+    cp_async_16(smem_tile + uint32_t(tid + i * kThreads) * 16u, src, bytes);
+  }
+}
+
+// Byte offset of element (row, col) in an interleaved tile with kCols columns.
+template <int kCols>
+__device__ __forceinline__ uint32_t interleaved_offset(int row, int col) {
+  return uint32_t(((row >> 3) * (kCols / 8) + (col >> 3)) * 128 + (row & 7) * 16 + (col & 7) * 2);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
+
+// Shared-memory matrix descriptor: start address, LBO and SBO in 16-byte units (bits 0-13, 16-29,
+// 32-45), base offset 0 and swizzle mode 0 (bits 49-51, 62-63). Shared addresses are below 256 KiB,
+// so 14 bits hold them.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(lbo_bytes >> 4) << 16) | (uint64_t(sbo_bytes >> 4) << 32);
+}
+
+// Orders this thread's earlier register accesses (accumulators it zeroed or rescaled) before the
+// warpgroup's next wgmma.mma_async; every warp of the warpgroup issues it.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Makes this thread's ordinary shared-memory writes (cp.async copies, st.shared) visible to the
+// async proxy that wgmma reads shared memory through; a barrier after it publishes them to the
+// whole warpgroup's wgmma.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// wgmma writes its accumulators asynchronously, between the instruction and wgmma_wait, while the
+// compiler sees the write at the instruction. After the wait, this pins every accumulator register
+// so that no read of it is scheduled before the wait.
+template <int kRegs>
+__device__ __forceinline__ void fence_registers(float (&r)[kRegs]) {
+#pragma unroll
+  for (int i = 0; i < kRegs; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// What a consumer of a kStages-deep cp.async ring does before wgmma reads job j's stage: waits for
+// its own copies of job j (at most kStages - 2 newer groups stay in flight), makes them and any
+// shared memory it wrote since the last barrier visible to the async proxy that wgmma reads through,
+// and meets the other threads at a barrier. Unlike ring_wait_and_refill the refill is the caller's:
+// it issues job j's wgmma first, then refills the stage of job j - 1 (whose wgmma group every thread
+// waited for before this barrier) while the tensor cores run.
+template <int kStages>
+__device__ __forceinline__ void ring_wait_for_wgmma() {
+  cp_async_wait<kStages - 2>();
+  fence_proxy_async_smem();
+  __syncthreads();
+}
+
+#define SKETCHCOLOR_WGMMA_D32                                                              \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define SKETCHCOLOR_WGMMA_D64                                                              \
+  SKETCHCOLOR_WGMMA_D32 ", "                                                               \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "       \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define SKETCHCOLOR_WGMMA_D128                                                             \
+  SKETCHCOLOR_WGMMA_D64 ", "                                                               \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "       \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "       \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, " \
+  "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, "   \
+  "%125, %126, %127"
+// D += A B with A and B from shared memory (descriptors %A and %B), the scale-d predicate always
+// true (accumulate), A and B unscaled, A K-major, B transposed when %TB is 1.
+#define SKETCHCOLOR_WGMMA_SS(SHAPE_AND_TYPES, DREGS, A, B, TB)                       \
+  "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, 1, 0;\nwgmma.mma_async.sync.aligned." \
+  SHAPE_AND_TYPES " {" DREGS "}, " A ", " B ", accumulate, 1, 1, 0, " TB ";\n}\n"
+
+#define SKETCHCOLOR_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define SKETCHCOLOR_F16(d, i) \
+  SKETCHCOLOR_F4(d, i), SKETCHCOLOR_F4(d, i + 4), SKETCHCOLOR_F4(d, i + 8), SKETCHCOLOR_F4(d, i + 12)
+#define SKETCHCOLOR_F32(d, i) SKETCHCOLOR_F16(d, i), SKETCHCOLOR_F16(d, i + 16)
+#define SKETCHCOLOR_F64(d, i) SKETCHCOLOR_F32(d, i), SKETCHCOLOR_F32(d, i + 32)
+#define SKETCHCOLOR_F128(d, i) SKETCHCOLOR_F64(d, i), SKETCHCOLOR_F64(d, i + 64)
+
+// d (64 x kN fp32, the warpgroup's accumulator fragment) += A (64 x 16) B (16 x kN), both read from
+// shared memory through their descriptors; B K-major (stored [n][k]) or, with kTransB, MN-major
+// (stored [k][n]). Fragment: thread (warp w of the warpgroup, lane l) holds, for n8 block j,
+// d[4j], d[4j+1] at row 16 w + l / 4, columns 8 j + 2 (l % 4) + {0, 1}, and d[4j+2], d[4j+3] at the
+// row 8 below: the mma.m16n8 accumulator layout, repeated over the n8 blocks.
+template <typename T, int kN, bool kTransB>
+__device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "fp16 or bf16 operands");
+  constexpr int kTB = kTransB ? 1 : 0;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if constexpr (kN == 64) {
+      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n64k16.f32.bf16.bf16", SKETCHCOLOR_WGMMA_D32, "%32", "%33", "%34")
+                   : SKETCHCOLOR_F32(d, 0)
+                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
+    } else if constexpr (kN == 128) {
+      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n128k16.f32.bf16.bf16", SKETCHCOLOR_WGMMA_D64, "%64", "%65", "%66")
+                   : SKETCHCOLOR_F64(d, 0)
+                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
+    } else {
+      static_assert(kN == 256, "warpgroup products are 64, 128 or 256 wide");
+      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n256k16.f32.bf16.bf16", SKETCHCOLOR_WGMMA_D128, "%128", "%129", "%130")
+                   : SKETCHCOLOR_F128(d, 0)
+                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
+    }
+  } else {
+    if constexpr (kN == 64) {
+      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n64k16.f32.f16.f16", SKETCHCOLOR_WGMMA_D32, "%32", "%33", "%34")
+                   : SKETCHCOLOR_F32(d, 0)
+                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
+    } else if constexpr (kN == 128) {
+      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n128k16.f32.f16.f16", SKETCHCOLOR_WGMMA_D64, "%64", "%65", "%66")
+                   : SKETCHCOLOR_F64(d, 0)
+                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
+    } else {
+      static_assert(kN == 256, "warpgroup products are 64, 128 or 256 wide");
+      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n256k16.f32.f16.f16", SKETCHCOLOR_WGMMA_D128, "%128", "%129", "%130")
+                   : SKETCHCOLOR_F128(d, 0)
+                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
+    }
+  }
+}
+
+#undef SKETCHCOLOR_F128
+#undef SKETCHCOLOR_F64
+#undef SKETCHCOLOR_F32
+#undef SKETCHCOLOR_F16
+#undef SKETCHCOLOR_F4
+#undef SKETCHCOLOR_WGMMA_SS
+#undef SKETCHCOLOR_WGMMA_D128
+#undef SKETCHCOLOR_WGMMA_D64
+#undef SKETCHCOLOR_WGMMA_D32
+
+#endif  // sm_90a device pass, or the host pass
+
+}  // namespace tiles
+}  // namespace sketchcolor
