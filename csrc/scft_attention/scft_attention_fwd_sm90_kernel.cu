@@ -11,6 +11,7 @@
 
 #include "common/tile_mma.cuh"
 #include "common/wgmma.cuh"
+#include "scft_attention/scft_attention_fwd.cuh"
 
 namespace sketchcolor {
 namespace scft {
@@ -18,9 +19,8 @@ namespace {
 
 using namespace tiles;
 
-// Grid (ceil(N / kBlockM), ceil(Dv / kBlockDv), B*H), jobs and ring as in scft_attn_fwd_kernel:
-// per key tile, ceil(D / kBlockK) QK jobs (a q chunk and a k chunk) then kBlockN / kKeysPerVJob
-// V jobs (value rows of this CTA's Dv slice), all through one ring of kStages stages.
+// Grid, jobs and ring as in scft_attn_fwd_kernel (scft_attention_fwd.cuh: fwd::Cta,
+// fwd::JobProducer with the interleaved layout).
 // A job's step: barrier (its stage has landed), issue its wgmma group, refill the stage of the
 // previous job while the tensor cores run, wait for the group. So the stage being refilled is never
 // still read by the tensor cores, and the refill's address work overlaps the products.
@@ -61,20 +61,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(co
   // This thread's two fragment rows (row_of[0] and row_of[0] + 8) of the CTA's 64.
   const int row_of[2] = {((tid >> 5) & 3) * 16 + group, ((tid >> 5) & 3) * 16 + group + 8};
 
-  const int n_queries = p.n_queries, n_keys = p.n_keys, head_dim = p.head_dim, value_dim = p.value_dim;
-  const int m0 = blockIdx.x * kBlockM;
-  const int dv0 = blockIdx.y * kBlockDv;
-  const int bh = blockIdx.z;
-  const int b = bh / p.heads;
-  const int h = bh - b * p.heads;
-  const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const uint16_t* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
-  const uint16_t* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
-
-  const int qk_jobs = ceil_div(head_dim, kBlockK);
-  const int jobs_per_tile = qk_jobs + kVJobs;
+  const fwd::Cta<Cfg> cta(p);
+  fwd::JobProducer<Cfg, true> producer(p, cta, stage_base, kStageBytes, tid);
+  const int n_keys = p.n_keys, n_queries = p.n_queries;
+  const int qk_jobs = producer.qk_jobs;
   const int key_tiles = ceil_div(n_keys, kBlockN);
-  const int total_jobs = key_tiles * jobs_per_tile;
   const float scale_log2 = p.scale * kLog2e;   // softmax in base 2: exp(x) = exp2(x log2 e)
 
   // Register state: S (this warpgroup's 64 x kGroupKeys scores of the current key tile) and O
@@ -88,33 +79,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(co
 #pragma unroll
   for (int i = 0; i < kORegs; ++i) acc_o[i] = 0.f;
 
-  int load_job = 0, load_tile = 0, load_step = 0;
-  auto issue_next_job = [&]() {
-    if (load_job < total_jobs) {
-      const uint32_t stage = stage_base + uint32_t(load_job % kStages) * kStageBytes;
-      const int key0 = load_tile * kBlockN;
-      if (load_step < qk_jobs) {
-        const int d0 = load_step * kBlockK;
-        load_tile_interleaved_async<kBlockM, kBlockK, kThreads>(stage, q, p.q_stride_row, m0, n_queries, d0,
-                                                                head_dim, tid);
-        load_tile_interleaved_async<kBlockN, kBlockK, kThreads>(stage + kBlockM * kBlockK * 2, k, p.k_stride_row,
-                                                                key0, n_keys, d0, head_dim, tid);
-      } else {
-        const int v_row0 = key0 + (load_step - qk_jobs) * kKeysPerVJob;
-        load_tile_interleaved_async<kKeysPerVJob, kBlockDv, kThreads>(stage, v, p.v_stride_row, v_row0, n_keys,
-                                                                      dv0, value_dim, tid);
-      }
-      if (++load_step == jobs_per_tile) {
-        load_step = 0;
-        ++load_tile;
-      }
-    }
-    cp_async_commit();
-    ++load_job;
-  };
-
 #pragma unroll 1
-  for (int i = 0; i < kStages - 1; ++i) issue_next_job();
+  for (int i = 0; i < kStages - 1; ++i) producer.issue_next();
 
   int job = 0;
 #pragma unroll 1
@@ -135,7 +101,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(co
                                        smem_desc(k_tile + kk * 256u, 128u, kQkRowCoreStride));
       }
       wgmma_commit();
-      issue_next_job();
+      producer.issue_next();
       wgmma_wait<0>();
       fence_registers(acc_s);
     }
@@ -210,7 +176,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(co
                                       smem_desc(v_tile + uint32_t(kk * 2) * kVRowCoreStride, kVRowCoreStride, 128u));
       }
       wgmma_commit();
-      issue_next_job();
+      producer.issue_next();
       wgmma_wait<0>();
       fence_registers(acc_o);
     }
@@ -227,31 +193,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(co
   }
   __syncthreads();
 
-  const int64_t out_offset = int64_t(bh) * n_queries * value_dim;
-  uint16_t* out = p.out_f32 == nullptr ? static_cast<uint16_t*>(p.out) + out_offset : nullptr;
-  float* out_f32 = p.out_f32 != nullptr ? p.out_f32 + out_offset : nullptr;
-  const bool out_pairs = (value_dim % 2) == 0;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int row = m0 + row_of[half];
+    const int row = cta.m0 + row_of[half];
     // total >= 1: the row's maximal key contributes exp2(0).
     const float total = red_sum[row_of[half]] + red_sum[kBlockM + row_of[half]];
     if (row < n_queries) {
       const float inv_total = 1.f / total;
 #pragma unroll
       for (int j = 0; j < kORegs / 4; ++j) {
-        const int col = dv0 + warpgroup * kGroupCols + j * 8 + quad_lane * 2;
-        const float o0 = acc_o[4 * j + 2 * half] * inv_total, o1 = acc_o[4 * j + 2 * half + 1] * inv_total;
-        if (out_f32 != nullptr) {
-          float* out_row = out_f32 + int64_t(row) * value_dim;
-          if (col < value_dim) out_row[col] = o0;
-          if (col + 1 < value_dim) out_row[col + 1] = o1;
-        } else {
-          store_pair<T>(out + int64_t(row) * value_dim, col, value_dim, out_pairs, o0, o1);
-        }
+        const int col = cta.dv0 + warpgroup * kGroupCols + j * 8 + quad_lane * 2;
+        fwd::store_output_pair<T>(p, cta.bh, row, col, acc_o[4 * j + 2 * half] * inv_total,
+                                  acc_o[4 * j + 2 * half + 1] * inv_total);
       }
       if (blockIdx.y == 0 && warpgroup == 0 && quad_lane == 0) {
-        p.lse[int64_t(bh) * n_queries + row] = row_max[half] * kLn2 + logf(total);
+        p.lse[int64_t(cta.bh) * n_queries + row] = row_max[half] * kLn2 + logf(total);
       }
     }
   }
@@ -262,21 +218,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(co
 #endif
 }
 
-template <typename T, typename Cfg>
-cudaError_t launch_fwd_sm90(const ScftAttnFwdParams& p, cudaStream_t stream) {
-  auto kernel = scft_attn_fwd_sm90_kernel<T, Cfg>;
-  cudaError_t err = prepare_smem(kernel, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(p.n_queries, Cfg::kBlockM), ceil_div(p.value_dim, Cfg::kBlockDv), p.batch * p.heads);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
-}
-
 template <typename T>
 cudaError_t fwd_sm90_dispatch(const ScftAttnFwdParams& p, cudaStream_t stream) {
-  if (p.value_dim <= 128) return launch_fwd_sm90<T, ScftFwdSm90ConfigDv128>(p, stream);
-  if (p.value_dim <= 256) return launch_fwd_sm90<T, ScftFwdSm90ConfigDv256>(p, stream);
-  return launch_fwd_sm90<T, ScftFwdSm90ConfigDv512>(p, stream);
+  using Dv128 = ScftFwdSm90ConfigDv128;
+  using Dv256 = ScftFwdSm90ConfigDv256;
+  using Dv512 = ScftFwdSm90ConfigDv512;
+  if (p.value_dim <= 128) return fwd::launch<Dv128>(scft_attn_fwd_sm90_kernel<T, Dv128>, p, stream);
+  if (p.value_dim <= 256) return fwd::launch<Dv256>(scft_attn_fwd_sm90_kernel<T, Dv256>, p, stream);
+  return fwd::launch<Dv512>(scft_attn_fwd_sm90_kernel<T, Dv512>, p, stream);
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "common/tile_mma.cuh"
+#include "scft_attention/scft_attention_fwd.cuh"
 
 namespace sketchcolor {
 namespace scft {
@@ -34,11 +35,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 // ---------------------------------------------------------------------------------------------
 // Forward.
 //
-// Grid (ceil(N / kBlockM), ceil(Dv / kBlockDv), B*H); blockIdx.x is fastest, so the CTAs resident
-// at one time share the same key/value tiles in L2. Work per CTA is a linear sequence of jobs, per
-// key tile: ceil(D / kBlockK) QK jobs (a q chunk and a k chunk) then kBlockN / kKeysPerVJob V jobs
-// (a chunk of value rows of this CTA's Dv slice). All jobs flow through one ring of kStages stage
-// buffers, so loads for the next key tile's QK jobs are in flight while this tile's V jobs run.
+// Grid and jobs: scft_attention_fwd.cuh (fwd::Cta, fwd::JobProducer). All jobs flow through one
+// ring of kStages stage buffers, so loads for the next key tile's QK jobs are in flight while this
+// tile's V jobs run.
 // q is re-streamed per key tile instead of staying resident: 64 x 1024 bf16 q rows are 128 KiB,
 // which with the stage ring would not fit sm_80's 163 KiB.
 template <typename T, typename Cfg>
@@ -71,20 +70,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const S
   const int group = lane >> 2;      // fragment row within 8
   const int quad_lane = lane & 3;   // fragment column pair
 
-  const int n_queries = p.n_queries, n_keys = p.n_keys, head_dim = p.head_dim, value_dim = p.value_dim;
-  const int m0 = blockIdx.x * kBlockM;
-  const int dv0 = blockIdx.y * kBlockDv;
-  const int bh = blockIdx.z;
-  const int b = bh / p.heads;
-  const int h = bh - b * p.heads;
-  const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const uint16_t* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
-  const uint16_t* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
-
-  const int qk_jobs = ceil_div(head_dim, kBlockK);
-  const int jobs_per_tile = qk_jobs + kVJobs;
+  const fwd::Cta<Cfg> cta(p);
+  fwd::JobProducer<Cfg, false> producer(p, cta, stage_base, kStageBytes, tid);
+  auto issue_next_job = [&]() { producer.issue_next(); };
+  const int n_keys = p.n_keys, n_queries = p.n_queries;
+  const int qk_jobs = producer.qk_jobs;
   const int key_tiles = ceil_div(n_keys, kBlockN);
-  const int total_jobs = key_tiles * jobs_per_tile;
   const float scale_log2 = p.scale * kLog2e;   // softmax in base 2: exp(x) = exp2(x log2 e)
 
   // Register state. S (this warp's kWarpRows x kWarpKeys scores of the current key tile) lives
@@ -100,33 +91,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const S
     row_max[mt][0] = row_max[mt][1] = -INFINITY;
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
-
-  // Producer: issues the copies of job `load_job` into its stage, then commits a group (an empty
-  // group past the last job keeps the wait_group arithmetic uniform).
-  int load_job = 0, load_tile = 0, load_step = 0;
-  auto issue_next_job = [&]() {
-    if (load_job < total_jobs) {
-      const uint32_t stage = stage_base + uint32_t(load_job % kStages) * kStageBytes;
-      const int key0 = load_tile * kBlockN;
-      if (load_step < qk_jobs) {
-        const int d0 = load_step * kBlockK;
-        load_tile_async<kBlockM, kBlockK, kThreads>(stage, Cfg::kQkStride, q, p.q_stride_row, m0, n_queries, d0,
-                                                    head_dim, tid);
-        load_tile_async<kBlockN, kBlockK, kThreads>(stage + kBlockM * Cfg::kQkStride * 2, Cfg::kQkStride, k,
-                                                    p.k_stride_row, key0, n_keys, d0, head_dim, tid);
-      } else {
-        const int v_row0 = key0 + (load_step - qk_jobs) * kKeysPerVJob;
-        load_tile_async<kKeysPerVJob, kBlockDv, kThreads>(stage, Cfg::kVStride, v, p.v_stride_row, v_row0, n_keys,
-                                                          dv0, value_dim, tid);
-      }
-      if (++load_step == jobs_per_tile) {
-        load_step = 0;
-        ++load_tile;
-      }
-    }
-    cp_async_commit();
-    ++load_job;
-  };
 
 #pragma unroll 1
   for (int i = 0; i < kStages - 1; ++i) issue_next_job();
@@ -248,16 +212,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const S
     }
   __syncthreads();
 
-  const int64_t out_offset = int64_t(bh) * n_queries * value_dim;
-  uint16_t* out = p.out_f32 == nullptr ? static_cast<uint16_t*>(p.out) + out_offset : nullptr;
-  float* out_f32 = p.out_f32 != nullptr ? p.out_f32 + out_offset : nullptr;
-  const bool out_pairs = (value_dim % 2) == 0;
 #pragma unroll
   for (int mt = 0; mt < kMt; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row_local = warp_m * kWarpRows + mt * 16 + half * 8 + group;
-      const int row = m0 + row_local;
+      const int row = cta.m0 + row_local;
       float total = red_sum[row_local];
 #pragma unroll
       for (int wn = 1; wn < kWarpsN; ++wn) total += red_sum[wn * kBlockM + row_local];
@@ -266,18 +226,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const S
         const float inv_total = 1.f / total;
 #pragma unroll
         for (int nt = 0; nt < kNtO; ++nt) {
-          const int col = dv0 + warp_n * kWarpCols + nt * 8 + quad_lane * 2;
-          const float o0 = acc_o[mt][nt][2 * half] * inv_total, o1 = acc_o[mt][nt][2 * half + 1] * inv_total;
-          if (out_f32 != nullptr) {
-            float* out_row = out_f32 + int64_t(row) * value_dim;
-            if (col < value_dim) out_row[col] = o0;
-            if (col + 1 < value_dim) out_row[col + 1] = o1;
-          } else {
-            store_pair<T>(out + int64_t(row) * value_dim, col, value_dim, out_pairs, o0, o1);
-          }
+          const int col = cta.dv0 + warp_n * kWarpCols + nt * 8 + quad_lane * 2;
+          fwd::store_output_pair<T>(p, cta.bh, row, col, acc_o[mt][nt][2 * half] * inv_total,
+                                    acc_o[mt][nt][2 * half + 1] * inv_total);
         }
         if (blockIdx.y == 0 && warp_n == 0 && quad_lane == 0) {
-          p.lse[int64_t(bh) * n_queries + row] = row_max[mt][half] * kLn2 + logf(total);
+          p.lse[int64_t(cta.bh) * n_queries + row] = row_max[mt][half] * kLn2 + logf(total);
         }
       }
     }
@@ -596,21 +550,14 @@ bool dims_ok(int batch, int heads, int n, int m, int d, int dv) {
          ceil_div(n, ScftBwdProbsConfig::kBlockM) <= 65535;   // grid.y of the probs kernel
 }
 
-template <typename T, typename Cfg>
-cudaError_t launch_fwd(const ScftAttnFwdParams& p, cudaStream_t stream) {
-  auto kernel = scft_attn_fwd_kernel<T, Cfg>;
-  cudaError_t err = prepare_smem(kernel, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(p.n_queries, Cfg::kBlockM), ceil_div(p.value_dim, Cfg::kBlockDv), p.batch * p.heads);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
-}
-
 template <typename T>
 cudaError_t fwd_dispatch(const ScftAttnFwdParams& p, cudaStream_t stream) {
-  if (p.value_dim <= 128) return launch_fwd<T, ScftFwdConfigDv128>(p, stream);
-  if (p.value_dim <= 256) return launch_fwd<T, ScftFwdConfigDv256>(p, stream);
-  return launch_fwd<T, ScftFwdConfigDv512>(p, stream);
+  using Dv128 = ScftFwdConfigDv128;
+  using Dv256 = ScftFwdConfigDv256;
+  using Dv512 = ScftFwdConfigDv512;
+  if (p.value_dim <= 128) return fwd::launch<Dv128>(scft_attn_fwd_kernel<T, Dv128>, p, stream);
+  if (p.value_dim <= 256) return fwd::launch<Dv256>(scft_attn_fwd_kernel<T, Dv256>, p, stream);
+  return fwd::launch<Dv512>(scft_attn_fwd_kernel<T, Dv512>, p, stream);
 }
 
 template <typename T, bool kAKContig>
