@@ -146,6 +146,23 @@ __device__ __forceinline__ void ring_wait_for_wgmma() {
 #define SKETCHCOLOR_F64(d, i) SKETCHCOLOR_F32(d, i), SKETCHCOLOR_F32(d, i + 32)
 #define SKETCHCOLOR_F128(d, i) SKETCHCOLOR_F64(d, i), SKETCHCOLOR_F64(d, i + 64)
 
+// The three widths for one operand type string ("bf16.bf16" or "f16.f16"), inside wgmma_ss.
+#define SKETCHCOLOR_WGMMA_SS_BY_WIDTH(TYPES)                                                                  \
+  if constexpr (kN == 64) {                                                                                   \
+    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n64k16.f32." TYPES, SKETCHCOLOR_WGMMA_D32, "%32", "%33", "%34")     \
+                 : SKETCHCOLOR_F32(d, 0)                                                                      \
+                 : "l"(desc_a), "l"(desc_b), "n"(kTB));                                                       \
+  } else if constexpr (kN == 128) {                                                                           \
+    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n128k16.f32." TYPES, SKETCHCOLOR_WGMMA_D64, "%64", "%65", "%66")    \
+                 : SKETCHCOLOR_F64(d, 0)                                                                      \
+                 : "l"(desc_a), "l"(desc_b), "n"(kTB));                                                       \
+  } else {                                                                                                    \
+    static_assert(kN == 256, "warpgroup products are 64, 128 or 256 wide");                                   \
+    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n256k16.f32." TYPES, SKETCHCOLOR_WGMMA_D128, "%128", "%129", "%130") \
+                 : SKETCHCOLOR_F128(d, 0)                                                                     \
+                 : "l"(desc_a), "l"(desc_b), "n"(kTB));                                                       \
+  }
+
 // d (64 x kN fp32, the warpgroup's accumulator fragment) += A (64 x 16) B (16 x kN), both read from
 // shared memory through their descriptors; B K-major (stored [n][k]) or, with kTransB, MN-major
 // (stored [k][n]). Fragment: thread (warp w of the warpgroup, lane l) holds, for n8 block j,
@@ -156,38 +173,13 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, ui
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "fp16 or bf16 operands");
   constexpr int kTB = kTransB ? 1 : 0;
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    if constexpr (kN == 64) {
-      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n64k16.f32.bf16.bf16", SKETCHCOLOR_WGMMA_D32, "%32", "%33", "%34")
-                   : SKETCHCOLOR_F32(d, 0)
-                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
-    } else if constexpr (kN == 128) {
-      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n128k16.f32.bf16.bf16", SKETCHCOLOR_WGMMA_D64, "%64", "%65", "%66")
-                   : SKETCHCOLOR_F64(d, 0)
-                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
-    } else {
-      static_assert(kN == 256, "warpgroup products are 64, 128 or 256 wide");
-      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n256k16.f32.bf16.bf16", SKETCHCOLOR_WGMMA_D128, "%128", "%129", "%130")
-                   : SKETCHCOLOR_F128(d, 0)
-                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
-    }
+    SKETCHCOLOR_WGMMA_SS_BY_WIDTH("bf16.bf16")
   } else {
-    if constexpr (kN == 64) {
-      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n64k16.f32.f16.f16", SKETCHCOLOR_WGMMA_D32, "%32", "%33", "%34")
-                   : SKETCHCOLOR_F32(d, 0)
-                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
-    } else if constexpr (kN == 128) {
-      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n128k16.f32.f16.f16", SKETCHCOLOR_WGMMA_D64, "%64", "%65", "%66")
-                   : SKETCHCOLOR_F64(d, 0)
-                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
-    } else {
-      static_assert(kN == 256, "warpgroup products are 64, 128 or 256 wide");
-      asm volatile(SKETCHCOLOR_WGMMA_SS("m64n256k16.f32.f16.f16", SKETCHCOLOR_WGMMA_D128, "%128", "%129", "%130")
-                   : SKETCHCOLOR_F128(d, 0)
-                   : "l"(desc_a), "l"(desc_b), "n"(kTB));
-    }
+    SKETCHCOLOR_WGMMA_SS_BY_WIDTH("f16.f16")
   }
 }
 
+#undef SKETCHCOLOR_WGMMA_SS_BY_WIDTH
 #undef SKETCHCOLOR_F128
 #undef SKETCHCOLOR_F64
 #undef SKETCHCOLOR_F32
