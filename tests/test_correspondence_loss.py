@@ -279,8 +279,8 @@ def check_hardest_ties(dtype, impl="cpp", device="cpu"):
     n, m, grid, d = 40, 300, (15, 20), 16
     q = torch.randint(-1, 2, (2, n, d)).to(dtype)
     k = torch.randint(-1, 2, (2, m, d)).to(dtype)
-    # Keys 150..299 duplicate keys 0..149: ties within the first key tile (256 keys) and across
-    # the two tiles.
+    # Keys 150..299 duplicate keys 0..149: ties within a key tile and across tiles (256-key tiles
+    # on the cpu, 128 on cuda).
     k[:, 150:] = k[:, :150]
     pos = torch.randint(0, m, (2, n))
     chosen = hardest_negatives(q.to(device), k.to(device), pos.to(device), grid, exclusion=1, scale=1.0, impl=impl).cpu()
@@ -346,28 +346,38 @@ def test_all_invalid_gives_zero_loss_and_zero_grads(mode, impl):
     check_all_invalid(mode, impl)
 
 
-@pytest.mark.parametrize("impl", ["reference", "cpp"])
-def test_all_negatives_missing_gives_zero(impl):
-    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.float64, **MODES["triplet_t4"])
+def check_all_negatives_missing(impl, dtype=torch.float64, device="cpu"):
+    """Sampled negatives all -1: no term, loss 0 and zero gradients."""
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, dtype, **MODES["triplet_t4"], device=device)
     kwargs["neg"] = torch.full_like(kwargs["neg"], -1)
     loss, grad_q, grad_k = loss_and_grads(lambda a, b: correspondence_loss(a, b, pos, impl=impl, **kwargs), q, k, 1.0)
     assert loss.item() == 0 and not grad_q.any() and not grad_k.any()
 
 
-@pytest.mark.parametrize("impl", ["reference", "cpp"])
-def test_hardest_without_candidates_is_excluded(impl):
+def check_hardest_without_candidates(impl, dtype=torch.float64, device="cpu", rel=1e-12):
+    """Queries whose exclusion window covers every key have no term and are not counted."""
     # A 3 x 4 grid and exclusion 2: the window spans every row, so only a pos in column 0 has a
     # key outside it (column 3) and vice versa; the other six queries have no term.
-    q, k, pos, kwargs = make_case(1, None, 12, 12, (3, 4), 8, torch.float64, margin=50.0, **MODES["hardest"])
-    pos = torch.arange(12).unsqueeze(0)  # each query on its own cell
+    q, k, pos, kwargs = make_case(1, None, 12, 12, (3, 4), 8, dtype, margin=50.0, **MODES["hardest"], device=device)
+    pos = torch.arange(12, device=device).unsqueeze(0)  # each query on its own cell
     loss = correspondence_loss(q, k, pos, impl=impl, exclusion=2, **kwargs)
     has_candidate = torch.tensor([max(abs(r - pr), abs(c - pc)) > 2 for pr in range(3) for pc in range(4)
-                                  for r in range(3) for c in range(4)]).view(12, 12).any(-1)
+                                  for r in range(3) for c in range(4)]).view(12, 12).any(-1).to(device)
     assert has_candidate.sum() == 6  # the cells in columns 0 and 3 see column 3 or 0
     reduced = correspondence_loss(q[:, has_candidate], k, pos[:, has_candidate], impl=impl, exclusion=2, **kwargs)
-    assert loss.item() == pytest.approx(reduced.item(), rel=1e-12)
+    assert loss.item() == pytest.approx(reduced.item(), rel=rel)
     everything_excluded = correspondence_loss(q, k, pos, impl=impl, exclusion=3, **kwargs)
     assert everything_excluded.item() == 0
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_all_negatives_missing_gives_zero(impl):
+    check_all_negatives_missing(impl)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_hardest_without_candidates_is_excluded(impl):
+    check_hardest_without_candidates(impl)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -471,12 +481,25 @@ def test_auto_on_cuda_tensors_picks_by_dtype(monkeypatch):
     # As if the extension had CUDA kernels: they take half precision only, so float32 goes to triton.
     monkeypatch.setattr(_backends._extension, "load_error", lambda: None)
     monkeypatch.setattr(_backends._extension, "has_kernel", lambda op_name, dispatch_key: True)
+    monkeypatch.setattr(_backends, "_smem_per_block_optin", lambda device: 232448)   # an H100
     cuda = torch.device("cuda")
     assert _backends.resolve("auto", cuda, FWD_OP, torch.bfloat16) == "cuda"
     assert _backends.resolve("auto", cuda, FWD_OP, torch.float16) == "cuda"
     assert _backends.resolve("auto", cuda, FWD_OP, torch.float32) == "triton"
     with pytest.raises(RuntimeError, match="impl='cuda' takes float16 or bfloat16 tensors, got float32"):
         _backends.resolve("cuda", cuda, FWD_OP, torch.float32)
+
+
+def test_auto_on_gpus_with_little_shared_memory_picks_triton(monkeypatch):
+    # sm_86 / sm_89 GPUs grant 99 KiB per block: the cuda kernels cannot launch there.
+    monkeypatch.setattr(_backends._extension, "load_error", lambda: None)
+    monkeypatch.setattr(_backends._extension, "has_kernel", lambda op_name, dispatch_key: True)
+    monkeypatch.setattr(_backends, "_smem_per_block_optin", lambda device: 101376)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    cuda = torch.device("cuda")
+    assert _backends.resolve("auto", cuda, FWD_OP, torch.bfloat16) == "triton"
+    with pytest.raises(RuntimeError, match=r"impl='cuda' needs 149 KiB .* RTX 4090 grants 99 KiB"):
+        _backends.resolve("cuda", cuda, FWD_OP, torch.bfloat16)
 
 
 def test_triton_without_interpreter_says_why(monkeypatch):

@@ -275,6 +275,17 @@ def test_shared_memory_fits_each_target(builds, dynamic_smem):
 
 
 @needs_nvcc
+def test_python_knows_the_cuda_backends_shared_memory_need(dynamic_smem):
+    # sketchcolor.ops._backends turns the cuda backend away on GPUs that grant less than its largest
+    # kernel needs (the wgmma forward's configurations run on 9.0 devices only, which grant 227 KiB).
+    from sketchcolor.ops import _backends
+
+    needs = [size for config, size in dynamic_smem.items() if SM90_ONLY_CONFIG_TAG not in config]
+    assert _backends.CUDA_SMEM_PER_BLOCK == max(needs)
+    assert max(dynamic_smem.values()) <= SMEM_LIMIT["sm_90a"]
+
+
+@needs_nvcc
 @pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit or triton's package)")
 def test_sass_uses_tensor_cores_and_no_local_memory(builds):
     for r in builds:

@@ -5,8 +5,8 @@ The kernels take float16 and bfloat16 inputs (fp32 arithmetic), so the compariso
 of tests/conftest.py against the float64 reference; the hardest-negative checks allow near ties to
 be resolved either way by different roundings (see check_hardest).
 
-Outputs are poisoned before the kernels write them: NaN-filled blocks of the caching allocator are
-freed right before each call, so the op's allocations of the same sizes reuse them, and the
+Outputs are poisoned before the kernels write them: NaN-filled blocks of both pools of the caching
+allocator are freed right before each call, so the op's allocations reuse them, and the
 comparisons (which fail on NaN) then prove every output element was written.
 """
 from __future__ import annotations
@@ -16,14 +16,18 @@ import torch
 
 from test_correspondence_loss import (
     MODES,
+    assert_loss_close,
     check_all_invalid,
+    check_all_negatives_missing,
     check_deterministic,
     check_empty,
     check_hardest,
     check_hardest_ties,
+    check_hardest_without_candidates,
     compare_with_reference,
     make_case,
 )
+from sketchcolor import reference
 from sketchcolor.ops import correspondence_loss
 from sketchcolor.ops.correspondence_loss import FWD_OP
 
@@ -43,7 +47,9 @@ DEVICE = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
 # (B, H or None, N, M, key_grid, D): one query; odd N != M; a head axis; several query tiles and
 # key tiles with tails (N = 129, M = 300); D = 992 and D = 100 (not a multiple of 8: padded rows,
-# element-wise tails); many key splits (N small, M = 1025).
+# element-wise tails); many key splits (N small, M = 1025); splits of several key tiles each (B = 8,
+# N = 512, M = 2048: 32 query CTAs, so about 8 splits of 256 keys on a 132-SM GPU), where the
+# running max crosses tile boundaries inside one CTA.
 SHAPES = [
     (1, None, 1, 7, (1, 7), 16),
     (2, None, 37, 45, (5, 9), 24),
@@ -51,13 +57,19 @@ SHAPES = [
     (1, None, 129, 300, (15, 20), 992),
     (3, None, 7, 1025, (25, 41), 64),
     (2, None, 200, 257, (1, 257), 64),
+    (8, None, 512, 2048, (32, 64), 64),
 ]
 
 
-def poison_allocator(count=8, numel=1 << 20):
-    blocks = [torch.full((numel,), float("nan"), device=DEVICE) for _ in range(count)]
+def poison_allocator():
+    """NaN in the free blocks of both pools of the caching allocator: requests of at most 1 MiB come
+    from the small pool (2 MiB segments), larger ones from the large pool."""
     torch.cuda.synchronize()
-    del blocks
+    torch.cuda.empty_cache()
+    small = [torch.full((1 << 16,), float("nan"), device=DEVICE) for _ in range(64)]   # 256 KiB each
+    large = [torch.full((1 << 20,), float("nan"), device=DEVICE) for _ in range(8)]    # 4 MiB each
+    torch.cuda.synchronize()
+    del small, large
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -88,6 +100,42 @@ def test_cuda_small_margin_and_strided_inputs(mode):
 def test_cuda_custom_scale(mode, scale):
     q, k, pos, kwargs = make_case(1, None, 40, 50, (5, 10), 32, torch.bfloat16, **MODES[mode], device=DEVICE)
     compare_with_reference(q, k, pos, {**kwargs, "scale": scale}, impl="cuda")
+
+
+def test_cuda_nll_without_gradient_matches_reference():
+    # Under no_grad the binding computes lse with a 1-wide value slice (no attention output).
+    for dtype in DTYPES:
+        q, k, pos, kwargs = make_case(2, None, 129, 300, (15, 20), 100, dtype, **MODES["nll"], device=DEVICE)
+        with torch.no_grad():
+            fused = correspondence_loss(q, k, pos, impl="cuda", **kwargs)
+            exact = reference.correspondence_loss(q.double(), k.double(), pos, **kwargs)
+        assert_loss_close(fused, exact, q, k, kwargs.get("scale"))
+
+
+def test_cuda_hardest_with_exclusion_zero():
+    q, k, pos, kwargs = make_case(2, None, 129, 300, (15, 20), 64, torch.bfloat16, **MODES["hardest"], device=DEVICE)
+    check_hardest(q, k, pos, {**kwargs, "exclusion": 0}, impl="cuda")
+
+
+def test_cuda_queries_without_candidates_and_missing_negatives():
+    check_hardest_without_candidates("cuda", torch.bfloat16, DEVICE, rel=1e-5)
+    check_all_negatives_missing("cuda", torch.bfloat16, DEVICE)
+
+
+def test_cuda_triplet_backward_ignores_missing_keys_given_any_terms():
+    # Called directly with positive terms where pos or neg is -1 (the forward writes 0 there): only
+    # entries with both keys get a gradient, as in the cpu kernel; no key row -1 is touched.
+    pos = torch.tensor([[-1, 0, 1, 2], [3, -1, 0, 1]])
+    neg = torch.tensor([[[1], [2], [-1], [0]], [[2], [4], [-1], [3]]])
+    q = torch.randn(2, 4, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    terms = torch.ones(2, 4, 1)
+    grads = {}
+    for device in ("cpu", DEVICE):
+        args = [t.to(device) for t in (terms, q, k, pos, neg, terms)]   # grad_terms, q, k, pos, neg, terms
+        grads[device] = torch.ops.sketchcolor.corr_triplet_bwd(*args, 0.5)
+    for cpu, cuda in zip(grads["cpu"], grads[DEVICE]):
+        torch.testing.assert_close(cuda.cpu().float(), cpu.float(), atol=1e-2, rtol=1e-2)
 
 
 def test_cuda_sliced_rows_are_read_in_place_or_copied():

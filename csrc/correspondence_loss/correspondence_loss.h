@@ -103,7 +103,7 @@ struct CorrHardestParams {
 };
 
 // How the search splits the keys so that small N still fills the GPU: enough splits for about two
-// CTAs per SM, never more than one key tile per split. The binding allocates the workspaces by it.
+// CTAs per SM, at least one whole key tile per split. The binding allocates the workspaces by it.
 struct CorrHardestPlan {
   int key_splits;
   int keys_per_split;

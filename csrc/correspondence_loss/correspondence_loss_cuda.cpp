@@ -139,9 +139,12 @@ std::tuple<at::Tensor, at::Tensor> corr_triplet_bwd_cuda_op(const at::Tensor& gr
 
   const Inputs x = prepare_inputs(q, k, pos, scale);
   const at::Tensor neg_c = neg.contiguous();
-  // d loss / d S[i, neg] = -d loss / d S[i, pos] = grad_terms where the hinge is active (the term is
-  // positive, so pos and neg are valid); times scale for d S / d (q k^T).
-  const at::Tensor coef = at::where(terms > 0, grad_terms * scale, at::zeros({}, terms.options())).contiguous();
+  // d loss / d S[i, neg] = -d loss / d S[i, pos] = grad_terms where the hinge is active; times scale
+  // for d S / d (q k^T). The forward writes 0 where pos or neg is -1, but the op can be called with
+  // any terms: like the cpu kernel, only entries whose two keys exist get a coefficient, so no key
+  // row -1 is ever read or written.
+  const at::Tensor active = (terms > 0).logical_and_(pos.unsqueeze(-1) >= 0).logical_and_(neg_c >= 0);
+  const at::Tensor coef = at::where(active, grad_terms * scale, at::zeros({}, terms.options())).contiguous();
 
   corr::CorrTripletGradQParams p{};
   p.in = x.in;

@@ -21,6 +21,11 @@ IMPLS = ("auto", "reference", "cpp", "triton", "cuda")
 _AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 # Backends whose kernels take only some floating dtypes; the others take every one they can run.
 DTYPES = {"cuda": (torch.float16, torch.bfloat16)}
+# Shared memory per block the cuda backend's largest kernel needs on devices other than compute
+# capability 9.0 (ScftFwdConfigDv512::kSmemBytes in csrc/scft_attention/scft_attention.h;
+# tests/test_cuda_compile.py checks the two agree). 9.0 devices grant 227 KiB, enough for the
+# wgmma forward's 209 KiB. GPUs with less (sm_86, sm_89: 99 KiB) run triton instead.
+CUDA_SMEM_PER_BLOCK = 152576
 
 
 def triton_interpreting() -> bool:
@@ -55,6 +60,12 @@ def _placement_reason(impl: str, device: torch.device, op_name: str) -> str | No
             return _extension.load_error()
         if not _extension.has_kernel(op_name, "CUDA"):
             return "the extension sketchcolor._C was built without CUDA (needs a CUDA build of torch and nvcc at install time)"
+        granted = _smem_per_block_optin(device)
+        if granted < CUDA_SMEM_PER_BLOCK:
+            return (
+                f"impl='cuda' needs {CUDA_SMEM_PER_BLOCK // 1024} KiB of shared memory per block and "
+                f"{torch.cuda.get_device_name(device)} grants {granted // 1024} KiB (impl='triton' runs there)"
+            )
         return None
     if impl == "triton":
         if importlib.util.find_spec("triton") is None:
@@ -65,6 +76,12 @@ def _placement_reason(impl: str, device: torch.device, op_name: str) -> str | No
             return None
         return f"impl='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _smem_per_block_optin(device: torch.device) -> int:
+    """The most shared memory one block can have on ``device`` (cudaDevAttrMaxSharedMemoryPerBlockOptin)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
 @functools.cache
