@@ -421,6 +421,13 @@ def test_opcheck_registered_ops():
         (ops.corr_nll_loss.default, (q.detach(), k.detach(), pos, 0.3, False)),
         (ops.corr_triplet_bwd.default, (torch.randn_like(terms), q.detach(), k.detach(), pos, neg, terms, 0.3)),
     ]
+    # Non-contiguous inputs: the fakes must promise the strides the kernels return (contiguous).
+    qt, kt = (t.detach().mT.contiguous().mT for t in (q, k))
+    pos_t = pos.mT.contiguous().mT
+    cases += [
+        (ops.corr_triplet_bwd.default, (torch.randn_like(terms), qt, kt, pos, neg, terms, 0.3)),
+        (ops.corr_hardest_fwd.default, (qt, kt, pos_t, 3, 4, 1, 0.3, 2.0)),
+    ]
     assert (hardest_neg >= 0).any() and hardest_terms.shape == pos.shape
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -481,7 +488,7 @@ def test_auto_on_cuda_tensors_picks_by_dtype(monkeypatch):
     # As if the extension had CUDA kernels: they take half precision only, so float32 goes to triton.
     monkeypatch.setattr(_backends._extension, "load_error", lambda: None)
     monkeypatch.setattr(_backends._extension, "has_kernel", lambda op_name, dispatch_key: True)
-    monkeypatch.setattr(_backends, "_smem_per_block_optin", lambda device: 232448)   # an H100
+    monkeypatch.setattr(_backends, "_cuda_device", lambda device: ("NVIDIA H100 80GB HBM3", (9, 0), 232448))
     cuda = torch.device("cuda")
     assert _backends.resolve("auto", cuda, FWD_OP, torch.bfloat16) == "cuda"
     assert _backends.resolve("auto", cuda, FWD_OP, torch.float16) == "cuda"
@@ -490,15 +497,22 @@ def test_auto_on_cuda_tensors_picks_by_dtype(monkeypatch):
         _backends.resolve("cuda", cuda, FWD_OP, torch.float32)
 
 
-def test_auto_on_gpus_with_little_shared_memory_picks_triton(monkeypatch):
-    # sm_86 / sm_89 GPUs grant 99 KiB per block: the cuda kernels cannot launch there.
+@pytest.mark.parametrize(
+    "gpu, reason",
+    [
+        # sm_89 grants 99 KiB per block: the kernels cannot launch there.
+        (("NVIDIA GeForce RTX 4090", (8, 9), 101376), r"needs 149 KiB .* RTX 4090 grants 99 KiB"),
+        # No machine code for Blackwell in this build (sm_80 SASS does not run on 10.0).
+        (("NVIDIA B200", (10, 0), 232448), r"8.x \(sm_80\) and 9.0 \(sm_90a\); NVIDIA B200 is 10.0"),
+    ],
+)
+def test_auto_skips_the_cuda_backend_where_its_kernels_cannot_run(monkeypatch, gpu, reason):
     monkeypatch.setattr(_backends._extension, "load_error", lambda: None)
     monkeypatch.setattr(_backends._extension, "has_kernel", lambda op_name, dispatch_key: True)
-    monkeypatch.setattr(_backends, "_smem_per_block_optin", lambda device: 101376)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    monkeypatch.setattr(_backends, "_cuda_device", lambda device: gpu)
     cuda = torch.device("cuda")
     assert _backends.resolve("auto", cuda, FWD_OP, torch.bfloat16) == "triton"
-    with pytest.raises(RuntimeError, match=r"impl='cuda' needs 149 KiB .* RTX 4090 grants 99 KiB"):
+    with pytest.raises(RuntimeError, match=reason):
         _backends.resolve("cuda", cuda, FWD_OP, torch.bfloat16)
 
 

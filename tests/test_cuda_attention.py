@@ -1,7 +1,7 @@
 """cuda backend of scft_attention (csrc/scft_attention/*_kernel.cu) against sketchcolor.reference.
 
 GPU only: every test skips cleanly without a CUDA device or without a CUDA build of the extension.
-Rule (tests/conftest.py): max |cuda - float64 reference| <= 2 * max |reference in the same low
+Rule (sketchcolor/testing.py, through tests/conftest.py): max |cuda - float64 reference| <= 2 * max |reference in the same low
 precision - float64 reference| + a small atol, for out, lse and the three gradients.
 
 Every test runs with each forward kernel the device has (the fwd_kernel fixture: mma.sync
@@ -50,7 +50,8 @@ def fwd_kernel(request, monkeypatch):
     return request.param
 
 # (B, H or None, N, M, D, Dv): N != M, N and M from {1, 7, 97, 256, 1025}, D from {16, 64, 100, 992},
-# Dv != D except the paper's D = Dv = 992; Dv = 992 needs two 512-wide output slices in the forward.
+# Dv != D except the paper's D = Dv = 992; Dv = 992 needs two 512-wide output slices in the forward;
+# Dv = 200 runs the 256-wide slice configuration.
 SHAPES = [
     (1, None, 1, 7, 16, 24),
     (3, None, 7, 1, 64, 16),
@@ -62,6 +63,7 @@ SHAPES = [
     (1, 2, 1025, 7, 16, 992),
     (3, None, 256, 1025, 100, 16),
     (2, None, 256, 97, 992, 992),
+    (2, 2, 130, 129, 48, 200),
 ]
 
 
@@ -164,10 +166,26 @@ def _key_chunks(batch_heads, n, m, d, dv):
     return math.ceil(m / chunk)
 
 
-def test_cuda_backward_over_several_key_chunks():
-    shape = (4, 4, 1024, 1100, 64, 48)
-    assert _key_chunks(16, 1024, 1100, 64, 48) > 1, "the shape no longer exercises several key chunks"
-    check_against_reference(*make_inputs(*shape, torch.bfloat16))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, chunks", [((4, 4, 1024, 1100, 64, 48), 2), ((4, 4, 8192, 400, 64, 48), 4)], ids=str)
+def test_cuda_backward_over_several_key_chunks(shape, chunks, dtype):
+    # With 4 chunks the middle ones read and write the float32 dQ accumulator.
+    batch, heads, n, m, d, dv = shape
+    assert _key_chunks(batch * heads, n, m, d, dv) == chunks, "the shape no longer gives the intended key chunks"
+    check_against_reference(*make_inputs(*shape, dtype))
+
+
+@pytest.mark.parametrize("m", [1, 127, 128, 129, 1100, 2500])
+def test_cuda_uniform_attention_is_exact(m):
+    # q = 0 makes every score 0: lse = log M and out = the mean of v's rows. A mask off by one key
+    # moves lse by about 1 / M, which the 2x rule can miss in bf16 at large M; this cannot.
+    q = torch.zeros(1, 2, 70, 24, dtype=torch.bfloat16, device=DEVICE)
+    k = torch.randn(1, 2, m, 24, dtype=torch.bfloat16, device=DEVICE)
+    v = torch.randn(1, 2, m, 40, dtype=torch.bfloat16, device=DEVICE)
+    out, lse = scft_attention(q, k, v, impl="cuda", return_lse=True)
+    torch.testing.assert_close(lse, torch.full_like(lse, math.log(m)), atol=1e-5, rtol=0)
+    expected = v.float().mean(-2, keepdim=True).expand_as(out)
+    torch.testing.assert_close(out.float(), expected, atol=1e-3, rtol=1e-2)   # out rounds to bf16
 
 
 def test_cuda_is_deterministic():
@@ -230,7 +248,11 @@ def test_cuda_rejects_mismatched_devices_and_shapes():
         torch.ops.sketchcolor.scft_attn_fwd(q, k.cpu(), v, 0.25)
     with pytest.raises(RuntimeError, match="k's head dim D"):
         torch.ops.sketchcolor.scft_attn_fwd(q, k[..., :8], v, 0.25)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        torch.ops.sketchcolor.scft_attn_fwd(q, k, v, float("nan"))
     out, lse = torch.ops.sketchcolor.scft_attn_fwd(q, k, v, 0.25)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        torch.ops.sketchcolor.scft_attn_bwd(out, q, k, v, out, lse, float("inf"))
     with pytest.raises(RuntimeError, match="lse must have shape"):
         torch.ops.sketchcolor.scft_attn_bwd(out, q, k, v, out, lse[:, :, :2], 0.25)
 

@@ -148,6 +148,12 @@ def test_opcheck_registered_ops():
     torch.library.opcheck(
         torch.ops.sketchcolor.scft_attn_bwd.default, (grad_out, q.detach(), k.detach(), v.detach(), out, lse, 0.3)
     )
+    # Inputs in the (B, N, H, D) layout viewed as (B, H, N, D): the fakes must promise the strides
+    # the kernels return (contiguous gradients), not the inputs'.
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qt.is_contiguous()
+    torch.library.opcheck(torch.ops.sketchcolor.scft_attn_fwd.default, (qt, kt, vt, 0.3))
+    torch.library.opcheck(torch.ops.sketchcolor.scft_attn_bwd.default, (grad_out, qt, kt, vt, out, lse, 0.3))
 
 
 def test_torch_compile():

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -46,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cuda_op(const at::Tensor& q, co
   check_low_precision(q, "q", kOp);
   check_attention_inputs(q, k, v);   // ranks, matching dtypes, devices and shapes, M, D, Dv >= 1
   check_kernel_limits(q, k, v, kOp);
+  TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
 
   c10::cuda::OptionalCUDAGuard device_guard(q.device());
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), dv = v.size(3);
@@ -71,6 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::T
   check_low_precision(q, "q", kOp);
   check_attention_grad_inputs(grad_out, q, k, v, out, lse);   // shapes, dtypes (lse float32), devices
   check_kernel_limits(q, k, v, kOp);
+  TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
 
   c10::cuda::OptionalCUDAGuard device_guard(q.device());
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), m = k.size(2);

@@ -24,7 +24,8 @@ DTYPES = {"cuda": (torch.float16, torch.bfloat16)}
 # Shared memory per block the cuda backend's largest kernel needs on devices other than compute
 # capability 9.0 (ScftFwdConfigDv512::kSmemBytes in csrc/scft_attention/scft_attention.h;
 # tests/test_cuda_compile.py checks the two agree). 9.0 devices grant 227 KiB, enough for the
-# wgmma forward's 209 KiB. GPUs with less (sm_86, sm_89: 99 KiB) run triton instead.
+# wgmma forward's 209 KiB. GPUs with less (sm_86, sm_89: 99 KiB), and GPUs the build has no
+# machine code for (setup.py: sm_80 and sm_90a), run triton instead.
 CUDA_SMEM_PER_BLOCK = 152576
 
 
@@ -60,11 +61,16 @@ def _placement_reason(impl: str, device: torch.device, op_name: str) -> str | No
             return _extension.load_error()
         if not _extension.has_kernel(op_name, "CUDA"):
             return "the extension sketchcolor._C was built without CUDA (needs a CUDA build of torch and nvcc at install time)"
-        granted = _smem_per_block_optin(device)
+        name, (major, minor), granted = _cuda_device(device)
+        if not (major == 8 or (major, minor) == (9, 0)):
+            return (
+                f"impl='cuda' has machine code for compute capability 8.x (sm_80) and 9.0 (sm_90a); "
+                f"{name} is {major}.{minor} (impl='triton' runs there)"
+            )
         if granted < CUDA_SMEM_PER_BLOCK:
             return (
                 f"impl='cuda' needs {CUDA_SMEM_PER_BLOCK // 1024} KiB of shared memory per block and "
-                f"{torch.cuda.get_device_name(device)} grants {granted // 1024} KiB (impl='triton' runs there)"
+                f"{name} grants {granted // 1024} KiB (impl='triton' runs there)"
             )
         return None
     if impl == "triton":
@@ -78,10 +84,11 @@ def _placement_reason(impl: str, device: torch.device, op_name: str) -> str | No
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def _smem_per_block_optin(device: torch.device) -> int:
-    """The most shared memory one block can have on ``device`` (cudaDevAttrMaxSharedMemoryPerBlockOptin)."""
+def _cuda_device(device: torch.device) -> tuple[str, tuple[int, int], int]:
+    """Name, compute capability and the most shared memory one block can have (the opt-in limit)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    props = torch.cuda.get_device_properties(index)
+    return props.name, (props.major, props.minor), props.shared_memory_per_block_optin
 
 
 @functools.cache

@@ -215,7 +215,7 @@ def _register_cpp_fakes() -> None:
 
     @torch.library.register_fake("sketchcolor::corr_hardest_fwd")
     def _hardest_fwd_fake(q, k, pos, grid_h, grid_w, exclusion, scale, margin):
-        return q.new_empty(pos.shape, dtype=lse_dtype(q.dtype)), torch.empty_like(pos)
+        return q.new_empty(pos.shape, dtype=lse_dtype(q.dtype)), pos.new_empty(pos.shape)
 
     @torch.library.register_fake("sketchcolor::corr_nll_loss")
     def _nll_loss_fake(q, k, pos, scale, with_grad):
@@ -226,7 +226,8 @@ def _register_cpp_fakes() -> None:
 
     @torch.library.register_fake("sketchcolor::corr_triplet_bwd")
     def _triplet_bwd_fake(grad_terms, q, k, pos, neg, terms, scale):
-        return torch.empty_like(q), torch.empty_like(k)
+        # The kernels return contiguous gradients whatever the inputs' strides.
+        return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _qk_grads(ctx, compute):

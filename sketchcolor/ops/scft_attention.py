@@ -101,7 +101,8 @@ def _register_cpp_fakes() -> None:
 
     @torch.library.register_fake("sketchcolor::scft_attn_bwd")
     def _bwd_fake(grad_out, q, k, v, out, lse, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # The kernels return contiguous gradients whatever the inputs' strides.
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _register_autograd(fwd_name: str, bwd_name: str):
