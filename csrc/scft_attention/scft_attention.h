@@ -231,7 +231,7 @@ struct ScftAttnBwdParams {
 // the largest multiple of 128 keys whose two workspaces fit in
 // max(64 MiB, bytes of q + k + v + grad_out), and no larger than M rounded up to 128; but at least
 // 128, so with very many queries and a small head dim (N x 128 x 4 bytes per head above the
-// budget) the workspaces are 128 keys' worth, 4 x 128 / (D + 2 Dv) times the inputs' bytes at most.
+// budget) the workspaces are 128 keys' worth, at most 256 / (D + 2 Dv) times the inputs' bytes.
 struct ScftBwdWorkspacePlan {
   int key_chunk;          // keys per chunk
   int num_chunks;         // ceil(M / key_chunk)
