@@ -36,7 +36,10 @@ inline void check_corr_index(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK(index.device() == q.device(), op, ": ", name, " is on ", index.device(), " but q is on ", q.device());
   TORCH_CHECK(index.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", index.sizes());
   if (index.numel() == 0) return;
-  const int64_t lowest = index.min().item<int64_t>(), highest = index.max().item<int64_t>();
+  // One reduction and one device-to-host copy: on CUDA this check is the op's only host sync.
+  const auto [min_value, max_value] = at::aminmax(index);
+  const at::Tensor bounds = at::stack({min_value, max_value}).cpu();
+  const int64_t lowest = bounds[0].item<int64_t>(), highest = bounds[1].item<int64_t>();
   TORCH_CHECK(lowest >= -1 && highest < num_keys, op, ": ", name, " values must be in [-1, M) = [-1, ", num_keys,
               "), got values in [", lowest, ", ", highest, "]");
 }
