@@ -1,5 +1,14 @@
-"""cpp backend of scft_attention against sketchcolor.reference, plus registration and input checks."""
+"""cpp backend of scft_attention against sketchcolor.reference, plus registration and input checks.
+
+The numerical tests run under both code paths of the CPU kernels' elementwise tile work (the
+cpu_isa fixture): the fused AVX-512 loops and the generic ATen code.
+"""
 from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +16,9 @@ import torch
 from conftest import assert_close_to_reference
 from sketchcolor import reference
 from sketchcolor.ops import scft_attention
+from sketchcolor.testing import compare_to_reference
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 # (B, H or None, N, M, D, Dv): odd sizes, N != M, D = 992 and D not a multiple of 16, Dv != D.
 SHAPES = [
@@ -18,8 +30,30 @@ SHAPES = [
     (1, None, 1025, 97, 992, 992),
     (1, 1, 97, 1025, 992, 992),
     (2, None, 256, 7, 100, 37),
+    (1, None, 261, 531, 100, 992),
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+
+
+# What csrc/common/cpu_isa.h requires of the CPU for the fused tile loops.
+HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags()
+
+
+@pytest.fixture(params=["avx512", "generic"])
+def cpu_isa(request, monkeypatch):
+    """Runs a test once per code path of the tile loops: SKETCHCOLOR_CPU_ISA is read at each call."""
+    if request.param == "avx512" and not HAS_AVX512:
+        pytest.skip("this CPU lacks AVX-512 F, BW or VL")
+    monkeypatch.setenv("SKETCHCOLOR_CPU_ISA", request.param)
+    return request.param
 
 
 def make_inputs(batch, heads, n, m, d, dv, dtype, transposed=False):
@@ -54,12 +88,147 @@ def check_against_reference(q, k, v, scale=None):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_cpp_matches_reference(shape, dtype):
+def test_cpp_matches_reference(shape, dtype, cpu_isa):
     check_against_reference(*make_inputs(*shape, dtype))
 
 
+@pytest.mark.skipif(not HAS_AVX512, reason="this CPU lacks AVX-512 F, BW or VL")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 97, 1025, 100, 100), (1, None, 261, 531, 992, 37)], ids=str)
+def test_fused_and_generic_tile_loops_agree(shape, dtype, monkeypatch):
+    # The two paths differ only in exp (within 2 ulp) and the order of row sums, so they agree
+    # within what the reference rule allows either of them.
+    q, k, v = make_inputs(*shape, dtype)
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=dtype)
+    results = {}
+    for isa in ("avx512", "generic"):
+        monkeypatch.setenv("SKETCHCOLOR_CPU_ISA", isa)
+        results[isa] = forward_backward(lambda *t: scft_attention(*t, impl="cpp", return_lse=True), q, k, v, grad_out)
+    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = forward_backward(lambda *t: reference.scft_attention(*t, return_lse=True), *exact_inputs, grad_out.double())
+    same = forward_backward(lambda *t: reference.scft_attention(*t, return_lse=True), q, k, v, grad_out)
+    names = ("out", "lse", "grad_q", "grad_k", "grad_v")
+    for name, fused, generic, e, s in zip(names, results["avx512"], results["generic"], exact, same):
+        allowed = compare_to_reference(fused, e, s).allowed
+        difference = (fused.double() - generic.double()).abs().max().item()
+        assert difference <= allowed, f"{name}: |fused - generic| = {difference:.3e} > {allowed:.3e}"
+
+
+def test_cpu_isa_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("SKETCHCOLOR_CPU_ISA", "avx2")
+    q, k, v = (t.detach() for t in make_inputs(1, None, 5, 6, 4, 3, torch.float32))
+    with pytest.raises(RuntimeError, match="SKETCHCOLOR_CPU_ISA must be auto, generic or avx512, got 'avx2'"):
+        scft_attention(q, k, v, impl="cpp")
+
+
+# The fused loops' exp and bf16 rounding (csrc/common/avx512.h, which needs no torch header),
+# built into a small library next to std::exp: no op or binding exposes them.
+AVX512_DRIVER = r"""
+#include <cmath>
+#include "common/avx512.h"
+
+extern "C" int has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
+extern "C" SKETCHCOLOR_AVX512_TARGET void exp_both(const float* x, float* fast, float* exact, long n) {
+  for (long i = 0; i < n; i += 16) {
+    const __mmask16 lanes = sketchcolor::avx512::first_lanes(n - i);
+    sketchcolor::avx512::store(fast + i, lanes, sketchcolor::avx512::exp(sketchcolor::avx512::load(x + i, lanes)));
+  }
+  for (long i = 0; i < n; ++i) exact[i] = static_cast<float>(std::exp(static_cast<double>(x[i])));
+}
+
+extern "C" SKETCHCOLOR_AVX512_TARGET void to_bf16(const float* x, uint16_t* bits, long n) {
+  for (long i = 0; i < n; i += 16) {
+    const __mmask16 lanes = sketchcolor::avx512::first_lanes(n - i);
+    sketchcolor::avx512::store(bits + i, lanes, sketchcolor::avx512::load(x + i, lanes));
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def avx512_driver(tmp_path_factory):
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler to build the AVX-512 driver")
+    build = tmp_path_factory.mktemp("avx512_driver")
+    source, library = build / "driver.cpp", build / "driver.so"
+    source.write_text(AVX512_DRIVER)
+    command = [compiler, "-O2", "-std=c++20", "-shared", "-fPIC", f"-I{CSRC}", str(source), "-o", str(library)]
+    subprocess.run(command, check=True, capture_output=True)
+    driver = ctypes.CDLL(str(library))
+    if not driver.has_avx512():
+        pytest.skip("this CPU lacks AVX-512 F, BW or VL")
+    return driver
+
+
+def call(function, *tensors: torch.Tensor) -> None:
+    function(*(ctypes.c_void_p(t.data_ptr()) for t in tensors), ctypes.c_long(tensors[0].numel()))
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # Bit patterns mapped to integers that count representable floats upwards from -inf.
+    def ordinal(t):
+        bits = t.view(torch.int32).long()
+        return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+
+    return (ordinal(a) - ordinal(b)).abs()
+
+
+def any_floats(count: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniformly random float32 bit patterns: NaNs, infinities and denormals included."""
+    bits = torch.randint(-(2**31), 2**31, (count,), generator=generator, dtype=torch.int64)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def test_avx512_exp_matches_std_exp(avx512_driver):
+    generator = torch.Generator().manual_seed(0)
+    finfo = torch.finfo(torch.float32)
+    edges = torch.tensor([
+        0.0, -0.0, 1e-30, -1e-30, 1.0, -1.0, 0.34657359, -0.34657359, 0.6931472, -0.6931472,
+        88.72283, 88.72284, 89.0, 89.1, 1e30, finfo.max, float("inf"),  # last finite result, then inf
+        -87.33654, -87.33655, -103.27893, -103.97207, -103.97208, -104.0, -104.1, -1e30, -finfo.max,
+        float("-inf"), float("nan"), finfo.tiny, -finfo.tiny, 1.4e-45, -1.4e-45,  # normal limit, denormal results, +0
+    ])
+    x = torch.cat([
+        edges,
+        torch.linspace(-110.0, 95.0, 2_000_001),  # every regime: +0, denormal, normal, inf
+        torch.linspace(-1.0, 1.0, 1_000_001),  # across the range reduction's steps at +-ln(2)/2
+        torch.randn(1_000_000, generator=generator) * 30,
+        any_floats(1_000_000, generator),
+        torch.arange(-150, 129, dtype=torch.float32) * 0.6931472,  # near n ln 2, where the reduced argument is ~0
+    ])
+    fast, exact = torch.empty_like(x), torch.empty_like(x)
+    call(avx512_driver.exp_both, x, fast, exact)
+    nan = exact.isnan()
+    assert torch.equal(fast.isnan(), nan), "exp gives NaN exactly for NaN arguments"
+    x, fast, exact = x[~nan], fast[~nan], exact[~nan]
+    ulps = ulp_distance(fast, exact)
+    worst = ulps.argmax()
+    assert ulps.max() <= 2, f"exp({x[worst].item()!r}) = {fast[worst].item()!r}, std::exp: {exact[worst].item()!r}"
+    assert torch.equal(fast[x < -104], torch.zeros_like(fast[x < -104])), "-inf and far below -103.97 give +0"
+    assert not fast.signbit().any()
+    assert torch.equal(fast[x > 89], torch.full_like(fast[x > 89], float("inf")))
+
+
+def test_avx512_bf16_rounding_matches_torch(avx512_driver):
+    # The fused loops write bf16 tiles themselves: bit for bit what the generic code's copy_ gives,
+    # denormals and ties included (NaN payloads may differ: both are NaN).
+    generator = torch.Generator().manual_seed(1)
+    ties = (torch.arange(-(2**15), 2**15, dtype=torch.int64) * 2**16 + 2**15).to(torch.int32).view(torch.float32)
+    x = torch.cat([any_floats(1_000_000, generator), torch.randn(1_000_000, generator=generator), ties])
+    bits = torch.empty(x.shape, dtype=torch.int16)
+    call(avx512_driver.to_bf16, x, bits)
+    fused, expected = bits.view(torch.bfloat16), x.to(torch.bfloat16)
+    nan = x.isnan()
+    assert torch.equal(fused.isnan(), nan)
+    assert torch.equal(fused[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpp_non_contiguous_inputs(dtype):
+def test_cpp_non_contiguous_inputs(dtype, cpu_isa):
     q, k, v = make_inputs(2, 3, 97, 130, 100, 36, dtype, transposed=True)
     assert not q.is_contiguous()
     check_against_reference(q, k, v)
@@ -72,7 +241,7 @@ def test_cpp_head_axis_as_batch_of_heads_layout():
 
 
 @pytest.mark.parametrize("scale", [0.05, 1.0, -0.3])
-def test_cpp_custom_scale(scale):
+def test_cpp_custom_scale(scale, cpu_isa):
     check_against_reference(*make_inputs(2, None, 37, 300, 24, 24, torch.float32), scale=scale)
 
 
@@ -111,14 +280,14 @@ def test_empty_queries_give_empty_outputs():
     assert k.grad.abs().sum() == 0 and v.grad.abs().sum() == 0
 
 
-def test_large_scores_do_not_overflow():
+def test_large_scores_do_not_overflow(cpu_isa):
     q, k, v = make_inputs(1, None, 33, 300, 16, 8, torch.float32)
     with torch.no_grad():
         q.mul_(40.0)
     check_against_reference(q, k, v)
 
 
-def test_deterministic_for_fixed_thread_count():
+def test_deterministic_for_fixed_thread_count(cpu_isa):
     q, k, v = make_inputs(1, None, 300, 1100, 64, 64, torch.float32)
     grad_out = torch.randn(1, 300, 64)
     first = forward_backward(lambda *t: scft_attention(*t, impl="cpp", return_lse=True), q, k, v, grad_out)
@@ -128,7 +297,7 @@ def test_deterministic_for_fixed_thread_count():
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_thread_counts(threads):
+def test_thread_counts(threads, cpu_isa):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -4,7 +4,9 @@
 // Tile products go through ATen's cpublas::gemm (MKL / oneDNN): for bf16 and fp16 inputs
 // its mixed overload multiplies low-precision tiles into fp32 accumulators, which is where
 // the 2.4x bf16 speed of this class of CPU comes from. Elementwise tile work (max, exp,
-// sums) goes through ATen ops on tile views so it gets ATen's runtime-dispatched vector code.
+// sums, conversions) of fp32 and bf16 runs as fused AVX-512 passes where the CPU has AVX-512
+// (attention_tiles_avx512.h); elsewhere, for fp64 and fp16, and under SKETCHCOLOR_CPU_ISA=generic
+// (common/cpu_isa.h) it goes through ATen ops on tile views, one pass per step.
 #include "scft_attention/scft_attention_cpu.h"
 
 #include <ATen/ATen.h>
@@ -18,6 +20,8 @@
 #include <thread>
 #include <type_traits>
 
+#include "common/cpu_isa.h"
+#include "scft_attention/attention_tiles_avx512.h"
 #include "scft_attention/scft_attention_checks.h"
 #include "scft_attention/tile_gemm.h"
 
@@ -44,9 +48,50 @@ at::Tensor low_precision_tile(const at::Tensor& tile, const at::Tensor& buffer) 
   }
 }
 
+// The dtypes with fused AVX-512 tile loops; fp64 and fp16 always take the generic code.
 template <typename scalar_t>
+constexpr bool has_avx512_tiles = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
+
+// A tile's data as the AVX-512 loops take it: fp32, or bf16 as its bits.
+inline float* lanes_data(const at::Tensor& tile, float) { return tile.data_ptr<float>(); }
+inline uint16_t* lanes_data(const at::Tensor& tile, at::BFloat16) {
+  return reinterpret_cast<uint16_t*>(tile.data_ptr<at::BFloat16>());
+}
+template <typename scalar_t>
+auto lanes_data(const at::Tensor& tile) {
+  return lanes_data(tile, scalar_t{});
+}
+
+// One key tile of the forward's online softmax in fused AVX-512 passes. Returns the tile of
+// probabilities (fp32, or bf16 for bf16 inputs) that multiplies V; row_max, row_sum and the
+// rows of acc are updated for it. bf16 scores stay the GEMM's bf16 product: the softmax pass
+// converts and scales them itself, as the generic code's fp32 copy would have.
+template <typename scalar_t>
+at::Tensor online_softmax_avx512(TileGemm& tile_gemm, const at::Tensor& q_tile, const at::Tensor& k_tile,
+                                 double scale, const at::Tensor& scores_buffer, const at::Tensor& probs_buffer,
+                                 const at::Tensor& row_max, const at::Tensor& row_sum, const at::Tensor& acc) {
+  const int64_t rows = q_tile.size(0), cols = k_tile.size(0);
+  auto scores = tile_view(scores_buffer, rows, cols);
+  float scores_scale = 1.0f;
+  at::Tensor probs = scores;  // fp32 works in place
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    at::mm_out(scores, q_tile, k_tile.t());
+    scores_scale = static_cast<float>(scale);
+    probs = tile_view(probs_buffer, rows, cols);
+  } else {
+    tile_gemm(q_tile, k_tile.t(), scores, scale, false);
+  }
+  avx512::online_softmax_tile(lanes_data<scalar_t>(scores), lanes_data<scalar_t>(probs), rows, cols, scores_scale,
+                              row_max.data_ptr<float>(), row_sum.data_ptr<float>(), acc.data_ptr<float>(),
+                              acc.stride(0), acc.size(1));
+  return probs;
+}
+
+// fused: the elementwise tile work runs in the AVX-512 loops, else in ATen ops.
+template <typename scalar_t, bool fused>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                     const at::Tensor& lse, double scale) {
+  static_assert(!fused || has_avx512_tiles<scalar_t>);
   using acc_t = acc_type<scalar_t>;
   const int64_t heads = q.size(0) * q.size(1), n = q.size(2), m = k.size(2), d = q.size(3), dv = v.size(3);
   const int64_t q_tiles = (n + BLOCK_Q - 1) / BLOCK_Q;
@@ -56,11 +101,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
   // One work item per (batch*head, query tile): every core is busy even at B = H = 1.
   at::parallel_for(0, heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    const auto scores_buffer = at::empty({BLOCK_Q, BLOCK_K}, acc_options);
+    // The fused bf16 code keeps the scores in the GEMM's bf16 product; everything else in fp32.
+    const auto scores_buffer = at::empty({BLOCK_Q, BLOCK_K}, fused ? q.options() : acc_options);
     const auto probs_buffer = at::empty({BLOCK_Q, BLOCK_K}, q.options());
     const auto acc_buffer = at::empty({BLOCK_Q, dv}, acc_options);
     const auto stats_buffer = at::empty({4, BLOCK_Q}, acc_options);
-    TileGemm tile_gemm(BLOCK_Q * std::max(BLOCK_K, dv), q.options());
+    TileGemm tile_gemm(BLOCK_Q * std::max(BLOCK_K, dv), q.options(), fused ? CpuIsa::kAvx512 : CpuIsa::kGeneric);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t head = item / q_tiles, q0 = (item % q_tiles) * BLOCK_Q, rows = std::min(BLOCK_Q, n - q0);
       const auto q_tile = q_rows.narrow(0, head * n + q0, rows);
@@ -71,18 +117,25 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       auto rescale = stats_buffer[3].narrow(0, 0, rows);
       for (int64_t k0 = 0; k0 < m; k0 += BLOCK_K) {
         const int64_t cols = std::min(BLOCK_K, m - k0);
-        const auto scores = tile_view(scores_buffer, rows, cols);
-        tile_gemm(q_tile, k_rows.narrow(0, head * m + k0, cols).t(), scores, scale, false);
-        // Online softmax: rescale what was accumulated under the old row max.
-        at::amax_out(new_max, scores, {1});
-        at::maximum_out(new_max, new_max, row_max);
-        at::sub_out(rescale, row_max, new_max).exp_();
-        scores.sub_(new_max.unsqueeze(1)).exp_();
-        row_sum.mul_(rescale).add_(scores.sum(1));
-        acc.mul_(rescale.unsqueeze(1));
-        row_max.copy_(new_max);
-        tile_gemm(low_precision_tile<scalar_t>(scores, probs_buffer), v_rows.narrow(0, head * m + k0, cols), acc, 1.0,
-                  true);
+        const auto k_tile = k_rows.narrow(0, head * m + k0, cols);
+        at::Tensor probs;
+        if constexpr (fused) {
+          probs = online_softmax_avx512<scalar_t>(tile_gemm, q_tile, k_tile, scale, scores_buffer, probs_buffer,
+                                                  row_max, row_sum, acc);
+        } else {
+          const auto scores = tile_view(scores_buffer, rows, cols);
+          tile_gemm(q_tile, k_tile.t(), scores, scale, false);
+          // Online softmax: rescale what was accumulated under the old row max.
+          at::amax_out(new_max, scores, {1});
+          at::maximum_out(new_max, new_max, row_max);
+          at::sub_out(rescale, row_max, new_max).exp_();
+          scores.sub_(new_max.unsqueeze(1)).exp_();
+          row_sum.mul_(rescale).add_(scores.sum(1));
+          acc.mul_(rescale.unsqueeze(1));
+          row_max.copy_(new_max);
+          probs = low_precision_tile<scalar_t>(scores, probs_buffer);
+        }
+        tile_gemm(probs, v_rows.narrow(0, head * m + k0, cols), acc, 1.0, true);
       }
       out_rows.narrow(0, head * n + q0, rows).copy_(acc.div_(row_sum.unsqueeze(1)));
       lse_rows.narrow(0, head * n + q0, rows).copy_(row_sum.log_().add_(row_max));
@@ -115,10 +168,45 @@ class OrderedTileAdd {
   std::atomic<bool> failed_{false};
 };
 
+// The backward's P = exp(scale Q K^T - lse) and dS = P (dP - Delta) of one tile in one fused
+// AVX-512 pass, as the tiles the dV, dK and dQ GEMMs read (fp32, or bf16 for bf16 inputs).
+// bf16 reads the bf16 products of both GEMMs directly and writes both bf16 operands, where the
+// generic code makes fp32 copies of each; fp32 works in place on the GEMMs' fp32 tiles.
 template <typename scalar_t>
+std::pair<at::Tensor, at::Tensor> softmax_backward_avx512(TileGemm& tile_gemm, const at::Tensor& q_tile,
+                                                          const at::Tensor& k_tile, const at::Tensor& grad_out_aug_tile,
+                                                          const at::Tensor& v_aug_tile, const at::Tensor& lse_tile,
+                                                          const at::Tensor& delta_tile, double scale,
+                                                          const at::Tensor& scores_buffer,
+                                                          const at::Tensor& dprobs_buffer,
+                                                          const at::Tensor& probs_lp_buffer,
+                                                          const at::Tensor& dscores_lp_buffer) {
+  const int64_t rows = q_tile.size(0), cols = k_tile.size(0);
+  auto scores = tile_view(scores_buffer, rows, cols), dprobs = tile_view(dprobs_buffer, rows, cols);
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    at::mm_out(scores, q_tile, k_tile.t());
+    at::mm_out(dprobs, grad_out_aug_tile, v_aug_tile.t());  // dP - Delta, from the augmented operands
+    const auto probs = tile_view(probs_lp_buffer, rows, cols), dscores = tile_view(dscores_lp_buffer, rows, cols);
+    avx512::softmax_backward_tile(lanes_data<scalar_t>(scores), lanes_data<scalar_t>(dprobs),
+                                  lanes_data<scalar_t>(probs), lanes_data<scalar_t>(dscores), rows, cols,
+                                  static_cast<float>(scale), lse_tile.data_ptr<float>(), nullptr);
+    return {probs, dscores};
+  } else {
+    tile_gemm(q_tile, k_tile.t(), scores, scale, false);
+    tile_gemm(grad_out_aug_tile, v_aug_tile.t(), dprobs, 1.0, false);
+    avx512::softmax_backward_tile(lanes_data<scalar_t>(scores), lanes_data<scalar_t>(dprobs),
+                                  lanes_data<scalar_t>(scores), lanes_data<scalar_t>(dprobs), rows, cols, 1.0f,
+                                  lse_tile.data_ptr<float>(), delta_tile.data_ptr<float>());
+    return {scores, dprobs};
+  }
+}
+
+// fused: as in forward_kernel.
+template <typename scalar_t, bool fused>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, double scale, const at::Tensor& grad_q_acc,
                      const at::Tensor& grad_k_acc, const at::Tensor& grad_v_acc) {
+  static_assert(!fused || has_avx512_tiles<scalar_t>);
   using acc_t = acc_type<scalar_t>;
   const int64_t heads = q.size(0) * q.size(1), n = q.size(2), m = k.size(2), d = q.size(3), dv = v.size(3);
   const int64_t q_tiles = (n + BLOCK_Q - 1) / BLOCK_Q, k_tiles = (m + BLOCK_K - 1) / BLOCK_K;
@@ -167,12 +255,15 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const auto grad_v_rows = grad_v_acc.view({heads * m, dv});
 
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
-    const auto probs_buffer = at::empty({BLOCK_Q, BLOCK_K}, acc_options);
-    const auto dscores_buffer = at::empty({BLOCK_Q, BLOCK_K}, acc_options);
+    // The outputs of the Q K^T and dO V^T GEMMs: fp32 tiles that become P and dS in place,
+    // except in the fused bf16 code, which reads the GEMMs' bf16 products.
+    const auto scores_buffer = at::empty({BLOCK_Q, BLOCK_K}, fused ? q.options() : acc_options);
+    const auto dprobs_buffer = at::empty({BLOCK_Q, BLOCK_K}, fused ? q.options() : acc_options);
     const auto probs_lp_buffer = at::empty({BLOCK_Q, BLOCK_K}, q.options());
     const auto dscores_lp_buffer = at::empty({BLOCK_Q, BLOCK_K}, q.options());
     const auto grad_q_partial_buffer = at::empty({BLOCK_Q, d}, acc_options);
-    TileGemm tile_gemm(std::max(BLOCK_Q, BLOCK_K) * std::max({BLOCK_K, d, dv}), q.options());
+    TileGemm tile_gemm(std::max(BLOCK_Q, BLOCK_K) * std::max({BLOCK_K, d, dv}), q.options(),
+                       fused ? CpuIsa::kAvx512 : CpuIsa::kGeneric);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t head = item / chunks, chunk = item % chunks;
       const int64_t tile_begin = chunk * k_tiles / chunks, tile_end = (chunk + 1) * k_tiles / chunks;
@@ -185,23 +276,29 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           const auto grad_q_partial = tile_view(grad_q_partial_buffer, rows, d).zero_();
           for (int64_t kt = tile_begin; kt < tile_end; ++kt) {
             const int64_t key0 = head * m + kt * BLOCK_K, cols = std::min(BLOCK_K, m - kt * BLOCK_K);
-            const auto k_tile = k_rows.narrow(0, key0, cols);
-            // P = exp(scale * Q K^T - lse), recomputed from the saved row statistics.
-            const auto probs = tile_view(probs_buffer, rows, cols);
-            tile_gemm(q_tile, k_tile.t(), probs, scale, false);
-            probs.sub_(lse_tile).exp_();
-            // dP - Delta = dO V^T - Delta
-            const auto dscores = tile_view(dscores_buffer, rows, cols);
-            tile_gemm(grad_out_aug_tile, v_aug.narrow(0, key0, cols).t(), dscores, 1.0, false);
-            if constexpr (!low_precision) dscores.sub_(delta_tile);
-            // dV += P^T dO
-            tile_gemm(low_precision_tile<scalar_t>(probs, probs_lp_buffer).t(), grad_out_tile,
-                      grad_v_rows.narrow(0, key0, cols), 1.0, true);
-            // dS = P * (dP - Delta);  dK += scale dS^T Q;  dQ_partial += scale dS K
-            dscores.mul_(probs);
-            const at::Tensor dscores_lp = low_precision_tile<scalar_t>(dscores, dscores_lp_buffer);
-            tile_gemm(dscores_lp.t(), q_tile, grad_k_rows.narrow(0, key0, cols), scale, true);
-            tile_gemm(dscores_lp, k_tile, grad_q_partial, scale, true);
+            const auto k_tile = k_rows.narrow(0, key0, cols), v_aug_tile = v_aug.narrow(0, key0, cols);
+            // P = exp(scale * Q K^T - lse), recomputed from the saved row statistics, and
+            // dS = P * (dP - Delta) with dP - Delta = dO V^T - Delta, as the GEMMs' operands.
+            at::Tensor probs_operand, dscores_operand;
+            if constexpr (fused) {
+              std::tie(probs_operand, dscores_operand) = softmax_backward_avx512<scalar_t>(
+                  tile_gemm, q_tile, k_tile, grad_out_aug_tile, v_aug_tile, lse_tile, delta_tile, scale, scores_buffer,
+                  dprobs_buffer, probs_lp_buffer, dscores_lp_buffer);
+            } else {
+              const auto probs = tile_view(scores_buffer, rows, cols);
+              tile_gemm(q_tile, k_tile.t(), probs, scale, false);
+              probs.sub_(lse_tile).exp_();
+              const auto dscores = tile_view(dprobs_buffer, rows, cols);
+              tile_gemm(grad_out_aug_tile, v_aug_tile.t(), dscores, 1.0, false);
+              if constexpr (!low_precision) dscores.sub_(delta_tile);
+              probs_operand = low_precision_tile<scalar_t>(probs, probs_lp_buffer);
+              dscores.mul_(probs);
+              dscores_operand = low_precision_tile<scalar_t>(dscores, dscores_lp_buffer);
+            }
+            // dV += P^T dO;  dK += scale dS^T Q;  dQ_partial += scale dS K
+            tile_gemm(probs_operand.t(), grad_out_tile, grad_v_rows.narrow(0, key0, cols), 1.0, true);
+            tile_gemm(dscores_operand.t(), q_tile, grad_k_rows.narrow(0, key0, cols), scale, true);
+            tile_gemm(dscores_operand, k_tile, grad_q_partial, scale, true);
           }
           dq_order.run_in_order(head * q_tiles + qt, chunk,
                                 [&] { grad_q_rows.narrow(0, row0, rows).add_(grad_q_partial); });
@@ -227,9 +324,14 @@ std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cpu(const at::Tensor& q, const 
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type));
   if (q.numel() == 0) return {out, lse};
+  const bool avx512 = cpu_isa() == CpuIsa::kAvx512;
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "scft_attn_fwd_cpu",
-                                  [&] { forward_kernel<scalar_t>(qc, kc, vc, out, lse, scale); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "scft_attn_fwd_cpu", [&] {
+    if constexpr (has_avx512_tiles<scalar_t>) {
+      if (avx512) return forward_kernel<scalar_t, true>(qc, kc, vc, out, lse, scale);
+    }
+    forward_kernel<scalar_t, false>(qc, kc, vc, out, lse, scale);
+  });
   return {out, lse};
 }
 
@@ -249,10 +351,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cpu(const at::Tenso
   };
   auto grad_q = make_acc(q), grad_k = make_acc(k), grad_v = make_acc(v);
   if (q.size(2) > 0) {
+    const bool avx512 = cpu_isa() == CpuIsa::kAvx512;
     const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
     const auto grad_out_c = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "scft_attn_bwd_cpu", [&] {
-      backward_kernel<scalar_t>(grad_out_c, qc, kc, vc, out_c, lse_c, scale, grad_q, grad_k, grad_v);
+      if constexpr (has_avx512_tiles<scalar_t>) {
+        if (avx512) {
+          return backward_kernel<scalar_t, true>(grad_out_c, qc, kc, vc, out_c, lse_c, scale, grad_q, grad_k, grad_v);
+        }
+      }
+      backward_kernel<scalar_t, false>(grad_out_c, qc, kc, vc, out_c, lse_c, scale, grad_q, grad_k, grad_v);
     });
   }
   if (accumulate_in_place) return {grad_q, grad_k, grad_v};
