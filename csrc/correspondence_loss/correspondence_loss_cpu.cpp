@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "correspondence_loss/correspondence_loss_checks.h"
 #include "scft_attention/tile_gemm.h"
 
@@ -191,9 +192,10 @@ void hardest_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::
   int64_t* neg_data = neg.mutable_data_ptr<int64_t>();
 
   // One work item per (batch, query tile): every core is busy even at B = 1.
+  const CpuIsa isa = cpu_isa();   // read once, outside the worker threads
   at::parallel_for(0, batch * q_tiles, 1, [&](int64_t begin, int64_t end) {
     const auto scores_buffer = at::empty({BLOCK_Q, BLOCK_K}, acc_options);
-    TileGemm tile_gemm(BLOCK_Q * BLOCK_K, q.options());
+    TileGemm tile_gemm(BLOCK_Q * BLOCK_K, q.options(), isa);
     std::vector<acc_t> best(BLOCK_Q), pos_score(BLOCK_Q);
     std::vector<int64_t> best_key(BLOCK_Q);
     for (int64_t item = begin; item < end; ++item) {
@@ -304,9 +306,10 @@ void nll_loss_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     };
 
     // Phase A: S tiles, S[i, pos_i], and each tile's row max and sum of exp(S - max).
+    const CpuIsa isa = cpu_isa();   // read once, outside the worker threads
     at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
       const at::Tensor scores_buffer = with_grad ? at::Tensor() : at::empty({BLOCK_Q, BLOCK_K}, acc_options);
-      TileGemm tile_gemm(BLOCK_Q * BLOCK_K, q.options());
+      TileGemm tile_gemm(BLOCK_Q * BLOCK_K, q.options(), isa);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / chunks, row0 = b * n + q0;
         if (!has_valid_row[b]) continue;
@@ -359,7 +362,7 @@ void nll_loss_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     // Phase B: dS = w (P - onehot(pos)) from the strip; dk += scale dS^T Q, dq += scale dS K.
     at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
       const auto dscores_lp_buffer = at::empty({BLOCK_Q, BLOCK_K}, q.options());
-      TileGemm tile_gemm(std::max(BLOCK_Q, BLOCK_K) * std::max(BLOCK_K, d), q.options());
+      TileGemm tile_gemm(std::max(BLOCK_Q, BLOCK_K) * std::max(BLOCK_K, d), q.options(), isa);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / chunks, chunk = item % chunks, row0 = b * n + q0;
         const auto grad_q_tile = chunks > 1 ? tile_view(grad_q_partials[b][chunk], rows, d).zero_()
