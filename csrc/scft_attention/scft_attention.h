@@ -276,6 +276,10 @@ inline ScftFwdKernelChoice scft_fwd_kernel_choice() {
   return ScftFwdKernelChoice::kUnknown;
 }
 
+// Whether the wgmma forward can run on a device of this compute capability: the build's only
+// machine code for it is sm_90a, which runs on 9.0 alone.
+inline bool scft_fwd_wgmma_runs_on(int major, int minor) { return major == 9 && minor == 0; }
+
 // out, lse <- attention(q, k, v), on the kernel scft_fwd_kernel_choice() names. An unknown choice
 // is cudaErrorInvalidValue; "wgmma" on a device that is not 9.0, cudaErrorInvalidDeviceFunction.
 cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& params, ScftDtype dtype, cudaStream_t stream);

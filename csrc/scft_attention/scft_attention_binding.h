@@ -75,7 +75,7 @@ inline void check_fwd_kernel_choice(const at::Tensor& q, const char* op) {
     int major = 0, minor = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()));
-    TORCH_CHECK(major == 9 && minor == 0, op,
+    TORCH_CHECK(scft::scft_fwd_wgmma_runs_on(major, minor), op,
                 " (cuda backend): SKETCHCOLOR_CUDA_ATTN_FWD=wgmma needs a compute capability 9.0 GPU (H100, H200); ",
                 q.device(), " is ", major, ".", minor);
   }

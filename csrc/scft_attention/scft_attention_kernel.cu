@@ -744,7 +744,7 @@ cudaError_t pick_fwd_kernel(bool* use_wgmma) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
-  *use_wgmma = major == 9 && minor == 0;
+  *use_wgmma = scft_fwd_wgmma_runs_on(major, minor);
   if (choice == ScftFwdKernelChoice::kWgmma && !*use_wgmma) return cudaErrorInvalidDeviceFunction;
   return cudaSuccess;
 }

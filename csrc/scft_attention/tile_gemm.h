@@ -34,7 +34,7 @@ class TileGemm {
   // max_elements: the largest m * n this instance will produce; dtype: the tiles' dtype; isa:
   // kAvx512 (only where cpu_isa() gave it) sums bf16 products into fp32 in an AVX-512 loop,
   // kGeneric with ATen's add_.
-  TileGemm(int64_t max_elements, const at::TensorOptions& tile_options, CpuIsa isa = CpuIsa::kGeneric)
+  TileGemm(int64_t max_elements, const at::TensorOptions& tile_options, CpuIsa isa)
       : scratch_(at::empty({max_elements}, tile_options)), isa_(isa) {}
 
   void operator()(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double alpha, bool accumulate) {
