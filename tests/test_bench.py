@@ -23,14 +23,16 @@ from sketchcolor.benchmarking.timing import Timing
 def test_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out_dir = tmp_path / "bench"
-    argv = ["bench", "--op", "attention", "--impl", "cpp,triton", "--device", "cpu", "--sizes", "32,64", "--head-dim", "24", "--repeats", "2", "--threads", "1", "--out", str(out_dir)]
+    # Inputs of 256 KiB and more: above glibc's mmap threshold, so every case's peak RSS rises by at
+    # least its inputs (at N = 32 a case could fit in already mapped heap and peak at 0 bytes).
+    argv = ["bench", "--op", "attention", "--impl", "cpp,triton", "--device", "cpu", "--sizes", "1024,1536", "--head-dim", "64", "--repeats", "2", "--threads", "1", "--out", str(out_dir)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "fwd+bwd GFLOP/s" in printed and "skipped attention triton: set TRITON_INTERPRET=1" in printed
 
     data = json.loads((out_dir / "bench.json").read_text())
     results = data["results"]
-    assert {(r["provider"], r["n"]) for r in results} == {(p, n) for p in ("reference", "torch_sdpa", "cpp") for n in (32, 64)}
+    assert {(r["provider"], r["n"]) for r in results} == {(p, n) for p in ("reference", "torch_sdpa", "cpp") for n in (1024, 1536)}
     for record in results:
         assert record["error"] is None
         assert record["fwd_median_ms"] > 0 and record["fwd_bwd_median_ms"] > 0 and len(record["fwd_bwd_samples_ms"]) == 2
