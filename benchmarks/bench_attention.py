@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 from sketchcolor.benchmarking.cases import PAPER_HEAD_DIM, Case, bench_case, dtype_skip_reason, skip_reason
+from sketchcolor.benchmarking.correctness import print_check, run_check
 from sketchcolor.benchmarking.options import default_device, dtype, non_negative_int, positive_int, size_list
 from sketchcolor.benchmarking.report import publish
 from sketchcolor.benchmarking.suite import run_benchmarks
 from sketchcolor.ops import _backends
-from sketchcolor.verify import ATTENTION_SHAPES_QUICK, attention_case, check_case
+from sketchcolor.verify import ATTENTION_SHAPES_QUICK, attention_case
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 FUSED = ("triton", "cuda", "cpp")
@@ -57,15 +58,9 @@ def providers(device: str, impls: tuple[str, ...] | None) -> tuple[str, ...]:
     return ("reference", "torch_sdpa", *impls)
 
 
-def check_correctness(fused: list[str], device: str, case_dtype: torch.dtype) -> list[str]:
-    """One line per (backend, shape) of the correctness check; the ones that failed start with FAIL."""
-    lines = []
-    for provider in fused:
-        for shape in ATTENTION_SHAPES_QUICK:
-            row = check_case(attention_case(provider, shape, case_dtype, device), seed=0)
-            detail = f"worst {row.worst}: max error {row.max_abs_error:.3g} <= allowed {row.allowed:.3g}" if row.result == "PASS" else row.note
-            lines.append(f"{row.result} {provider} {row.dtype} {row.shape}: {detail}")
-    return lines
+def correctness_cases(fused: list[str], device: str, case_dtype: torch.dtype) -> list[tuple[str, Case]]:
+    """(backend, case) per backend and shape of the correctness check."""
+    return [(provider, attention_case(provider, shape, case_dtype, device)) for provider in fused for shape in ATTENTION_SHAPES_QUICK]
 
 
 def main() -> int:
@@ -104,10 +99,8 @@ def main() -> int:
         notes.append("triton options: " + ", ".join(f"{k}={v}" for k, v in triton_options.items()))
 
     fused = [p for p in runnable if p in FUSED]
-    check_lines = check_correctness(fused, args.device, case_dtype)
-    print("correctness against the float64 reference:\n" + "\n".join(f"  {line}" for line in check_lines))
-    if any(line.startswith("FAIL") for line in check_lines) and not args.skip_check:
-        print("a backend disagrees with the reference: nothing timed (--skip-check times anyway)", file=sys.stderr)
+    check_lines = run_check(correctness_cases(fused, args.device, case_dtype))
+    if not print_check(check_lines, args.skip_check):
         return 1
 
     cases: list[Case] = []

@@ -31,14 +31,16 @@ from sketchcolor.benchmarking.cases import (
     CORRESPONDENCE_MODES,
     DEFAULT_NEGATIVES,
     PAPER_HEAD_DIM,
+    Case,
     bench_case,
     dtype_skip_reason,
     skip_reason,
 )
+from sketchcolor.benchmarking.correctness import print_check, run_check
 from sketchcolor.benchmarking.options import default_device, dtype, mode_list, non_negative_int, positive_int, size_list
 from sketchcolor.benchmarking.report import baseline_ratios, publish
 from sketchcolor.benchmarking.suite import run_benchmarks
-from sketchcolor.verify import CORRESPONDENCE_SHAPES_QUICK, check_case, correspondence_case
+from sketchcolor.verify import CORRESPONDENCE_SHAPES_QUICK, correspondence_case
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 GOAL = {"device": "cpu", "dtype": torch.float32, "n": 16384, "modes": ("hardest", "nll"), "provider": "cpp",
@@ -50,16 +52,14 @@ LEGEND = (
 )
 
 
-def check_correctness(fused: list[str], modes, device: str, case_dtype: torch.dtype) -> list[str]:
-    """One line per (backend, mode, shape) of the correctness check; the failures start with FAIL."""
-    lines = []
-    for provider in fused:
-        for mode in modes:
-            for shape in CORRESPONDENCE_SHAPES_QUICK:
-                row = check_case(correspondence_case(provider, mode, shape, case_dtype, device), seed=0)
-                detail = f"worst {row.worst}: max error {row.max_abs_error:.3g} <= allowed {row.allowed:.3g}" if row.result == "PASS" else row.note
-                lines.append(f"{row.result} {provider} {mode} {row.dtype} {row.shape}: {detail}")
-    return lines
+def correctness_cases(fused: list[str], modes, device: str, case_dtype: torch.dtype) -> list[tuple[str, Case]]:
+    """("<backend> <mode>", case) per backend, mode and shape of the correctness check."""
+    return [
+        (f"{provider} {mode}", correspondence_case(provider, mode, shape, case_dtype, device))
+        for provider in fused
+        for mode in modes
+        for shape in CORRESPONDENCE_SHAPES_QUICK
+    ]
 
 
 def goal_lines(results) -> list[str]:
@@ -109,10 +109,8 @@ def main() -> int:
         else:
             skipped.append(f"skipped {provider}: {reason}")
 
-    check_lines = check_correctness([p for p in runnable if p != "reference"], args.modes, args.device, case_dtype)
-    print("correctness against the float64 reference:\n" + "\n".join(f"  {line}" for line in check_lines))
-    if any(line.startswith("FAIL") for line in check_lines) and not args.skip_check:
-        print("a backend disagrees with the reference: nothing timed (--skip-check times anyway)", file=sys.stderr)
+    check_lines = run_check(correctness_cases([p for p in runnable if p != "reference"], args.modes, args.device, case_dtype))
+    if not print_check(check_lines, args.skip_check):
         return 1
 
     cases = []
