@@ -22,12 +22,16 @@
 
 #include "common/tile_mma.cuh"
 #include "scft_attention/scft_attention_fwd.cuh"
+#include "scft_attention/scft_gemm.cuh"
 
 namespace sketchcolor {
 namespace scft {
 namespace {
 
 using namespace tiles;
+using gemm::GemmBatch;
+using gemm::GemmOperand;
+using gemm::GemmProblem;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -383,33 +387,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward GEMMs: C (m x n) = alpha * A (m x k) B (k x n) [+ C_in], batched over B*H, up to two
-// independent problems per launch (dV and dK of a chunk share a launch so that together they fill
-// the GPU). fp32 accumulation; each output element is produced by exactly one CTA: deterministic.
-
-struct GemmOperand {
-  const uint16_t* ptr;   // element [b, h, row, col] at ptr + b*stride_b + h*stride_h + row*stride_row + col
-  int64_t stride_b, stride_h, stride_row;
-};
-
-struct GemmProblem {
-  GemmOperand a;         // A (m x k): stored [m][k] when the kernel's kAKContig, else [k][m]
-  GemmOperand b;         // B (k x n): stored [k][n]
-  const float* c_in;     // (m x n) fp32 per (b, h), added to the product; null for none
-  float* c_out_f32;      // (m x n) fp32 output, or null
-  uint16_t* c_out;       // (m x n) output in the input dtype, or null; exactly one output is set
-  int64_t c_stride_b, c_stride_h, c_stride_row;   // shared by c_in and the output
-  bool c_pairs;          // two adjacent columns may be stored as one 4-byte (8-byte fp32) word
-  int m, n, k;
-  float alpha;
-};
-
-struct GemmBatch {
-  GemmProblem problem[2];
-  int num_problems;      // 1 or 2; blockIdx.y selects the problem
-  int heads;             // H, to split blockIdx.z into (b, h)
-  int tiles_n;           // n tiles of the widest problem: blockIdx.x = tile_m * tiles_n + tile_n
-};
+// Backward GEMMs: the problems, the CTA's tile and the output store are in scft_gemm.cuh.
 
 template <typename T, typename Cfg, bool kAKContig>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm_kernel(const GemmBatch batch) {
@@ -422,28 +400,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
   constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
   static_assert(kWarpRows % 16 == 0 && kWarpCols % 16 == 0 && kBlockK % 16 == 0, "warp tiles are 16-aligned");
 
-  // Field-by-field select keeps the problem in registers (no local copy of the param array).
-  const bool second = blockIdx.y != 0;
-  const GemmProblem& p0 = batch.problem[0];
-  const GemmProblem& p1 = batch.problem[1];
-  const int m = second ? p1.m : p0.m;
-  const int n = second ? p1.n : p0.n;
-  const int kdim = second ? p1.k : p0.k;
-  const int tile_m = blockIdx.x / batch.tiles_n;
-  const int tile_n = blockIdx.x - tile_m * batch.tiles_n;
-  const int row0 = tile_m * kBlockM;
-  const int col0 = tile_n * kBlockN;
-  if (row0 >= m || col0 >= n) return;   // the narrower problem of a grouped launch: uniform exit
+  const gemm::GemmCta<kBlockM, kBlockN> cta(batch);
+  const int m = cta.m, n = cta.n, kdim = cta.k;
+  const int row0 = cta.row0, col0 = cta.col0;
+  if (cta.empty()) return;   // uniform exit
 
   const int bh = blockIdx.z;
   const int b = bh / batch.heads;
   const int h = bh - b * batch.heads;
-  const uint16_t* a = second ? p1.a.ptr + b * p1.a.stride_b + h * p1.a.stride_h
-                             : p0.a.ptr + b * p0.a.stride_b + h * p0.a.stride_h;
-  const int64_t a_stride_row = second ? p1.a.stride_row : p0.a.stride_row;
-  const uint16_t* bmat = second ? p1.b.ptr + b * p1.b.stride_b + h * p1.b.stride_h
-                                : p0.b.ptr + b * p0.b.stride_b + h * p0.b.stride_h;
-  const int64_t b_stride_row = second ? p1.b.stride_row : p0.b.stride_row;
+  const uint16_t* a = cta.a_ptr(b, h);
+  const int64_t a_stride_row = cta.a_stride_row();
+  const uint16_t* bmat = cta.b_ptr(b, h);
+  const int64_t b_stride_row = cta.b_stride_row();
 
   extern __shared__ __align__(16) unsigned char smem[];
   const uint32_t stage_base = smem_addr(smem);
@@ -492,50 +460,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
   cp_async_wait<0>();
 
   // ---- epilogue ----
-  const float alpha = second ? p1.alpha : p0.alpha;
-  const int64_t c_offset = second ? b * p1.c_stride_b + h * p1.c_stride_h : b * p0.c_stride_b + h * p0.c_stride_h;
-  const int64_t c_stride_row = second ? p1.c_stride_row : p0.c_stride_row;
-  const float* c_in_base = second ? p1.c_in : p0.c_in;
-  float* c_out_f32_base = second ? p1.c_out_f32 : p0.c_out_f32;
-  uint16_t* c_out_base = second ? p1.c_out : p0.c_out;
-  const bool c_pairs = second ? p1.c_pairs : p0.c_pairs;
-  const float* c_in = c_in_base != nullptr ? c_in_base + c_offset : nullptr;
-  float* c_out_f32 = c_out_f32_base != nullptr ? c_out_f32_base + c_offset : nullptr;
-  uint16_t* c_out = c_out_base != nullptr ? c_out_base + c_offset : nullptr;
+  const gemm::GemmOutput out(cta, b, h);
 #pragma unroll
   for (int mt = 0; mt < kMt; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + warp_m * kWarpRows + mt * 16 + half * 8 + group;
       if (row >= m) continue;
-      const int64_t row_offset = int64_t(row) * c_stride_row;
+      const int64_t row_offset = int64_t(row) * out.c_stride_row;
 #pragma unroll
       for (int nt = 0; nt < kNt; ++nt) {
         const int col = col0 + warp_n * kWarpCols + nt * 8 + quad_lane * 2;
-        float v0 = alpha * acc[mt][nt][2 * half];
-        float v1 = alpha * acc[mt][nt][2 * half + 1];
-        const int64_t idx = row_offset + col;
-        if (c_pairs && col + 1 < n) {
-          if (c_in != nullptr) {
-            const float2 prev = *reinterpret_cast<const float2*>(c_in + idx);
-            v0 += prev.x;
-            v1 += prev.y;
-          }
-          if (c_out_f32 != nullptr) {
-            *reinterpret_cast<float2*>(c_out_f32 + idx) = make_float2(v0, v1);
-          } else {
-            *reinterpret_cast<uint32_t*>(c_out + idx) = Elem<T>::pack(v0, v1);
-          }
-        } else {
-          if (col < n) {
-            if (c_in != nullptr) v0 += c_in[idx];
-            if (c_out_f32 != nullptr) c_out_f32[idx] = v0; else c_out[idx] = Elem<T>::from_float(v0);
-          }
-          if (col + 1 < n) {
-            if (c_in != nullptr) v1 += c_in[idx + 1];
-            if (c_out_f32 != nullptr) c_out_f32[idx + 1] = v1; else c_out[idx + 1] = Elem<T>::from_float(v1);
-          }
-        }
+        out.store<T>(row_offset, col, n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
       }
     }
 }
