@@ -28,12 +28,15 @@ import torch
 
 from sketchcolor.benchmarking import machine
 from sketchcolor.benchmarking.memory import run_in_child
+from sketchcolor.benchmarking.report import markdown_table
 from sketchcolor.benchmarking.results_file import write_section
 from sketchcolor.models import ModelConfig
 from sketchcolor.train import TrainConfig, build_loss, build_models, build_optimizers, seed_everything, train_step
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 TARGET = {"size": 512, "scft_stride": 4, "ratio": 0.4}
+TABLE_HEADERS = ["size", "SCFT", "tokens", "attn", "peak MiB", "step s", "peak / reference", "status"]
+NUMBER_COLUMNS = {"size", "SCFT", "tokens", "peak MiB", "step s", "peak / reference"}
 
 
 def run_case(size: int, scft_stride: int, attn: str, batch_size: int, width: int, steps: int, device_name: str) -> dict:
@@ -83,10 +86,7 @@ def run_in_subprocess(case: dict, args: argparse.Namespace) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     by_case = {(row["size"], row["scft_stride"], row["attn"]): row for row in rows}
-    lines = [
-        "| size | SCFT | tokens | attn | peak MiB | step s | peak / reference | status |",
-        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |",
-    ]
+    cells = []
     for row in rows:
         reference = by_case.get((row["size"], row["scft_stride"], "reference"), {})
         ok = row["status"] == "ok"
@@ -94,8 +94,8 @@ def format_table(rows: list[dict]) -> str:
         tokens = (row["size"] // row["scft_stride"]) ** 2
         peak = f"{row['peak_mib']:.0f}" if ok else "-"
         step = f"{row['step_seconds']:.2f}" if ok else "-"
-        lines.append(f"| {row['size']} | 1/{row['scft_stride']} | {tokens} | {row['attn']} | {peak} | {step} | {ratio} | {row['status']} |")
-    return "\n".join(lines)
+        cells.append([str(row["size"]), f"1/{row['scft_stride']}", str(tokens), row["attn"], peak, step, ratio, row["status"]])
+    return markdown_table(TABLE_HEADERS, cells, right_aligned=NUMBER_COLUMNS)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -34,11 +35,14 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)])
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+def markdown_table(headers: list[str], rows: list[list[str]], right_aligned: Collection[str] = ()) -> str:
+    """A Markdown table; the columns whose header is in ``right_aligned`` are aligned right."""
+
     def line(cells):
         return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
-    return "\n".join([line(headers), line(["---"] * len(headers)), *(line(row) for row in rows)])
+    alignment = ["---:" if header in right_aligned else "---" for header in headers]
+    return "\n".join([line(headers), line(alignment), *(line(row) for row in rows)])
 
 
 def rate_unit(device: str) -> tuple[str, float]:
