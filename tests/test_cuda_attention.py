@@ -4,8 +4,8 @@ GPU only: every test skips cleanly without a CUDA device or without a CUDA build
 Rule (sketchcolor/testing.py, through tests/conftest.py): max |cuda - float64 reference| <= 2 * max |reference in the same low
 precision - float64 reference| + a small atol, for out, lse and the three gradients.
 
-Every test runs with each forward kernel the device has (the fwd_kernel fixture: mma.sync
-everywhere, wgmma on compute capability 9.0).
+Every test runs with each tensor-core instruction family the device has (the mma_choice fixture,
+SKETCHCOLOR_CUDA_MMA: mma.sync everywhere, wgmma on compute capability 9.0).
 
 Outputs are poisoned before the kernels write them: the op allocates them itself, so the tests
 first fill and free blocks of the CUDA caching allocator with NaN (the op's allocations of the
@@ -36,17 +36,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=f"
 
 DEVICE = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
-# The forward kernels (SKETCHCOLOR_CUDA_ATTN_FWD): mma.sync on every device, wgmma on compute
-# capability 9.0, where it is also what "auto" picks.
-FWD_KERNELS = ["mma_sync", "wgmma"]
+# The tensor-core instruction families (SKETCHCOLOR_CUDA_MMA): mma.sync on every device, wgmma on
+# compute capability 9.0, where it is also what "auto" picks.
+MMA_CHOICES = ["mma_sync", "wgmma"]
 
 
-@pytest.fixture(autouse=True, params=FWD_KERNELS)
-def fwd_kernel(request, monkeypatch):
-    """Every test runs once per forward kernel that the device has."""
+@pytest.fixture(autouse=True, params=MMA_CHOICES)
+def mma_choice(request, monkeypatch):
+    """Every test runs once per tensor-core instruction family that the device has."""
     if request.param == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma forward runs on compute capability 9.0 only")
-    monkeypatch.setenv("SKETCHCOLOR_CUDA_ATTN_FWD", request.param)
+        pytest.skip("the wgmma kernels run on compute capability 9.0 only")
+    monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", request.param)
     return request.param
 
 # (B, H or None, N, M, D, Dv): N != M, N and M from {1, 7, 97, 256, 1025}, D from {16, 64, 100, 992},
@@ -257,29 +257,29 @@ def test_cuda_rejects_mismatched_devices_and_shapes():
         torch.ops.sketchcolor.scft_attn_bwd(out, q, k, v, out, lse[:, :, :2], 0.25)
 
 
-def test_cuda_forward_kernel_choice_is_checked(monkeypatch, fwd_kernel):
-    if fwd_kernel != FWD_KERNELS[0]:
-        pytest.skip("sets the kernel choice itself: runs once")
+def test_cuda_mma_choice_is_checked(monkeypatch, mma_choice):
+    if mma_choice != MMA_CHOICES[0]:
+        pytest.skip("sets the choice itself: runs once")
     q, k, v = (t.detach() for t in make_inputs(1, 1, 5, 6, 16, 8, torch.bfloat16))
-    monkeypatch.setenv("SKETCHCOLOR_CUDA_ATTN_FWD", "hgmma")
-    with pytest.raises(RuntimeError, match="SKETCHCOLOR_CUDA_ATTN_FWD must be auto, mma_sync or wgmma, got 'hgmma'"):
+    monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", "hgmma")
+    with pytest.raises(RuntimeError, match="SKETCHCOLOR_CUDA_MMA must be auto, mma_sync or wgmma, got 'hgmma'"):
         scft_attention(q, k, v, impl="cuda")
     if torch.cuda.get_device_capability() != (9, 0):
-        monkeypatch.setenv("SKETCHCOLOR_CUDA_ATTN_FWD", "wgmma")
+        monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", "wgmma")
         with pytest.raises(RuntimeError, match="wgmma needs a compute capability 9.0 GPU"):
             scft_attention(q, k, v, impl="cuda")
 
 
-def test_cuda_forward_kernels_agree(monkeypatch, fwd_kernel):
+def test_cuda_mma_choices_agree(monkeypatch, mma_choice):
     """auto, mma_sync and wgmma (where it runs) give outputs within the low-precision rounding of each other."""
-    if fwd_kernel != FWD_KERNELS[0]:
-        pytest.skip("sets the kernel choice itself: runs once")
+    if mma_choice != MMA_CHOICES[0]:
+        pytest.skip("sets the choice itself: runs once")
     q, k, v = (t.detach() for t in make_inputs(2, 3, 333, 517, 992, 992, torch.bfloat16))
     results = {}
-    for choice in ["auto", *FWD_KERNELS]:
+    for choice in ["auto", *MMA_CHOICES]:
         if choice == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
             continue
-        monkeypatch.setenv("SKETCHCOLOR_CUDA_ATTN_FWD", choice)
+        monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", choice)
         results[choice] = scft_attention(q, k, v, impl="cuda", return_lse=True)
     base_out, base_lse = results["mma_sync"]
     for choice, (out, lse) in results.items():

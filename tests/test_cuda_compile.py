@@ -390,9 +390,9 @@ int main() {
   corr("nll_rows_grad_without_attn", corr_nll_rows_cuda(nr, KernelDtype::kBFloat16, nullptr));
   { auto x = f; x.out_f32 = fbuf; fwd("fwd_two_outputs", x); }
   // Valid parameters with an unknown kernel choice: rejected before the device is asked anything.
-  setenv("SKETCHCOLOR_CUDA_ATTN_FWD", "hgmma", 1);
-  fwd("fwd_unknown_kernel_choice", f);
-  unsetenv("SKETCHCOLOR_CUDA_ATTN_FWD");
+  setenv("SKETCHCOLOR_CUDA_MMA", "hgmma", 1);
+  fwd("fwd_unknown_mma_choice", f);
+  unsetenv("SKETCHCOLOR_CUDA_MMA");
   std::printf("dv_without_float32_output %d\n", int(scft_attn_bwd_dv_cuda(b, ScftDtype::kFloat16, nullptr)));
   const long long hardest_shapes[][4] = {{1, 16384, 16384, 132}, {16, 256, 256, 132}, {1, 7, 5, 108},
                                          {3, 1000, 1025, 132}, {1, 128, 300, 0}};

@@ -263,25 +263,26 @@ inline ScftBwdWorkspacePlan scft_bwd_workspace_plan(int64_t batch_heads, int64_t
 // cannot take, cudaErrorInvalidConfiguration when the device has too little shared memory per
 // block for a kernel), never swallowing one. All work is deterministic: no atomics.
 
-// Which forward kernel runs, read from the environment variable SKETCHCOLOR_CUDA_ATTN_FWD on every
-// call: unset or "auto" lets the device decide (wgmma on compute capability 9.0, H100 and H200,
-// whose code in this build is sm_90a; mma.sync elsewhere); "mma_sync" forces mma.sync, which tests
-// and benchmarks use to compare the two on one device; "wgmma" insists on wgmma.
-enum class ScftFwdKernelChoice { kAuto, kMmaSync, kWgmma, kUnknown };
-inline ScftFwdKernelChoice scft_fwd_kernel_choice() {
-  const char* choice = std::getenv("SKETCHCOLOR_CUDA_ATTN_FWD");
-  if (choice == nullptr || std::strcmp(choice, "auto") == 0) return ScftFwdKernelChoice::kAuto;
-  if (std::strcmp(choice, "mma_sync") == 0) return ScftFwdKernelChoice::kMmaSync;
-  if (std::strcmp(choice, "wgmma") == 0) return ScftFwdKernelChoice::kWgmma;
-  return ScftFwdKernelChoice::kUnknown;
+// Which tensor-core instruction family the CUDA attention kernels use, read from the environment
+// variable SKETCHCOLOR_CUDA_MMA on every call: unset or "auto" lets the device decide (wgmma on
+// compute capability 9.0, H100 and H200, whose code in this build is sm_90a; mma.sync elsewhere);
+// "mma_sync" forces mma.sync, which tests and benchmarks use to compare the two on one device;
+// "wgmma" insists on wgmma. It picks the forward kernel.
+enum class ScftMmaChoice { kAuto, kMmaSync, kWgmma, kUnknown };
+inline ScftMmaChoice scft_mma_choice() {
+  const char* choice = std::getenv("SKETCHCOLOR_CUDA_MMA");
+  if (choice == nullptr || std::strcmp(choice, "auto") == 0) return ScftMmaChoice::kAuto;
+  if (std::strcmp(choice, "mma_sync") == 0) return ScftMmaChoice::kMmaSync;
+  if (std::strcmp(choice, "wgmma") == 0) return ScftMmaChoice::kWgmma;
+  return ScftMmaChoice::kUnknown;
 }
 
-// Whether the wgmma forward can run on a device of this compute capability: the build's only
-// machine code for it is sm_90a, which runs on 9.0 alone.
-inline bool scft_fwd_wgmma_runs_on(int major, int minor) { return major == 9 && minor == 0; }
+// Whether the wgmma kernels can run on a device of this compute capability: the build's only
+// machine code for them is sm_90a, which runs on 9.0 alone.
+inline bool scft_wgmma_runs_on(int major, int minor) { return major == 9 && minor == 0; }
 
-// out, lse <- attention(q, k, v), on the kernel scft_fwd_kernel_choice() names. An unknown choice
-// is cudaErrorInvalidValue; "wgmma" on a device that is not 9.0, cudaErrorInvalidDeviceFunction.
+// out, lse <- attention(q, k, v), on the kernel scft_mma_choice() names. An unknown choice is
+// cudaErrorInvalidValue; "wgmma" on a device that is not 9.0, cudaErrorInvalidDeviceFunction.
 cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& params, ScftDtype dtype, cudaStream_t stream);
 
 // The wgmma forward alone, for parameters scft_attn_fwd_cuda has validated, on a 9.0 device; its

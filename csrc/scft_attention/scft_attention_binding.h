@@ -65,18 +65,19 @@ inline scft::ScftAttnBwdParams scft_bwd_params(const at::Tensor& grad_out, const
   return p;
 }
 
-// The forward kernel the environment asks for exists for this device (scft_fwd_kernel_choice).
-inline void check_fwd_kernel_choice(const at::Tensor& q, const char* op) {
-  const scft::ScftFwdKernelChoice choice = scft::scft_fwd_kernel_choice();
-  TORCH_CHECK(choice != scft::ScftFwdKernelChoice::kUnknown, op,
-              " (cuda backend): SKETCHCOLOR_CUDA_ATTN_FWD must be auto, mma_sync or wgmma, got '",
-              std::getenv("SKETCHCOLOR_CUDA_ATTN_FWD"), "'");
-  if (choice == scft::ScftFwdKernelChoice::kWgmma) {
+// The tensor-core instruction family the environment asks for (scft_mma_choice) exists for this
+// device.
+inline void check_mma_choice(const at::Tensor& q, const char* op) {
+  const scft::ScftMmaChoice choice = scft::scft_mma_choice();
+  TORCH_CHECK(choice != scft::ScftMmaChoice::kUnknown, op,
+              " (cuda backend): SKETCHCOLOR_CUDA_MMA must be auto, mma_sync or wgmma, got '",
+              std::getenv("SKETCHCOLOR_CUDA_MMA"), "'");
+  if (choice == scft::ScftMmaChoice::kWgmma) {
     int major = 0, minor = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()));
-    TORCH_CHECK(scft::scft_fwd_wgmma_runs_on(major, minor), op,
-                " (cuda backend): SKETCHCOLOR_CUDA_ATTN_FWD=wgmma needs a compute capability 9.0 GPU (H100, H200); ",
+    TORCH_CHECK(scft::scft_wgmma_runs_on(major, minor), op,
+                " (cuda backend): SKETCHCOLOR_CUDA_MMA=wgmma needs a compute capability 9.0 GPU (H100, H200); ",
                 q.device(), " is ", major, ".", minor);
   }
 }

@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cuda_op(const at::Tensor& q, co
   at::Tensor lse = at::empty({batch, heads, n}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};   // no queries (or B * H = 0): nothing to compute
 
-  check_fwd_kernel_choice(q, kOp);
+  check_mma_choice(q, kOp);
   const at::Tensor qx = kernel_layout(q), kx = kernel_layout(k), vx = kernel_layout(v);
   scft::ScftAttnFwdParams p = scft_fwd_params(qx, kx, vx, scale);
   p.out = out.data_ptr();

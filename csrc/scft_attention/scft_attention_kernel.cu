@@ -667,11 +667,11 @@ bool bwd_common_ok(const ScftAttnBwdParams& p) {
          stride_ok(p.k_stride_b, p.batch) && stride_ok(p.k_stride_h, p.heads) && stride_ok(p.k_stride_row, p.n_keys);
 }
 
-// Whether the wgmma forward runs (see scft_fwd_kernel_choice).
-cudaError_t pick_fwd_kernel(bool* use_wgmma) {
-  const ScftFwdKernelChoice choice = scft_fwd_kernel_choice();
-  if (choice == ScftFwdKernelChoice::kUnknown) return cudaErrorInvalidValue;
-  if (choice == ScftFwdKernelChoice::kMmaSync) {
+// Whether the wgmma kernels run (see scft_mma_choice).
+cudaError_t pick_mma(bool* use_wgmma) {
+  const ScftMmaChoice choice = scft_mma_choice();
+  if (choice == ScftMmaChoice::kUnknown) return cudaErrorInvalidValue;
+  if (choice == ScftMmaChoice::kMmaSync) {
     *use_wgmma = false;
     return cudaSuccess;
   }
@@ -680,8 +680,8 @@ cudaError_t pick_fwd_kernel(bool* use_wgmma) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
-  *use_wgmma = scft_fwd_wgmma_runs_on(major, minor);
-  if (choice == ScftFwdKernelChoice::kWgmma && !*use_wgmma) return cudaErrorInvalidDeviceFunction;
+  *use_wgmma = scft_wgmma_runs_on(major, minor);
+  if (choice == ScftMmaChoice::kWgmma && !*use_wgmma) return cudaErrorInvalidDeviceFunction;
   return cudaSuccess;
 }
 
@@ -700,7 +700,7 @@ cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& p, ScftDtype dtype, cuda
     return cudaErrorInvalidValue;
   if (dtype != ScftDtype::kFloat16 && dtype != ScftDtype::kBFloat16) return cudaErrorInvalidValue;
   bool use_wgmma = false;
-  const cudaError_t err = pick_fwd_kernel(&use_wgmma);
+  const cudaError_t err = pick_mma(&use_wgmma);
   if (err != cudaSuccess) return err;
   if (use_wgmma) return scft_attn_fwd_sm90_cuda(p, dtype, stream);
   switch (dtype) {
