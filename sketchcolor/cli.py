@@ -63,6 +63,17 @@ def _device(args: argparse.Namespace) -> str:
     return str(resolve_device(args.device))
 
 
+def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, for the subcommands that load a trained model; read it with ``_checkpoint``."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
+
+
+def _checkpoint(args: argparse.Namespace) -> Path:
+    from .train import find_checkpoint
+
+    return find_checkpoint(args.checkpoint)
+
+
 # --- train -------------------------------------------------------------------------------------
 
 
@@ -137,7 +148,7 @@ def add_demo(subparsers) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import evaluate, format_table
+    from .evaluate import evaluate, format_table, scores_json
     from .train import demo_config, train
 
     if args.threads < 1:
@@ -160,7 +171,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "total_seconds": time.monotonic() - started,
         "checkpoint": str(result.checkpoint),
         "held_out_pairs": args.eval_count,
-        "scores": {method: dataclasses.asdict(score) for method, score in scores.items()},
+        "scores": scores_json(scores),
         "l1_ratio_to_blank_reference": scores["model"].l1 / scores["blank_reference"].l1,
     }
     out = Path(args.out)
@@ -189,7 +200,7 @@ def add_colorize(subparsers) -> None:
     source.add_argument("--sketch", help="line drawing to color")
     source.add_argument("--color-image", help="color image to extract the sketch from (XDoG) instead of --sketch")
     parser.add_argument("--reference", required=True, help="color image whose colors to use")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
+    _add_checkpoint_option(parser)
     parser.add_argument("-o", "--out", required=True, help="output PNG")
     parser.add_argument("--size", type=int, default=None, help="longer side to run the model at (default: the training size)")
     _add_runtime_options(parser)
@@ -198,10 +209,9 @@ def add_colorize(subparsers) -> None:
 
 def run_colorize(args: argparse.Namespace) -> int:
     from .colorize import colorize_file
-    from .train import find_checkpoint
 
     out = colorize_file(
-        find_checkpoint(args.checkpoint),
+        _checkpoint(args),
         args.reference,
         args.out,
         sketch=args.sketch,
@@ -257,7 +267,7 @@ def add_eval(subparsers) -> None:
         description="Score a checkpoint on held-out augmented-self pairs: the model, the model with the reference "
         "blanked to gray, and a fill with the reference's mean color. L1, PSNR and SSIM on [0, 1] images.",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
+    _add_checkpoint_option(parser)
     parser.add_argument("--data", default=None, help="folder of held-out images (default: built-in shapes with the held-out seed)")
     parser.add_argument("--count", type=int, default=256, help="pairs to score (default: 256)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
@@ -267,15 +277,14 @@ def add_eval(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_table
-    from .train import find_checkpoint
+    from .evaluate import evaluate, format_table, scores_json
 
-    checkpoint = find_checkpoint(args.checkpoint)
+    checkpoint = _checkpoint(args)
     scores = evaluate(checkpoint, args.data, args.count, args.batch_size, _device(args), args.attn)
     print(f"{checkpoint}: {args.count} held-out pairs")
     print(format_table(scores))
     if args.json:
-        Path(args.json).write_text(json.dumps({method: dataclasses.asdict(score) for method, score in scores.items()}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(scores_json(scores), indent=2) + "\n")
     return 0
 
 

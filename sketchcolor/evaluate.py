@@ -12,7 +12,7 @@ All metrics are on images in [0, 1] (PSNR and SSIM per image, then averaged).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -74,6 +74,11 @@ def evaluate(
         for method, output in outputs.items():
             totals[method] += image_scores((output.float() + 1) / 2, target01).sum(0).double().cpu()
     return {method: Scores(*(total / count).tolist()) for method, total in totals.items()}
+
+
+def scores_json(scores: dict[str, Scores]) -> dict[str, dict[str, float]]:
+    """``scores`` as JSON-ready data: method -> {"l1", "psnr", "ssim"}."""
+    return {method: asdict(score) for method, score in scores.items()}
 
 
 def format_table(scores: dict[str, Scores]) -> str:
