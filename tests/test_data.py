@@ -28,13 +28,7 @@ from sketchcolor.data import (
 from sketchcolor.data import preview
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine's cores are shared; several OpenMP threads on small tensors only contend.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def square_image(size: int = 64, inside=(200, 40, 40), outside=(230, 230, 120)) -> Image.Image:

@@ -9,13 +9,7 @@ from torch.utils.data import Dataset
 from sketchcolor.data import ColorPerturbation, PairConfig, PairDataset, TPSParams, TPSWarp, cell_centers, fit_tps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine's cores are shared; several OpenMP threads on small tensors only contend.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def coordinate_image(size: int) -> torch.Tensor:

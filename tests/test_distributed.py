@@ -92,13 +92,8 @@ def single_process_config(out: Path, steps: int, resume: Path | None) -> TrainCo
     )  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two ranks share this 2-core machine; intra-op threads would only fight over it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Two ranks share this 2-core machine; intra-op threads would only fight over it.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- launching ---------------------------------------------------------------------------------

@@ -22,14 +22,7 @@ from sketchcolor.models import (
     vgg19_features,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    # threads slow everything down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Narrow networks keep these tests fast; the structure is the paper's at any width.

@@ -35,15 +35,9 @@ from sketchcolor.train import (
     train_step,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    # threads slow everything down. Module scope: the reference runs, which exact-resume tests
-    # compare with bitwise, must use the same thread count (reduction order) as the tests.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread for the whole module: the reference runs, which exact-resume tests compare with
+# bitwise, must use the same thread count (reduction order) as the tests.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_MODEL = ModelConfig(width=2, scft_stride=8, residual_blocks=1, disc_width=8, disc_layers=2)
