@@ -34,45 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .scft_attention import INTERPRETING, MAX_HEAD_DIM, _dot, _dot_precision, get_options
+from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows
+from .scft_attention import MAX_HEAD_DIM, _dot_precision, get_options
 
 # --------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------
-
-# Under TRITON_INTERPRET=1 a float32 -> bfloat16 cast truncates (the interpreter holds bf16 as
-# raw uint16 and drops the low mantissa bits, fp_downcast_rounding="rtne" or not), where
-# compiled kernels round to nearest even: -8.9922 becomes -8.9375, not -9.0. Rounding the
-# float32 value to bf16 precision first (round to nearest even on the bit pattern) makes the
-# truncation exact. Compiled kernels never take this branch.
-_ROUND_BF16_CASTS = tl.constexpr(INTERPRETING)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    """float32 ``x`` in ``dtype``, rounded to nearest even."""
-    if _ROUND_BF16_CASTS:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-
-@triton.jit
-def _rows_dot_rows(a_rows, a_valid, b_rows, b_valid, D, stride_ad, stride_bd,
-                   ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(ROWS, COLS) fp32 tile of a b^T over D: a_rows (ROWS, 1) and b_rows (1, COLS) are row pointers."""
-    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
-    offs_db = tl.arange(0, BLOCK_D)
-    for start_d in range(0, D, BLOCK_D):
-        offs_d = start_d + offs_db
-        d_valid = offs_d < D
-        a = tl.load(a_rows + offs_d[None, :] * stride_ad, mask=a_valid[:, None] & d_valid[None, :], other=0.0)
-        b_t = tl.load(b_rows + offs_d[:, None] * stride_bd, mask=d_valid[:, None] & b_valid[None, :], other=0.0)
-        acc = _dot(a, b_t, acc, DOT_PRECISION)
-    return acc
 
 
 @triton.jit

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 import threading
 from typing import Callable, Iterator
 
@@ -36,9 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows
+
 MAX_HEAD_DIM = 1024  # D and Dv: larger works numerically, but no config was tuned or proven for it
 LOG2E = 1.4426950408889634
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------
@@ -100,35 +100,6 @@ def options(**changes) -> Iterator[Options]:
 # Kernels
 # --------------------------------------------------------------------------------------
 
-# Under TRITON_INTERPRET=1 the interpreter implements no bfloat16 arithmetic: it stores
-# bf16 as raw uint16, its tl.dot multiplies those bit patterns (triton-lang/triton#11584;
-# the documented workaround is casting to float32), and its fp32 -> bf16 cast truncates
-# where compiled code rounds to nearest even. _dot and _cast emulate what the GPU does
-# (bf16 products are exact in fp32; RNE on the fp32 bits), so the CPU tests measure the
-# GPU's rounding. Compiled kernels never take these branches.
-_EMULATE_BF16 = tl.constexpr(INTERPRETING)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation."""
-    if _EMULATE_BF16:
-        if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    """x.to(dtype), rounding to nearest even as compiled code does."""
-    if _EMULATE_BF16:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)  # now exactly representable in bf16
-    return x.to(dtype)
-
 
 @triton.jit
 def _scft_attn_fwd(
@@ -158,7 +129,6 @@ def _scft_attn_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     offs_nb = tl.arange(0, BLOCK_N)
-    offs_db = tl.arange(0, BLOCK_D)
     m_valid = offs_m < N
     dv_valid = offs_dv < DV
 
@@ -177,15 +147,8 @@ def _scft_attn_fwd(
         offs_n = start_n + offs_nb
         n_valid = offs_n < M
         k_cols = k_head + offs_n.to(tl.int64)[None, :] * stride_km
-        # S tile over the full D, chunk by chunk. q is re-read for every key tile: a
-        # (BLOCK_M, D) tile does not fit in registers for D = 992, and the re-read hits L2.
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start_d in range(0, D, BLOCK_D):
-            offs_d = start_d + offs_db
-            d_valid = offs_d < D
-            q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-            k_t = tl.load(k_cols + offs_d[:, None] * stride_kd, mask=d_valid[:, None] & n_valid[None, :], other=0.0)
-            s = _dot(q, k_t, s, DOT_PRECISION)
+        # S tile over the full D, chunk by chunk: q is re-read for every key tile.
+        s = _rows_dot_rows(q_rows, m_valid, k_cols, n_valid, D, stride_qd, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
         s = tl.where(n_valid[None, :], s * qk_scale, float("-inf"))
 
         # Online softmax. Every key tile holds at least one valid key, so m_new is finite
@@ -296,20 +259,8 @@ def _scft_attn_bwd_dkdv(
         # chunks are re-read for every query tile and q, dO for every key block: no
         # (rows, D) tile fits in registers at D = 992; the slice programs of one key block
         # run side by side (axis 0), so the re-reads are L2 hits.
-        s_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for start_d in range(0, D, BLOCK_D):
-            offs_d = start_d + offs_db
-            d_valid = offs_d < D
-            k = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            q_t = tl.load(q_cols + offs_d[:, None] * stride_qd, mask=d_valid[:, None] & m_valid[None, :], other=0.0)
-            s_t = _dot(k, q_t, s_t, DOT_PRECISION)
-        dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for start_e in range(0, DV, BLOCK_D):
-            offs_e = start_e + offs_db
-            e_valid = offs_e < DV
-            v = tl.load(v_rows + offs_e[None, :] * stride_vd, mask=n_valid[:, None] & e_valid[None, :], other=0.0)
-            do_t = tl.load(do_cols + offs_e[:, None] * stride_dod, mask=e_valid[:, None] & m_valid[None, :], other=0.0)
-            dp_t = _dot(v, do_t, dp_t, DOT_PRECISION)
+        s_t = _rows_dot_rows(k_rows, n_valid, q_cols, m_valid, D, stride_kd, stride_qd, BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
+        dp_t = _rows_dot_rows(v_rows, n_valid, do_cols, m_valid, DV, stride_vd, stride_dod, BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
 
         lse = tl.load(lse_head + offs_m * stride_ln, mask=m_valid, other=0.0)
         delta = tl.load(delta_head + offs_m, mask=m_valid, other=0.0)
@@ -380,7 +331,6 @@ def _scft_attn_bwd_dq(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_nb = tl.arange(0, BLOCK_N)
-    offs_db = tl.arange(0, BLOCK_D)
     m_valid = offs_m < N
     c_valid = offs_c < D
 
@@ -400,20 +350,8 @@ def _scft_attn_bwd_dq(
         n_valid = offs_n < M
         k_cols = k_head + offs_n.to(tl.int64)[None, :] * stride_km
         v_cols = v_head + offs_n.to(tl.int64)[None, :] * stride_vm
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start_d in range(0, D, BLOCK_D):
-            offs_d = start_d + offs_db
-            d_valid = offs_d < D
-            q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-            k_t = tl.load(k_cols + offs_d[:, None] * stride_kd, mask=d_valid[:, None] & n_valid[None, :], other=0.0)
-            s = _dot(q, k_t, s, DOT_PRECISION)
-        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start_e in range(0, DV, BLOCK_D):
-            offs_e = start_e + offs_db
-            e_valid = offs_e < DV
-            do = tl.load(do_rows + offs_e[None, :] * stride_dod, mask=m_valid[:, None] & e_valid[None, :], other=0.0)
-            v_t = tl.load(v_cols + offs_e[:, None] * stride_vd, mask=e_valid[:, None] & n_valid[None, :], other=0.0)
-            dp = _dot(do, v_t, dp, DOT_PRECISION)
+        s = _rows_dot_rows(q_rows, m_valid, k_cols, n_valid, D, stride_qd, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        dp = _rows_dot_rows(do_rows, m_valid, v_cols, n_valid, DV, stride_dod, stride_vd, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
         p = tl.where(n_valid[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
         k_slice = tl.load(
