@@ -31,7 +31,7 @@ import torch
 
 from sketchcolor.benchmarking.cases import PAPER_HEAD_DIM, Case, bench_case, dtype_skip_reason, skip_reason
 from sketchcolor.benchmarking.correctness import print_check, run_check
-from sketchcolor.benchmarking.options import default_device, dtype, non_negative_int, positive_int, size_list
+from sketchcolor.benchmarking.options import default_device, default_dtype, dtype, non_negative_int, positive_int, size_list
 from sketchcolor.benchmarking.report import publish
 from sketchcolor.benchmarking.suite import run_benchmarks
 from sketchcolor.ops import _backends
@@ -80,7 +80,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available on this machine")
 
-    case_dtype = args.dtype or (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    case_dtype = args.dtype or default_dtype(args.device)
     sizes = args.sizes or DEFAULT_SIZES[args.device]
     interpreted = args.device == "cpu" and _backends.triton_interpreting()
     notes, runnable = [], []

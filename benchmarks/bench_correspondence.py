@@ -37,7 +37,7 @@ from sketchcolor.benchmarking.cases import (
     skip_reason,
 )
 from sketchcolor.benchmarking.correctness import print_check, run_check
-from sketchcolor.benchmarking.options import default_device, dtype, mode_list, non_negative_int, positive_int, size_list
+from sketchcolor.benchmarking.options import default_device, default_dtype, dtype, mode_list, non_negative_int, positive_int, size_list
 from sketchcolor.benchmarking.report import baseline_ratios, publish
 from sketchcolor.benchmarking.suite import run_benchmarks
 from sketchcolor.verify import CORRESPONDENCE_SHAPES_QUICK, correspondence_case
@@ -99,7 +99,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available on this machine")
 
-    case_dtype = args.dtype or (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    case_dtype = args.dtype or default_dtype(args.device)
     impls = args.impl or (["cpp"] if args.device == "cpu" else ["triton", "cuda"])
     runnable, skipped = [], []
     for provider in ("reference", *impls):

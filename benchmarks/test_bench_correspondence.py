@@ -16,9 +16,10 @@ import torch
 
 from sketchcolor.benchmarking.cases import CORRESPONDENCE_MODES, bench_case, dtype_skip_reason, make_inputs, skip_reason, workload
 from sketchcolor.benchmarking.memory import measure_peak_memory
+from sketchcolor.benchmarking.options import default_device, default_dtype
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+DEVICE = default_device()
+DTYPE = default_dtype(DEVICE)
 SIZES = (1024, 4096, 16384)
 PROVIDERS = ("reference", "cpp", "triton", "cuda")
 

@@ -13,7 +13,7 @@ import torch
 
 from . import machine
 from .cases import CORRESPONDENCE_MODES, DEFAULT_NEGATIVES, PAPER_HEAD_DIM, bench_case, dtype_skip_reason, providers_for, skip_reason
-from .options import add_target_options, dtype, mode_list, non_negative_int, positive_int, selected_ops, size_list
+from .options import add_target_options, default_dtype, dtype, mode_list, non_negative_int, positive_int, selected_ops, size_list
 from .report import bench_table, format_table, result_record, write_json
 from .suite import run_benchmarks
 
@@ -60,7 +60,7 @@ def add_bench(subparsers) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available on this machine")
-    case_dtype = args.dtype or (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    case_dtype = args.dtype or default_dtype(args.device)
     cases, skipped = [], {}
     for op in selected_ops(args.op):
         variants = [op] if op == "attention" else [f"{op}/{mode}" for mode in args.modes]

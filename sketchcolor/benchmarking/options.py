@@ -81,6 +81,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_dtype(device: str) -> torch.dtype:
+    """What the benchmarks on ``device`` run in unless told: bfloat16 on cuda, float32 on cpu."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def add_target_options(parser: argparse.ArgumentParser) -> None:
     """--op, --impl and --device: which ops and backends run, and where."""
     parser.add_argument("--op", choices=(*OPS, "all"), default="all", help="which op (default: all)")
