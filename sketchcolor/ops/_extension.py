@@ -13,8 +13,7 @@ import torch
 
 
 @functools.cache
-def load_error() -> str | None:
-    """None when sketchcolor._C is importable, else why not (cached)."""
+def _import_error() -> str | None:
     try:
         import sketchcolor._C  # noqa: F401  (import registers the ops)
     except ImportError as err:
@@ -23,6 +22,14 @@ def load_error() -> str | None:
             "`pip install --no-build-isolation -e .`"
         )
     return None
+
+
+# A constant to torch.compile: dynamo calls it once while tracing instead of tracing through the
+# cache (which it warns about in every compiled step that calls an op).
+@torch.compiler.assume_constant_result
+def load_error() -> str | None:
+    """None when sketchcolor._C is importable, else why not (cached)."""
+    return _import_error()
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
