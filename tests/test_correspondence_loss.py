@@ -271,6 +271,33 @@ def check_deterministic(q, k, pos, kwargs, impl):
         assert torch.equal(a, b)
 
 
+def check_cuda_graph_replay(mode, impl, dtype):
+    """The loss and its gradients captured in a CUDA graph and replayed on new values of q and k
+    equal eager calls on those values (bitwise: the backends are deterministic). Under capture a
+    copy to the host would end the capture, so the index range checks run on the device."""
+    q, k, pos, kwargs = make_case(2, None, 37, 45, (5, 9), 24, dtype, **MODES[mode], device="cuda")
+
+    def step():
+        loss = correspondence_loss(q, k, pos, impl=impl, **kwargs)
+        return (loss, *torch.autograd.grad(loss, (q, k)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()   # outside the capture: ops registered, kernels loaded, autotuning done
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        q.copy_(torch.randn_like(q))
+        k.copy_(torch.randn_like(k))
+    graph.replay()
+    expected = step()
+    for got, want in zip(captured, expected):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cpp_deterministic(mode):
     check_deterministic(*make_case(1, None, 300, 1100, (22, 50), 32, torch.float32, **MODES[mode]), impl="cpp")
@@ -451,6 +478,26 @@ def test_torch_compile(mode):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
+def test_torch_compile_checks_index_range_on_the_device(mode):
+    # A traced graph cannot copy the index range to the host: the op's own range check becomes a
+    # device-side assert, which on CPU tensors raises at once. Its message (no "got values in")
+    # tells it from the C++ kernel's eager check, so this is the check the triton backend relies on.
+    q, k, pos, kwargs = make_case(2, None, 17, 20, (4, 5), 16, torch.float32, margin=2.0, **MODES[mode])
+    name = "neg" if "neg" in kwargs else "pos"
+    bad = (kwargs[name] if name == "neg" else pos).clone()
+    bad.view(-1)[5] = 20
+
+    def loss_fn(q, k, index):
+        if name == "neg":
+            return correspondence_loss(q, k, pos, impl="cpp", **{**kwargs, "neg": index})
+        return correspondence_loss(q, k, index, impl="cpp", **kwargs)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=rf"^{name} values must be in \[-1, M\) = \[-1, 20\)$"):
+        compiled(q, k, bad)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_only_requested_gradients_and_no_double_backward(mode):
     q, k, pos, kwargs = make_case(1, None, 5, 7, (1, 7), 6, torch.float64, margin=20.0, **MODES[mode])
     k.requires_grad_(False)
@@ -480,10 +527,10 @@ def test_auto_picks_cpp_on_cpu(recwarn):
     assert not [w for w in recwarn if "reference" in str(w.message)]
 
 
-def test_auto_on_cuda_tensors_without_cuda_kernels_picks_triton():
-    # Backend choice looks at the device type, the dtype and the build only: no GPU is needed.
-    if _backends.unavailable_reason("cuda", torch.device("cuda"), FWD_OP) is None:
-        pytest.skip("this build has the CUDA kernels")
+def test_auto_on_cuda_tensors_without_cuda_kernels_picks_triton(monkeypatch):
+    # Backend choice looks at the device type, the dtype and the build only: no GPU is needed. As if
+    # the extension had been built without CUDA kernels (a CUDA build would ask the driver next).
+    monkeypatch.setattr(_backends._extension, "has_kernel", lambda op_name, dispatch_key: False)
     assert _backends.resolve("auto", torch.device("cuda"), FWD_OP, torch.bfloat16) == "triton"
 
 

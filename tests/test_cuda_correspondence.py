@@ -19,6 +19,7 @@ from test_correspondence_loss import (
     assert_loss_close,
     check_all_invalid,
     check_all_negatives_missing,
+    check_cuda_graph_replay,
     check_deterministic,
     check_empty,
     check_hardest,
@@ -165,6 +166,11 @@ def test_cuda_empty_queries(mode):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_deterministic(mode):
     check_deterministic(*make_case(1, None, 300, 70, (7, 10), 32, torch.bfloat16, **MODES[mode], device=DEVICE), impl="cuda")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_graph_capture_replays(mode):
+    check_cuda_graph_replay(mode, "cuda", torch.bfloat16)
 
 
 def test_cuda_rejects_float32_with_a_pointer_to_other_backends():

@@ -29,15 +29,25 @@ inline void check_corr_inputs(const char* op, const at::Tensor& q, const at::Ten
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
 
+// Where the range check of an index tensor runs. kHost copies its minimum and maximum to the host
+// and raises at once; kDevice (for a CUDA stream being captured into a graph, where a copy to the
+// host is not allowed) asserts on the device, so a bad index fails the next synchronizing call.
+enum class IndexRangeCheck { kHost, kDevice };
+
 // An int64 index tensor of the given shape on q's device with values in [-1, M).
 inline void check_corr_index(const char* op, const char* name, const at::Tensor& index, at::IntArrayRef shape,
-                             const at::Tensor& q, int64_t num_keys) {
+                             const at::Tensor& q, int64_t num_keys, IndexRangeCheck range_check) {
   TORCH_CHECK(index.scalar_type() == at::kLong, op, ": ", name, " must have dtype int64, got ", index.scalar_type());
   TORCH_CHECK(index.device() == q.device(), op, ": ", name, " is on ", index.device(), " but q is on ", q.device());
   TORCH_CHECK(index.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", index.sizes());
   if (index.numel() == 0) return;
-  // One reduction and one device-to-host copy: on CUDA this check is the op's only host sync.
   const auto [min_value, max_value] = at::aminmax(index);
+  if (range_check == IndexRangeCheck::kDevice) {
+    at::_assert_async(at::logical_and(min_value >= -1, max_value < num_keys),
+                      c10::str(op, ": ", name, " values must be in [-1, M) = [-1, ", num_keys, ")"));
+    return;
+  }
+  // One reduction and one device-to-host copy: on CUDA this check is the op's only host sync.
   const at::Tensor bounds = at::stack({min_value, max_value}).cpu();
   const int64_t lowest = bounds[0].item<int64_t>(), highest = bounds[1].item<int64_t>();
   TORCH_CHECK(lowest >= -1 && highest < num_keys, op, ": ", name, " values must be in [-1, M) = [-1, ", num_keys,
@@ -55,11 +65,11 @@ inline void check_corr_stat(const char* op, const char* name, const at::Tensor& 
 
 // The arguments of each op, whatever the backend (device and dtype support are the backend's).
 inline void check_corr_triplet_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                                    const at::Tensor& neg, double scale) {
+                                    const at::Tensor& neg, double scale, IndexRangeCheck range_check) {
   check_corr_inputs(op, q, k, scale);
   TORCH_CHECK(neg.dim() == 3, op, ": neg must have shape (B, N, T), got rank ", neg.dim());
-  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1));
-  check_corr_index(op, "neg", neg, {q.size(0), q.size(1), neg.size(2)}, q, k.size(1));
+  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1), range_check);
+  check_corr_index(op, "neg", neg, {q.size(0), q.size(1), neg.size(2)}, q, k.size(1), range_check);
 }
 
 inline void check_corr_margin(const char* op, double margin) {
@@ -67,9 +77,10 @@ inline void check_corr_margin(const char* op, double margin) {
 }
 
 inline void check_corr_hardest_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                                    int64_t grid_h, int64_t grid_w, int64_t exclusion, double scale, double margin) {
+                                    int64_t grid_h, int64_t grid_w, int64_t exclusion, double scale, double margin,
+                                    IndexRangeCheck range_check) {
   check_corr_inputs(op, q, k, scale);
-  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1));
+  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1), range_check);
   TORCH_CHECK(grid_h >= 1 && grid_w >= 1 && grid_h * grid_w == k.size(1), op,
               ": key_grid (h, w) must be positive with h * w == M = ", k.size(1), ", got (", grid_h, ", ", grid_w,
               ")");
@@ -78,9 +89,9 @@ inline void check_corr_hardest_args(const char* op, const at::Tensor& q, const a
 }
 
 inline void check_corr_nll_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                                double scale) {
+                                double scale, IndexRangeCheck range_check) {
   check_corr_inputs(op, q, k, scale);
-  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1));
+  check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1), range_check);
 }
 
 }  // namespace sketchcolor

@@ -417,7 +417,7 @@ void check_cpu(const char* op, const at::Tensor& q) {
 at::Tensor corr_triplet_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& neg,
                                 double scale, double margin) {
   constexpr const char* op = "corr_triplet_fwd";
-  check_corr_triplet_args(op, q, k, pos, neg, scale);
+  check_corr_triplet_args(op, q, k, pos, neg, scale, IndexRangeCheck::kHost);
   check_cpu(op, q);
   check_corr_margin(op, margin);
   // The kernel's views of the inputs must not be seen by autograd.
@@ -434,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor> corr_triplet_bwd_cpu(const at::Tensor& grad_t
                                                         const at::Tensor& k, const at::Tensor& pos,
                                                         const at::Tensor& neg, const at::Tensor& terms, double scale) {
   constexpr const char* op = "corr_triplet_bwd";
-  check_corr_triplet_args(op, q, k, pos, neg, scale);
+  check_corr_triplet_args(op, q, k, pos, neg, scale, IndexRangeCheck::kHost);
   check_cpu(op, q);
   check_corr_stat(op, "terms", terms, neg.sizes(), q);
   check_corr_stat(op, "grad_terms", grad_terms, neg.sizes(), q);
@@ -454,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cpu(const at::Tensor& q, con
                                                         const at::Tensor& pos, int64_t grid_h, int64_t grid_w,
                                                         int64_t exclusion, double scale, double margin) {
   constexpr const char* op = "corr_hardest_fwd";
-  check_corr_hardest_args(op, q, k, pos, grid_h, grid_w, exclusion, scale, margin);
+  check_corr_hardest_args(op, q, k, pos, grid_h, grid_w, exclusion, scale, margin, IndexRangeCheck::kHost);
   check_cpu(op, q);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto terms = at::empty(pos.sizes(), q.options().dtype(corr_stat_type(q)));
@@ -470,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cpu(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                   const at::Tensor& pos, double scale, bool with_grad) {
   constexpr const char* op = "corr_nll_loss";
-  check_corr_nll_args(op, q, k, pos, scale);
+  check_corr_nll_args(op, q, k, pos, scale, IndexRangeCheck::kHost);
   check_cpu(op, q);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto terms = at::empty(pos.sizes(), q.options().dtype(corr_stat_type(q)));

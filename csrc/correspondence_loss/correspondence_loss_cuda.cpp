@@ -8,6 +8,7 @@
 // the scatter deterministic without atomics), and the final division by the number of valid terms
 // (a device scalar, so no host synchronization).
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -41,6 +42,13 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k)
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// A copy to the host would end a CUDA graph capture (torch.cuda.graph, torch.compile's cudagraphs):
+// index ranges are checked on the device while the current stream is being captured.
+IndexRangeCheck index_range_check() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None ? IndexRangeCheck::kHost
+                                                                                              : IndexRangeCheck::kDevice;
+}
 
 // The kernels' view of q, k (kernel_layout) and pos, with the tensors that own that memory.
 struct Inputs {
@@ -104,7 +112,7 @@ void scatter_to_keys(const Inputs& x, const at::Tensor& dest, const at::Tensor& 
 at::Tensor corr_triplet_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                                     const at::Tensor& neg, double scale, double margin) {
   constexpr const char* kOp = "corr_triplet_fwd";
-  check_corr_triplet_args(kOp, q, k, pos, neg, scale);
+  check_corr_triplet_args(kOp, q, k, pos, neg, scale, index_range_check());
   check_corr_margin(kOp, margin);
   check_cuda_inputs(kOp, q, k);
   c10::cuda::OptionalCUDAGuard device_guard(q.device());
@@ -127,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> corr_triplet_bwd_cuda_op(const at::Tensor& gr
                                                             const at::Tensor& neg, const at::Tensor& terms,
                                                             double scale) {
   constexpr const char* kOp = "corr_triplet_bwd";
-  check_corr_triplet_args(kOp, q, k, pos, neg, scale);
+  check_corr_triplet_args(kOp, q, k, pos, neg, scale, index_range_check());
   check_corr_stat(kOp, "terms", terms, neg.sizes(), q);
   check_corr_stat(kOp, "grad_terms", grad_terms, neg.sizes(), q);
   check_cuda_inputs(kOp, q, k);
@@ -169,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cuda_op(const at::Tensor& q,
                                                             const at::Tensor& pos, int64_t grid_h, int64_t grid_w,
                                                             int64_t exclusion, double scale, double margin) {
   constexpr const char* kOp = "corr_hardest_fwd";
-  check_corr_hardest_args(kOp, q, k, pos, grid_h, grid_w, exclusion, scale, margin);
+  check_corr_hardest_args(kOp, q, k, pos, grid_h, grid_w, exclusion, scale, margin, index_range_check());
   check_cuda_inputs(kOp, q, k);
   TORCH_CHECK(exclusion <= std::numeric_limits<int32_t>::max(), kOp, " (cuda backend): exclusion ", exclusion,
               " exceeds the kernels' 32-bit range");
@@ -209,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
                                                                      const at::Tensor& pos, double scale,
                                                                      bool with_grad) {
   constexpr const char* kOp = "corr_nll_loss";
-  check_corr_nll_args(kOp, q, k, pos, scale);
+  check_corr_nll_args(kOp, q, k, pos, scale, index_range_check());
   check_cuda_inputs(kOp, q, k);
   c10::cuda::OptionalCUDAGuard device_guard(q.device());
   const auto f32 = q.options().dtype(at::kFloat);

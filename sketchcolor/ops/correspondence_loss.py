@@ -153,12 +153,19 @@ def _check_index(name: str, index, q: torch.Tensor, num_keys: int, trailing_dims
     if lead not in (with_heads, shared):
         expected = " or ".join(str(s) for s in dict.fromkeys((with_heads, shared)))
         raise ValueError(f"{name}: leading dims (B, [H,] N) must be {expected} to match q, got {tuple(index.shape)}")
-    # A data-dependent check: eager only. Under torch.compile the C++ kernels check it again; the
-    # Triton kernels do not (compiled graphs must pass valid indices).
-    if index.numel() > 0 and not torch.compiler.is_compiling():
-        lowest, highest = (int(v) for v in torch.aminmax(index))
-        if lowest < -1 or highest >= num_keys:
-            raise ValueError(f"{name} values must be in [-1, M) = [-1, {num_keys}), got values in [{lowest}, {highest}]")
+    if index.numel() == 0:
+        return
+    expected = f"{name} values must be in [-1, M) = [-1, {num_keys})"
+    if torch.compiler.is_compiling() or (index.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # No host copy here: a traced graph cannot branch on the values, and a copy would end a
+        # CUDA graph capture. The check runs on the device; on a GPU a bad index fails the next
+        # synchronizing call (a device-side assert), on the CPU it raises at once.
+        lowest, highest = torch.aminmax(index)
+        torch._assert_async((lowest >= -1) & (highest < num_keys), expected)
+        return
+    lowest, highest = (int(v) for v in torch.aminmax(index))
+    if lowest < -1 or highest >= num_keys:
+        raise ValueError(f"{expected}, got values in [{lowest}, {highest}]")
 
 
 def _check_key_grid(key_grid, num_keys: int) -> tuple[int, int]:
