@@ -56,6 +56,18 @@ def _gathered_dot(q_rows, k_rows, valid, D, stride_qd, stride_kd, BLOCK_R: tl.co
     return acc
 
 
+@triton.jit
+def _query_block(Pos, off_b, start, N, BLOCK: tl.constexpr):
+    """The queries start .. start + BLOCK - 1 of batch off_b: their offsets (BLOCK,), which of
+    them exist, their index row = b * N + i into the contiguous (B, N) tensors, and their pos
+    (-1 for the ones past N)."""
+    offs = start + tl.arange(0, BLOCK)
+    valid = offs < N
+    row = off_b * N + offs
+    pos = tl.load(Pos + row, mask=valid, other=-1)
+    return offs, valid, row, pos
+
+
 # --------------------------------------------------------------------------------------
 # Sampled triplet: gathers only
 # --------------------------------------------------------------------------------------
@@ -73,10 +85,7 @@ def _corr_triplet_fwd(
 ):
     pid_r = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_valid = offs_r < N
-    row = off_b * N + offs_r  # (BLOCK_R,) index of (b, i) in the (B, N) index tensors
-    pos = tl.load(Pos + row, mask=r_valid, other=-1)
+    offs_r, r_valid, row, pos = _query_block(Pos, off_b, pid_r * BLOCK_R, N, BLOCK_R)
     has_pos = r_valid & (pos >= 0)
     q_rows = Q + off_b * stride_qb + offs_r.to(tl.int64)[:, None] * stride_qn
     k_batch = K + off_b * stride_kb
@@ -102,10 +111,7 @@ def _corr_triplet_bwd_dq(
     """dq_i = sum_t c_it k[neg_it] - (sum_t c_it) k[pos_i], one program per block of rows."""
     pid_r = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_valid = offs_r < N
-    row = off_b * N + offs_r
-    pos = tl.load(Pos + row, mask=r_valid, other=-1)
+    offs_r, r_valid, row, pos = _query_block(Pos, off_b, pid_r * BLOCK_R, N, BLOCK_R)
     k_batch = K + off_b * stride_kb
     offs_db = tl.arange(0, BLOCK_D)
     for start_d in range(0, D, BLOCK_D):
@@ -175,10 +181,7 @@ def _corr_hardest_fwd(
 ):
     pid_m = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < N
-    row = off_b * N + offs_m
-    pos = tl.load(Pos + row, mask=m_valid, other=-1)
+    offs_m, m_valid, row, pos = _query_block(Pos, off_b, pid_m * BLOCK_M, N, BLOCK_M)
     has_pos = pos >= 0
     pos_cell_row = pos // grid_w
     pos_cell_col = pos % grid_w
@@ -227,10 +230,7 @@ def _corr_nll_fwd(
 ):
     pid_m = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < N
-    row = off_b * N + offs_m
-    pos = tl.load(Pos + row, mask=m_valid, other=-1)
+    offs_m, m_valid, row, pos = _query_block(Pos, off_b, pid_m * BLOCK_M, N, BLOCK_M)
     q_rows = Q + off_b * stride_qb + offs_m.to(tl.int64)[:, None] * stride_qn
     k_batch = K + off_b * stride_kb
 
@@ -272,12 +272,9 @@ def _corr_nll_bwd_dq(
     pid_c = tl.program_id(0)
     pid_m = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, m_valid, row, pos = _query_block(Pos, off_b, pid_m * BLOCK_M, N, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_valid = offs_m < N
     c_valid = offs_c < D
-    row = off_b * N + offs_m
-    pos = tl.load(Pos + row, mask=m_valid, other=-1)
     weight = tl.load(Weight + row, mask=m_valid, other=0.0)
     lse2 = tl.load(Lse + row, mask=m_valid, other=0.0) * 1.4426950408889634
     q_rows = Q + off_b * stride_qb + offs_m.to(tl.int64)[:, None] * stride_qn
@@ -326,12 +323,8 @@ def _corr_nll_bwd_dk(
     # This program's key block owns dk[:, slice] for all queries. Scores are built transposed,
     # (keys, queries), so that dk += dS^T q is a plain dot.
     dk = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    offs_mb = tl.arange(0, BLOCK_M)
     for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + offs_mb
-        m_valid = offs_m < N
-        row = off_b * N + offs_m
-        pos = tl.load(Pos + row, mask=m_valid, other=-1)
+        offs_m, m_valid, row, pos = _query_block(Pos, off_b, start_m, N, BLOCK_M)
         weight = tl.load(Weight + row, mask=m_valid, other=0.0)
         lse2 = tl.load(Lse + row, mask=m_valid, other=0.0) * 1.4426950408889634
         s_t = _rows_dot_rows(k_rows, n_valid, q_batch + offs_m.to(tl.int64)[None, :] * stride_qn, m_valid,
