@@ -62,7 +62,7 @@ ARCH_FLAGS = {
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DSKETCHCOLOR_WITH_CUDA=1"]
 # Kernels that multiply matrices, by a substring of their mangled names.
 MATRIX_KERNELS = ("scft_attn_fwd_kernel", "scft_attn_bwd_probs_kernel", "scft_gemm_kernel", "corr_hardest_search_kernel",
-                  "scft_attn_fwd_sm90_kernel")
+                  "scft_attn_fwd_sm90_kernel", "scft_gemm_sm90_kernel")
 # Kernels written for sm_90a alone (wgmma): their configuration names contain this. The launchers
 # select them only on compute capability 9.0, so on sm_80 they must be empty stubs (a trap), and
 # only their sm_90a build has to fit its target.
@@ -288,6 +288,7 @@ def test_python_knows_the_cuda_backends_shared_memory_need(dynamic_smem):
 @needs_nvcc
 @pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit or triton's package)")
 def test_sass_uses_tensor_cores_and_no_local_memory(builds):
+    seen = {arch: set() for arch in ARCH_FLAGS}   # MATRIX_KERNELS tags that name a compiled kernel
     for r in builds:
         assert r["rc"] == 0
         proc = subprocess.run([CUOBJDUMP, "--dump-sass", r["obj"]], capture_output=True, text=True)
@@ -296,7 +297,10 @@ def test_sass_uses_tensor_cores_and_no_local_memory(builds):
         assert set(sass) == set(r["kernels"]), (set(sass) ^ set(r["kernels"]))
         for name, counts in sass.items():
             assert counts["LDL"] == 0 and counts["STL"] == 0, f"{r['arch']} {name} touches local memory: {counts}"
+            seen[r["arch"]].update(tag for tag in MATRIX_KERNELS if tag in name)
             if SM90_ONLY_CONFIG_TAG in name:
+                # Every sm_90a-only kernel is on wgmma, so it multiplies matrices.
+                assert any(tag in name for tag in MATRIX_KERNELS), f"{name} is missing from MATRIX_KERNELS"
                 if r["arch"] == "sm_90a":
                     # wgmma reads its operands from shared memory itself: no ldmatrix.
                     assert counts["HGMMA"] > 0 and counts["HMMA"] == 0, f"{name} is not on wgmma: {counts}"
@@ -307,6 +311,8 @@ def test_sass_uses_tensor_cores_and_no_local_memory(builds):
                 assert counts["HMMA"] + counts["HGMMA"] > 0, f"{r['arch']} {name} has no tensor-core instruction"
                 assert counts["LDSM"] > 0, f"{r['arch']} {name} loads no ldmatrix fragments"
                 assert counts["LDGSTS"] > 0, f"{r['arch']} {name} issues no cp.async copies"
+    for arch, tags in seen.items():
+        assert tags == set(MATRIX_KERNELS), f"{arch}: no compiled kernel for {set(MATRIX_KERNELS) - tags}"
 
 
 # A host program linked with the compiled kernels: the launchers validate their parameters before
@@ -389,9 +395,13 @@ int main() {
   nr.in = in; nr.lse = fbuf; nr.terms = fbuf; nr.lse_masked = fbuf; nr.grad_q = fbuf;
   corr("nll_rows_grad_without_attn", corr_nll_rows_cuda(nr, KernelDtype::kBFloat16, nullptr));
   { auto x = f; x.out_f32 = fbuf; fwd("fwd_two_outputs", x); }
-  // Valid parameters with an unknown kernel choice: rejected before the device is asked anything.
+  // Valid parameters with an unknown instruction family (SKETCHCOLOR_CUDA_MMA): every launcher
+  // rejects them before the device is asked anything.
   setenv("SKETCHCOLOR_CUDA_MMA", "hgmma", 1);
   fwd("fwd_unknown_mma_choice", f);
+  bwd("bwd_unknown_mma_choice", b);
+  { auto x = b; x.grad_v_f32 = fbuf;
+    std::printf("dv_unknown_mma_choice %d\n", int(scft_attn_bwd_dv_cuda(x, ScftDtype::kFloat16, nullptr))); }
   unsetenv("SKETCHCOLOR_CUDA_MMA");
   std::printf("dv_without_float32_output %d\n", int(scft_attn_bwd_dv_cuda(b, ScftDtype::kFloat16, nullptr)));
   const long long hardest_shapes[][4] = {{1, 16384, 16384, 132}, {16, 256, 256, 132}, {1, 7, 5, 108},
@@ -440,7 +450,7 @@ def test_launchers_reject_bad_parameters_on_the_host(builds, tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     rejections = [line.split() for line in lines if not line.startswith(("plan", "hardest_plan"))]
-    assert len(rejections) == 30
+    assert len(rejections) == 32
     for name, code in rejections:
         assert int(code) == 1, f"{name}: launcher returned cudaError {code}, expected cudaErrorInvalidValue (1)"
     plans = [line for line in lines if line.startswith("plan")]
@@ -514,7 +524,7 @@ def report(builds_result, table, sass_by_obj) -> str:
             kernel = _kernel_identifier(name)
             dtype = "bf16" if "bfloat16" in name else "fp16"
             variant = ""
-            m = re.search(r"ScftGemmConfigELb([01])", name)
+            m = re.search(r"ScftGemm(?:Sm90)?ConfigELb([01])", name)
             if m:
                 variant = " A[m][k]" if m.group(1) == "1" else " A[k][m]"
             m = re.search(r"ScftBwdProbsConfigELb([01])", name)

@@ -12,8 +12,9 @@
 //   next core along the columns: 128;  next core along the rows: kCols / 8 * 128.
 // wgmma names the two strides by the product's dimensions: LBO is the step between cores along K,
 // SBO the step along M or N. A K-major operand (q, k, P: rows are M or N, columns are K) therefore
-// has LBO = 128 and SBO = kCols / 8 * 128; an MN-major operand (v: rows are K = keys, columns are
-// N = value columns, read with the transpose flag) has LBO = kCols / 8 * 128 and SBO = 128.
+// has LBO = 128 and SBO = kCols / 8 * 128; an MN-major operand (rows are K, columns are M or N, read
+// with the operand's transpose flag: v in the forward, B of the backward GEMMs, and A = P or dS
+// read as P^T, dS^T) has LBO = kCols / 8 * 128 and SBO = 128.
 // Why not a swizzled layout: those are made for the bulk tensor copy (TMA); tiles here are filled
 // by 16-byte cp.async, and this layout makes that copy conflict-free (below) with no swizzle math.
 #pragma once
@@ -107,14 +108,18 @@ __device__ __forceinline__ void fence_registers(float (&r)[kRegs]) {
 }
 
 // What a consumer of a kStages-deep cp.async ring does before wgmma reads job j's stage: waits for
-// its own copies of job j (at most kStages - 2 newer groups stay in flight), makes them and any
-// shared memory it wrote since the last barrier visible to the async proxy that wgmma reads through,
-// and meets the other threads at a barrier. Unlike ring_wait_and_refill the refill is the caller's:
-// it issues job j's wgmma first, then refills the stage of job j - 1 (whose wgmma group every thread
-// waited for before this barrier) while the tensor cores run.
-template <int kStages>
+// its own copies of job j, makes them and any shared memory it wrote since the last barrier visible
+// to the async proxy that wgmma reads through, and meets the other threads at a barrier. Unlike
+// ring_wait_and_refill the refill is the caller's: it issues job j's wgmma first, then refills a
+// stage whose wgmma group every thread waited for before this barrier, while the tensor cores run.
+// A consumer that waits for each group before the next barrier (kGroupsInFlight = 0) refills job
+// j - 1's stage, so kStages - 2 newer copy groups stay in flight; one that leaves a group running
+// across the barrier (kGroupsInFlight = 1: wgmma_wait<1>) can refill only job j - 2's, so the ring
+// runs one job less far ahead and its prologue issues kStages - 2 jobs instead of kStages - 1.
+template <int kStages, int kGroupsInFlight = 0>
 __device__ __forceinline__ void ring_wait_for_wgmma() {
-  cp_async_wait<kStages - 2>();
+  static_assert(kGroupsInFlight >= 0 && kStages - 2 - kGroupsInFlight >= 0, "a stage per job in flight");
+  cp_async_wait<kStages - 2 - kGroupsInFlight>();
   fence_proxy_async_smem();
   __syncthreads();
 }
@@ -134,10 +139,10 @@ __device__ __forceinline__ void ring_wait_for_wgmma() {
   "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, "   \
   "%125, %126, %127"
 // D += A B with A and B from shared memory (descriptors %A and %B), the scale-d predicate always
-// true (accumulate), A and B unscaled, A K-major, B transposed when %TB is 1.
-#define SKETCHCOLOR_WGMMA_SS(SHAPE_AND_TYPES, DREGS, A, B, TB)                       \
+// true (accumulate), A and B unscaled, A transposed (MN-major) when %TA is 1, B when %TB is 1.
+#define SKETCHCOLOR_WGMMA_SS(SHAPE_AND_TYPES, DREGS, A, B, TA, TB)                   \
   "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, 1, 0;\nwgmma.mma_async.sync.aligned." \
-  SHAPE_AND_TYPES " {" DREGS "}, " A ", " B ", accumulate, 1, 1, 0, " TB ";\n}\n"
+  SHAPE_AND_TYPES " {" DREGS "}, " A ", " B ", accumulate, 1, 1, " TA ", " TB ";\n}\n"
 
 #define SKETCHCOLOR_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define SKETCHCOLOR_F16(d, i) \
@@ -147,30 +152,36 @@ __device__ __forceinline__ void ring_wait_for_wgmma() {
 #define SKETCHCOLOR_F128(d, i) SKETCHCOLOR_F64(d, i), SKETCHCOLOR_F64(d, i + 64)
 
 // The three widths for one operand type string ("bf16.bf16" or "f16.f16"), inside wgmma_ss.
-#define SKETCHCOLOR_WGMMA_SS_BY_WIDTH(TYPES)                                                                  \
-  if constexpr (kN == 64) {                                                                                   \
-    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n64k16.f32." TYPES, SKETCHCOLOR_WGMMA_D32, "%32", "%33", "%34")     \
-                 : SKETCHCOLOR_F32(d, 0)                                                                      \
-                 : "l"(desc_a), "l"(desc_b), "n"(kTB));                                                       \
-  } else if constexpr (kN == 128) {                                                                           \
-    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n128k16.f32." TYPES, SKETCHCOLOR_WGMMA_D64, "%64", "%65", "%66")    \
-                 : SKETCHCOLOR_F64(d, 0)                                                                      \
-                 : "l"(desc_a), "l"(desc_b), "n"(kTB));                                                       \
-  } else {                                                                                                    \
-    static_assert(kN == 256, "warpgroup products are 64, 128 or 256 wide");                                   \
-    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n256k16.f32." TYPES, SKETCHCOLOR_WGMMA_D128, "%128", "%129", "%130") \
-                 : SKETCHCOLOR_F128(d, 0)                                                                     \
-                 : "l"(desc_a), "l"(desc_b), "n"(kTB));                                                       \
+#define SKETCHCOLOR_WGMMA_SS_BY_WIDTH(TYPES)                                                                 \
+  if constexpr (kN == 64) {                                                                                  \
+    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n64k16.f32." TYPES, SKETCHCOLOR_WGMMA_D32, "%32", "%33", "%34",    \
+                                      "%35")                                                                 \
+                 : SKETCHCOLOR_F32(d, 0)                                                                     \
+                 : "l"(desc_a), "l"(desc_b), "n"(kTA), "n"(kTB));                                            \
+  } else if constexpr (kN == 128) {                                                                          \
+    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n128k16.f32." TYPES, SKETCHCOLOR_WGMMA_D64, "%64", "%65", "%66",   \
+                                      "%67")                                                                 \
+                 : SKETCHCOLOR_F64(d, 0)                                                                     \
+                 : "l"(desc_a), "l"(desc_b), "n"(kTA), "n"(kTB));                                            \
+  } else {                                                                                                   \
+    static_assert(kN == 256, "warpgroup products are 64, 128 or 256 wide");                                  \
+    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n256k16.f32." TYPES, SKETCHCOLOR_WGMMA_D128, "%128", "%129", "%130", \
+                                      "%131")                                                                \
+                 : SKETCHCOLOR_F128(d, 0)                                                                    \
+                 : "l"(desc_a), "l"(desc_b), "n"(kTA), "n"(kTB));                                            \
   }
 
 // d (64 x kN fp32, the warpgroup's accumulator fragment) += A (64 x 16) B (16 x kN), both read from
-// shared memory through their descriptors; B K-major (stored [n][k]) or, with kTransB, MN-major
-// (stored [k][n]). Fragment: thread (warp w of the warpgroup, lane l) holds, for n8 block j,
-// d[4j], d[4j+1] at row 16 w + l / 4, columns 8 j + 2 (l % 4) + {0, 1}, and d[4j+2], d[4j+3] at the
-// row 8 below: the mma.m16n8 accumulator layout, repeated over the n8 blocks.
-template <typename T, int kN, bool kTransB>
+// shared memory through their descriptors; A K-major (stored [m][k]) or, with kTransA, MN-major
+// (stored [k][m]); B K-major (stored [n][k]) or, with kTransB, MN-major (stored [k][n]). PTX allows
+// the transposed reads for 16-bit operands only, which these are. Fragment: thread (warp w of the
+// warpgroup, lane l) holds, for n8 block j, d[4j], d[4j+1] at row 16 w + l / 4, columns
+// 8 j + 2 (l % 4) + {0, 1}, and d[4j+2], d[4j+3] at the row 8 below: the mma.m16n8 accumulator
+// layout, repeated over the n8 blocks.
+template <typename T, int kN, bool kTransA, bool kTransB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "fp16 or bf16 operands");
+  constexpr int kTA = kTransA ? 1 : 0;
   constexpr int kTB = kTransB ? 1 : 0;
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     SKETCHCOLOR_WGMMA_SS_BY_WIDTH("bf16.bf16")

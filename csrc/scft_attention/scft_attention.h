@@ -143,6 +143,32 @@ struct ScftGemmConfig {
   static constexpr size_t kSmemBytes = size_t(kStages * kStageElems) * kElemBytes;
 };
 
+// The same GEMMs on sm_90a (scft_gemm_sm90_kernel.cu): the contract of ScftGemmConfig with the
+// products on wgmma (HGMMA, both operands read from shared memory by the tensor cores; A through
+// the transpose flag when it is stored [k][m], B always). Two warpgroups own 64 rows each of a
+// 128 x 256 output tile: one HGMMA.64x256x16 per warpgroup and k16 step, 64 x 256 fp32 accumulators
+// (128 registers per thread). Why 128 x 256: the backward GEMMs reduce over k = N (dV, dK) or the
+// key chunk (dQ), thousands deep, so they are bound by the operand bytes each CTA streams from L2,
+// and a tile does BM BN / (BM + BN) flop per such byte: 85 here against 64 for 128 x 128
+// (benchmarks/NOTES-cuda.md); 256 is the widest wgmma N, and 64 x 256 fp32 is as much as a
+// warpgroup's registers hold beside the addressing. D, Dv = 992 pad to 1024 columns either way.
+// kBlockK = 64: a k tile is one wgmma group of 4 HGMMA per warpgroup between barriers. The consumer
+// leaves that group running across the next barrier (ring_wait_for_wgmma<kStages, 1>), so a stage
+// is refilled two tiles after it was read; with 4 stages of 48 KiB (192 KiB, one CTA per SM) two
+// k tiles are in flight from L2 while one is multiplied.
+struct ScftGemmSm90Config {
+  static constexpr int kBlockM = 128;   // 2 warpgroups x the wgmma M of 64
+  static constexpr int kBlockN = 256;   // the N of each warpgroup's wgmma
+  static constexpr int kBlockK = 64;    // k per stage: 4 k16 steps
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kThreads = kWarpgroups * 128;
+  static constexpr int kStages = 4;
+  static constexpr int kABytes = kBlockM * kBlockK * kElemBytes;   // A tile, 128 x 64: [m][k] or [k][m]
+  static constexpr int kBBytes = kBlockK * kBlockN * kElemBytes;   // B tile, 64 x 256: [k][n]
+  static constexpr int kStageBytes = kABytes + kBBytes;            // 48 KiB, interleaved layout
+  static constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes;
+};
+
 struct ScftBwdDeltaConfig {
   static constexpr int kThreads = 256;   // one warp per query row
   static constexpr size_t kSmemBytes = 0;
@@ -164,6 +190,7 @@ inline constexpr ScftKernelSmem kScftKernelSmemTable[] = {
     {"ScftFwdSm90ConfigDv512", ScftFwdSm90ConfigDv512::kSmemBytes},
     {"ScftBwdProbsConfig", ScftBwdProbsConfig::kSmemBytes},
     {"ScftGemmConfig", ScftGemmConfig::kSmemBytes},
+    {"ScftGemmSm90Config", ScftGemmSm90Config::kSmemBytes},
     {"ScftBwdDeltaConfig", ScftBwdDeltaConfig::kSmemBytes},
 };
 
@@ -267,7 +294,8 @@ inline ScftBwdWorkspacePlan scft_bwd_workspace_plan(int64_t batch_heads, int64_t
 // variable SKETCHCOLOR_CUDA_MMA on every call: unset or "auto" lets the device decide (wgmma on
 // compute capability 9.0, H100 and H200, whose code in this build is sm_90a; mma.sync elsewhere);
 // "mma_sync" forces mma.sync, which tests and benchmarks use to compare the two on one device;
-// "wgmma" insists on wgmma. It picks the forward kernel.
+// "wgmma" insists on wgmma. It picks the forward kernel and the backward's GEMM kernel (the
+// backward's Delta and P/dS kernels exist on mma.sync only).
 enum class ScftMmaChoice { kAuto, kMmaSync, kWgmma, kUnknown };
 inline ScftMmaChoice scft_mma_choice() {
   const char* choice = std::getenv("SKETCHCOLOR_CUDA_MMA");
@@ -281,8 +309,10 @@ inline ScftMmaChoice scft_mma_choice() {
 // machine code for them is sm_90a, which runs on 9.0 alone.
 inline bool scft_wgmma_runs_on(int major, int minor) { return major == 9 && minor == 0; }
 
-// out, lse <- attention(q, k, v), on the kernel scft_mma_choice() names. An unknown choice is
-// cudaErrorInvalidValue; "wgmma" on a device that is not 9.0, cudaErrorInvalidDeviceFunction.
+// Every launcher below reads scft_mma_choice(): an unknown choice is cudaErrorInvalidValue;
+// "wgmma" on a device that is not 9.0, cudaErrorInvalidDeviceFunction.
+
+// out, lse <- attention(q, k, v), on the kernel scft_mma_choice() names.
 cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& params, ScftDtype dtype, cudaStream_t stream);
 
 // The wgmma forward alone, for parameters scft_attn_fwd_cuda has validated, on a 9.0 device; its
@@ -290,7 +320,8 @@ cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& params, ScftDtype dtype,
 cudaError_t scft_attn_fwd_sm90_cuda(const ScftAttnFwdParams& params, ScftDtype dtype, cudaStream_t stream);
 
 // grad_q, grad_k, grad_v <- backward. Enqueues: Delta; then per key chunk: P and dS, the grouped
-// GEMM dV/dK for the chunk's keys, and the GEMM dQ (+)= scale dS k_chunk.
+// GEMM dV/dK for the chunk's keys, and the GEMM dQ (+)= scale dS k_chunk (the GEMMs on the kernel
+// scft_mma_choice() names).
 cudaError_t scft_attn_bwd_cuda(const ScftAttnBwdParams& params, ScftDtype dtype, cudaStream_t stream);
 
 // grad_v_f32 <- P^T grad_out in float32, P = exp(scale q k^T - lse): the value gradient alone, per

@@ -84,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::T
     // No query attends to any key: the key and value gradients are zero.
     return {grad_q, at::zeros({batch, heads, m, d}, k.options()), at::zeros({batch, heads, m, dv}, v.options())};
   }
+  check_mma_choice(q, kOp);
   at::Tensor grad_k = at::empty({batch, heads, m, d}, k.options(), contiguous);
   at::Tensor grad_v = at::empty({batch, heads, m, dv}, v.options(), contiguous);
 

@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(co
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) {
-        wgmma_ss<T, kGroupKeys, false>(acc_s, smem_desc(q_tile + kk * 256u, 128u, kQkRowCoreStride),
+        wgmma_ss<T, kGroupKeys, false, false>(acc_s, smem_desc(q_tile + kk * 256u, 128u, kQkRowCoreStride),
                                        smem_desc(k_tile + kk * 256u, 128u, kQkRowCoreStride));
       }
       wgmma_commit();
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(co
 #pragma unroll
       for (int kk = 0; kk < kKeysPerVJob / 16; ++kk) {
         const uint32_t p_cols = p_tile + uint32_t((v_step * kKeysPerVJob + kk * 16) / 8) * 128u;
-        wgmma_ss<T, kGroupCols, true>(acc_o, smem_desc(p_cols, 128u, kPRowCoreStride),
+        wgmma_ss<T, kGroupCols, false, true>(acc_o, smem_desc(p_cols, 128u, kPRowCoreStride),
                                       smem_desc(v_tile + uint32_t(kk * 2) * kVRowCoreStride, kVRowCoreStride, 128u));
       }
       wgmma_commit();

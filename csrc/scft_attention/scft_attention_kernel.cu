@@ -15,7 +15,8 @@
 //
 // Matrix products use mma.sync.m16n8k16 with fp32 accumulators (HMMA in SASS), operands fed by
 // ldmatrix from shared memory that cp.async fills several stages ahead. On compute capability 9.0
-// the forward runs the wgmma kernel of scft_attention_fwd_sm90_kernel.cu instead.
+// the forward and the backward GEMMs run the wgmma kernels of scft_attention_fwd_sm90_kernel.cu and
+// scft_gemm_sm90_kernel.cu instead (scft_mma_choice in scft_attention.h).
 #include "scft_attention/scft_attention.h"
 
 #include <cstdint>
@@ -496,15 +497,12 @@ cudaError_t fwd_dispatch(const ScftAttnFwdParams& p, cudaStream_t stream) {
   return fwd::launch<Dv512>(scft_attn_fwd_kernel<T, Dv512>, p, stream);
 }
 
+// The batch's GEMMs on wgmma (scft_gemm_sm90_kernel.cu) or mma.sync.
 template <typename T, bool kAKContig>
-cudaError_t launch_gemm(const GemmBatch& batch, int tiles_m, int batch_heads, cudaStream_t stream) {
+cudaError_t launch_gemm(const GemmBatch& batch, int batch_heads, bool use_wgmma, cudaStream_t stream) {
+  if (use_wgmma) return gemm::launch_sm90<T, kAKContig>(batch, batch_heads, stream);
   using Cfg = ScftGemmConfig;
-  auto kernel = scft_gemm_kernel<T, Cfg, kAKContig>;
-  cudaError_t err = prepare_smem(kernel, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(tiles_m * batch.tiles_n, batch.num_problems, batch_heads);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(batch);
-  return cudaGetLastError();
+  return gemm::launch<Cfg>(scft_gemm_kernel<T, Cfg, kAKContig>, batch, batch_heads, stream);
 }
 
 GemmOperand operand(const void* ptr, int64_t stride_b, int64_t stride_h, int64_t stride_row) {
@@ -550,7 +548,7 @@ GemmProblem value_grad_problem(const ScftAttnBwdParams& p, int key_begin, int ch
 }
 
 template <typename T>
-cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
+cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, bool use_wgmma, cudaStream_t stream) {
   const int batch_heads = p.batch * p.heads;
   const int64_t n = p.n_queries, m = p.n_keys, d = p.head_dim;
   const int64_t chunk = p.key_chunk;
@@ -595,8 +593,7 @@ cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
       pk.k = p.n_queries;
       pk.alpha = p.scale;
     }
-    kv.tiles_n = ceil_div(p.value_dim > p.head_dim ? p.value_dim : p.head_dim, ScftGemmConfig::kBlockN);
-    err = launch_gemm<T, false>(kv, ceil_div(chunk_keys, ScftGemmConfig::kBlockM), batch_heads, stream);
+    err = launch_gemm<T, false>(kv, batch_heads, use_wgmma, stream);
     if (err != cudaSuccess) return err;
 
     // dQ (+)= scale dS k[chunk]: A is dS ([query][key], k = key contiguous), B the chunk's keys.
@@ -623,8 +620,7 @@ cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
       pq.alpha = p.scale;
       qb.problem[1] = pq;   // unused (num_problems = 1), kept initialized
     }
-    qb.tiles_n = ceil_div(p.head_dim, ScftGemmConfig::kBlockN);
-    err = launch_gemm<T, true>(qb, ceil_div(p.n_queries, ScftGemmConfig::kBlockM), batch_heads, stream);
+    err = launch_gemm<T, true>(qb, batch_heads, use_wgmma, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -633,7 +629,7 @@ cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
 
 // grad_v_f32 = P^T grad_out only: per key chunk, P then one GEMM.
 template <typename T>
-cudaError_t dv_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
+cudaError_t dv_dispatch(const ScftAttnBwdParams& p, bool use_wgmma, cudaStream_t stream) {
   const int num_chunks = ceil_div(p.n_keys, p.key_chunk);
   for (int c = 0; c < num_chunks; ++c) {
     const int key_begin = c * p.key_chunk;
@@ -645,9 +641,7 @@ cudaError_t dv_dispatch(const ScftAttnBwdParams& p, cudaStream_t stream) {
     batch.heads = p.heads;
     batch.problem[0] = value_grad_problem(p, key_begin, key_end - key_begin);
     batch.problem[1] = batch.problem[0];   // unused (num_problems = 1), kept initialized
-    batch.tiles_n = ceil_div(p.value_dim, ScftGemmConfig::kBlockN);
-    err = launch_gemm<T, false>(batch, ceil_div(key_end - key_begin, ScftGemmConfig::kBlockM), p.batch * p.heads,
-                                stream);
+    err = launch_gemm<T, false>(batch, p.batch * p.heads, use_wgmma, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -726,11 +720,15 @@ cudaError_t scft_attn_bwd_cuda(const ScftAttnBwdParams& p, ScftDtype dtype, cuda
       !stride_ok(p.out_stride_row, p.n_queries) || !stride_ok(p.v_stride_b, p.batch) ||
       !stride_ok(p.v_stride_h, p.heads) || !stride_ok(p.v_stride_row, p.n_keys))
     return cudaErrorInvalidValue;
+  if (dtype != ScftDtype::kFloat16 && dtype != ScftDtype::kBFloat16) return cudaErrorInvalidValue;
+  bool use_wgmma = false;
+  const cudaError_t err = pick_mma(&use_wgmma);
+  if (err != cudaSuccess) return err;
   switch (dtype) {
     case ScftDtype::kFloat16:
-      return bwd_dispatch<__half>(p, stream);
+      return bwd_dispatch<__half>(p, use_wgmma, stream);
     case ScftDtype::kBFloat16:
-      return bwd_dispatch<__nv_bfloat16>(p, stream);
+      return bwd_dispatch<__nv_bfloat16>(p, use_wgmma, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -739,11 +737,15 @@ cudaError_t scft_attn_bwd_dv_cuda(const ScftAttnBwdParams& p, ScftDtype dtype, c
   if (!bwd_common_ok(p)) return cudaErrorInvalidValue;
   // float2 stores of pairs of float32 outputs.
   if (p.grad_v_f32 == nullptr || !aligned16(p.grad_v_f32)) return cudaErrorInvalidValue;
+  if (dtype != ScftDtype::kFloat16 && dtype != ScftDtype::kBFloat16) return cudaErrorInvalidValue;
+  bool use_wgmma = false;
+  const cudaError_t err = pick_mma(&use_wgmma);
+  if (err != cudaSuccess) return err;
   switch (dtype) {
     case ScftDtype::kFloat16:
-      return dv_dispatch<__half>(p, stream);
+      return dv_dispatch<__half>(p, use_wgmma, stream);
     case ScftDtype::kBFloat16:
-      return dv_dispatch<__nv_bfloat16>(p, stream);
+      return dv_dispatch<__nv_bfloat16>(p, use_wgmma, stream);
   }
   return cudaErrorInvalidValue;
 }

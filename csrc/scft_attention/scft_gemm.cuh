@@ -1,7 +1,8 @@
 // What the backward GEMM kernels of SCFT attention share: the grouped problem description their
-// launchers fill, the selection of a CTA's problem, tile and operands, and the output store. The
-// kernels differ in how they multiply (scft_gemm_kernel on mma.sync in scft_attention_kernel.cu),
-// not in what they compute.
+// launchers fill, the selection of a CTA's problem, tile and operands, the output store and the
+// launch. The kernels differ in how they multiply (scft_gemm_kernel on mma.sync in
+// scft_attention_kernel.cu, scft_gemm_sm90_kernel on wgmma in scft_gemm_sm90_kernel.cu), not in
+// what they compute.
 //
 // C (m x n) = alpha * A (m x k) B (k x n) [+ C_in], batched over B*H, up to two independent problems
 // per launch (dV and dK of a key chunk share a launch so that together they fill the GPU). fp32
@@ -133,6 +134,30 @@ struct GemmOutput {
     }
   }
 };
+
+// Launches a GEMM kernel over its configuration's tiles of every problem of the batch (grid: tiles of
+// the largest m times tiles of the largest n, the problems, the heads; it sets batch.tiles_n) after
+// raising its shared-memory limit.
+template <typename Cfg, typename Kernel>
+cudaError_t launch(Kernel kernel, GemmBatch batch, int batch_heads, cudaStream_t stream) {
+  const cudaError_t err = tiles::prepare_smem(kernel, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  int max_m = 0, max_n = 0;
+  for (int i = 0; i < batch.num_problems; ++i) {
+    max_m = batch.problem[i].m > max_m ? batch.problem[i].m : max_m;
+    max_n = batch.problem[i].n > max_n ? batch.problem[i].n : max_n;
+  }
+  batch.tiles_n = tiles::ceil_div(max_n, Cfg::kBlockN);
+  const dim3 grid(tiles::ceil_div(max_m, Cfg::kBlockM) * batch.tiles_n, batch.num_problems, batch_heads);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(batch);
+  return cudaGetLastError();
+}
+
+// The GEMMs on wgmma (scft_gemm_sm90_kernel.cu, instantiated there for both dtypes and both A
+// layouts), for a batch the backward launchers built, on a 9.0 device: the kernels are built for
+// sm_90a only (elsewhere their bodies trap).
+template <typename T, bool kAKContig>
+cudaError_t launch_sm90(const GemmBatch& batch, int batch_heads, cudaStream_t stream);
 
 }  // namespace gemm
 }  // namespace scft
