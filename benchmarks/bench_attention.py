@@ -18,6 +18,11 @@ Cases that run out of memory are reported as such (N = 65536 materializes 16 GiB
 matrix in the reference). The table is printed and written, with the machine, date and
 command, to this script's section of benchmarks/RESULTS.md.
 
+Goals, checked at the end of a GPU run in bfloat16 at N = M = 16384 (D = Dv = 992): the cuda
+backend's forward+backward takes at most 0.5x torch_sdpa's time and at most triton's, and its
+forward runs at least 0.6x the bf16 GEMM rate, measured in the same run as torch.matmul of the
+forward's score product alone, (N x D) @ (D x M).
+
 The cases, inputs and calls are those of ``sketchcolor bench`` (sketchcolor.benchmarking):
 one definition of what is timed, shared by this script, the pytest-benchmark suite and the CLI.
 """
@@ -33,7 +38,8 @@ from sketchcolor.benchmarking.cases import PAPER_HEAD_DIM, Case, bench_case, dty
 from sketchcolor.benchmarking.correctness import print_check, run_check
 from sketchcolor.benchmarking.options import default_device, default_dtype, dtype, non_negative_int, positive_int, size_list
 from sketchcolor.benchmarking.report import publish
-from sketchcolor.benchmarking.suite import run_benchmarks
+from sketchcolor.benchmarking.suite import BenchResult, run_benchmarks
+from sketchcolor.benchmarking.timing import time_call
 from sketchcolor.ops import _backends
 from sketchcolor.verify import ATTENTION_SHAPES_QUICK, attention_case
 
@@ -43,6 +49,8 @@ DEFAULT_SIZES = {"cuda": (1024, 4096, 16384, 65536), "cpu": (1024, 4096)}
 # The interpreter runs every tile op in numpy: at D = 992 a forward+backward at N = M = 128
 # takes tens of seconds, so larger sizes are left to compiled backends.
 INTERPRETER_MAX_N = 128
+CUDA_GOAL = {"n": 16384, "dtype": torch.bfloat16, "head_dim": PAPER_HEAD_DIM, "time_vs_sdpa": 0.5, "time_vs_triton": 1.0,
+             "fwd_vs_gemm": 0.6}
 LEGEND = (
     "fwd: no autograd; fwd+bwd: one forward and the gradients of q, k, v. FLOP/s: forward 4*N*M*D, backward 2.5x "
     "(D = Dv). peak MiB: fwd+bwd, inputs included, above the memory before the case (GPU: "
@@ -61,6 +69,45 @@ def providers(device: str, impls: tuple[str, ...] | None) -> tuple[str, ...]:
 def correctness_cases(fused: list[str], device: str, case_dtype: torch.dtype) -> list[tuple[str, Case]]:
     """(backend, case) per backend and shape of the correctness check."""
     return [(provider, attention_case(provider, shape, case_dtype, device)) for provider in fused for shape in ATTENTION_SHAPES_QUICK]
+
+
+def gemm_flops_per_second(n: int, d: int, dtype: torch.dtype) -> float:
+    """The rate of torch.matmul (cuBLAS) on the forward's score product alone, (n x d) @ (d x n):
+    the GEMM rate the fused forward is held against."""
+    a = torch.randn(n, d, device="cuda", dtype=dtype)
+    b = torch.randn(d, n, device="cuda", dtype=dtype)
+    timing = time_call(lambda: torch.matmul(a, b), "cuda", repeats=10, warmup=3)
+    return 2 * n * n * d / (timing.median_ms * 1e-3)
+
+
+def cuda_goal_lines(results: list[BenchResult], gemm_rate: float | None) -> list[str]:
+    """'met' / 'NOT met' / 'not measured' for each of CUDA_GOAL's targets (the module docstring)."""
+    at_goal = {r.case.provider: r for r in results if r.case.n == CUDA_GOAL["n"]}
+
+    def fwd_bwd_ms(provider: str) -> float | None:
+        timing = provider in at_goal and at_goal[provider].timings.get("fwd+bwd")
+        return timing.median_ms if timing else None
+
+    def quotient(value: float | None, baseline: float | None) -> float | None:
+        return value / baseline if value is not None and baseline else None
+
+    def line(label: str, value: float | None, bound: float, at_most: bool) -> str:
+        if value is None:
+            return f"goal cuda N={CUDA_GOAL['n']} bf16 {label}: not measured"
+        met = value <= bound if at_most else value >= bound
+        return f"goal cuda N={CUDA_GOAL['n']} bf16 {label}: {'met' if met else 'NOT met'} ({value:.2f}x)"
+
+    cuda_ms = fwd_bwd_ms("cuda")
+    fwd_rate = at_goal["cuda"].flops_per_second("fwd") if "cuda" in at_goal else None
+    gemm = "" if gemm_rate is None else f" ({gemm_rate / 1e12:.0f} TFLOP/s, torch.matmul N x D x M)"
+    return [
+        line(f"fwd+bwd <= {CUDA_GOAL['time_vs_sdpa']}x torch_sdpa", quotient(cuda_ms, fwd_bwd_ms("torch_sdpa")),
+             CUDA_GOAL["time_vs_sdpa"], at_most=True),
+        line(f"fwd+bwd <= {CUDA_GOAL['time_vs_triton']}x triton", quotient(cuda_ms, fwd_bwd_ms("triton")),
+             CUDA_GOAL["time_vs_triton"], at_most=True),
+        line(f"fwd >= {CUDA_GOAL['fwd_vs_gemm']}x the bf16 GEMM rate{gemm}", quotient(fwd_rate, gemm_rate),
+             CUDA_GOAL["fwd_vs_gemm"], at_most=False),
+    ]
 
 
 def main() -> int:
@@ -112,6 +159,10 @@ def main() -> int:
             cases.append(bench_case("attention", provider, n, head_dim=args.head_dim, dtype=case_dtype, device=args.device))
     cases.sort(key=lambda case: case.n)  # each size's baselines and backends measured together
     results = run_benchmarks(cases, repeats=args.repeats, warmup=args.warmup)
+    goal_run = (args.device == "cuda" and case_dtype == CUDA_GOAL["dtype"] and args.head_dim == CUDA_GOAL["head_dim"]
+                and CUDA_GOAL["n"] in sizes)
+    if goal_run:
+        notes += cuda_goal_lines(results, gemm_flops_per_second(CUDA_GOAL["n"], args.head_dim, case_dtype))
     return publish(
         results,
         title=f"SCFT attention, {args.device}, {str(case_dtype).removeprefix('torch.')}, D = Dv = {args.head_dim}",

@@ -2,10 +2,12 @@
 peak RSS of a function run in a child process."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +159,34 @@ def test_run_in_child_finds_a_function_of_the_running_script(tmp_path):
     # Each child's peak is its own: the block shows in the second and was never in the first.
     assert with_block["peak_rss_bytes"] - without["peak_rss_bytes"] > 200 * 2**20
     assert timeout_error == "the measuring process ran past the 0.5 s timeout"
+
+
+def _load_bench_script(name: str):
+    """A script of benchmarks/ as a module (they are run as scripts, not installed)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_cuda_goals_are_judged_from_the_run():
+    bench = _load_bench_script("bench_attention")
+
+    def result(provider, fwd_ms, fwd_bwd_ms, n=16384):
+        case = cases.bench_case("attention", provider, n, dtype=torch.bfloat16, device="cuda")
+        return BenchResult(case, None, {"fwd": Timing(fwd_ms, (fwd_ms,)), "fwd+bwd": Timing(fwd_bwd_ms, (fwd_bwd_ms,))})
+
+    results = [result("torch_sdpa", 9.0, 30.0), result("triton", 4.0, 12.0), result("cuda", 2.0, 10.0),
+               result("cuda", 0.1, 0.1, n=1024)]
+    cuda_fwd_rate = cases.flops(results[2].case, "fwd") / 2e-3
+    assert bench.cuda_goal_lines(results, cuda_fwd_rate / 0.5) == [
+        "goal cuda N=16384 bf16 fwd+bwd <= 0.5x torch_sdpa: met (0.33x)",
+        "goal cuda N=16384 bf16 fwd+bwd <= 1.0x triton: met (0.83x)",
+        "goal cuda N=16384 bf16 fwd >= 0.6x the bf16 GEMM rate (1065 TFLOP/s, torch.matmul N x D x M): NOT met (0.50x)",
+    ]
+    without_triton = [r for r in results if r.case.provider != "triton"]
+    assert bench.cuda_goal_lines(without_triton, None)[1:] == [
+        "goal cuda N=16384 bf16 fwd+bwd <= 1.0x triton: not measured",
+        "goal cuda N=16384 bf16 fwd >= 0.6x the bf16 GEMM rate: not measured",
+    ]
