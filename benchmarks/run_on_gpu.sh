@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Everything a session with a lent GPU checks, as one command that fits the device tool's call
+# (10 minutes a command, 15 minutes of device time per task, the machine's start included):
+#
+#   bash benchmarks/run_on_gpu.sh            # on a machine with a CUDA GPU, nvcc and a CUDA torch
+#
+# Stages, most important first: build the extension with its CUDA kernels, the GPU tests of the
+# cuda backend, the attention benchmark (which judges issue 6's targets), the correspondence
+# benchmark, the attention benchmark again with the forward on mma.sync (on H100/H200 the default
+# is wgmma), then the Triton backend's GPU tests. One deadline (GPU_SESSION_SECONDS, default 540)
+# bounds the whole run: each stage gets its own limit or what is left of the deadline, whichever
+# is less, so a hang costs one stage, not the run. A failed stage does not stop the next ones; a
+# failed build falls back to a CPU-only extension so that the Triton stages still run.
+#
+# Output, in $OUT (the device tool brings that folder back; ./gpu-run elsewhere), eight files at
+# most: summary.txt (versions, each stage's exit status and seconds), one log per stage, and
+# benchmarks/RESULTS.md with the sections the benchmarks wrote.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out="${OUT:-gpu-run}"
+mkdir -p "$out"
+summary="$out/summary.txt"
+deadline=$((SECONDS + ${GPU_SESSION_SECONDS:-540}))
+export PYTHONUNBUFFERED=1
+python=python3
+
+# stage NAME LIMIT_SECONDS COMMAND...: COMMAND's output goes to $out/NAME.log, its exit status and
+# duration to the summary (124: stopped at its limit).
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((deadline - SECONDS - 10))
+  if ((left < 30)); then
+    echo "$name: not run, ${left} s left before the deadline" | tee -a "$summary"
+    return 1
+  fi
+  ((limit > left)) && limit=$left
+  local start=$SECONDS rc=0
+  timeout --signal=INT --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1 || rc=$?
+  echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$summary"
+  return "$rc"
+}
+
+{
+  date -u '+%Y-%m-%d %H:%M UTC'
+  git log -1 --format='commit %h %s' 2>/dev/null
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  nvcc --version | tail -1
+  "$python" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+} >"$summary" 2>&1
+
+# setup.py builds the CUDA kernels when torch is a CUDA build and nvcc is present. No package is
+# fetched (the machine has no registry): --no-deps leaves out what only the data pipeline needs.
+install=("$python" -m pip install --no-deps --no-build-isolation --no-index -e .)
+if ! MAX_JOBS=16 stage build 240 "${install[@]}"; then
+  SKETCHCOLOR_NO_CUDA=1 stage build-cpu-only 120 "${install[@]}"
+fi
+
+stage cuda-tests 150 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
+  tests/test_cuda_attention.py tests/test_cuda_correspondence.py
+stage bench-attention 150 "$python" benchmarks/bench_attention.py --device cuda --sizes 4096,16384
+stage bench-correspondence 90 "$python" benchmarks/bench_correspondence.py --device cuda --sizes 4096,16384
+SKETCHCOLOR_CUDA_MMA=mma_sync stage bench-attention-mma-sync 60 \
+  "$python" benchmarks/bench_attention.py --device cuda --impl cuda --sizes 16384 --no-write
+stage triton-tests 150 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
+  tests/test_triton_attention.py tests/test_triton_correspondence.py
+
+cp benchmarks/RESULTS.md "$out/RESULTS.md"
+echo "done after $SECONDS s" >>"$summary"
