@@ -157,8 +157,9 @@ def test_cuda_large_scores_do_not_overflow(dtype):
     check_against_reference(q, k, v)
 
 
-def _key_chunks(batch_heads, n, m, d, dv):
-    """The backward's key chunking (scft_bwd_workspace_plan in csrc/scft_attention/scft_attention.h)."""
+def _fewest_key_chunks(batch_heads, n, m, d, dv):
+    """The fewest key chunks the backward splits M into: the memory bound of scft_bwd_workspace_plan
+    (csrc/scft_attention/scft_attention.h), whose GEMM-wave choice may only take smaller chunks."""
     input_bytes = batch_heads * (n * (d + 2 * dv) + m * (d + dv)) * 2
     budget = max(64 << 20, input_bytes)
     chunk = max(128, budget // (batch_heads * n * 4) // 128 * 128)
@@ -169,9 +170,9 @@ def _key_chunks(batch_heads, n, m, d, dv):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, chunks", [((4, 4, 1024, 1100, 64, 48), 2), ((4, 4, 8192, 400, 64, 48), 4)], ids=str)
 def test_cuda_backward_over_several_key_chunks(shape, chunks, dtype):
-    # With 4 chunks the middle ones read and write the float32 dQ accumulator.
+    # With 4 chunks or more the middle ones read and write the float32 dQ accumulator.
     batch, heads, n, m, d, dv = shape
-    assert _key_chunks(batch * heads, n, m, d, dv) == chunks, "the shape no longer gives the intended key chunks"
+    assert _fewest_key_chunks(batch * heads, n, m, d, dv) >= chunks, "the shape no longer gives the intended key chunks"
     check_against_reference(*make_inputs(*shape, dtype))
 
 

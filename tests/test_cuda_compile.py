@@ -413,23 +413,43 @@ int main() {
   }
   const long long shapes[][5] = {{1, 16384, 16384, 992, 992}, {16, 256, 256, 992, 992},
                                  {16, 1024, 1100, 64, 48}, {33, 65536, 7, 1024, 8}, {1, 7, 1, 16, 16}};
-  for (const auto& s : shapes) {
-    const ScftBwdWorkspacePlan plan = scft_bwd_workspace_plan(s[0], s[1], s[2], s[3], s[4]);
-    std::printf("plan %lld %lld %lld %lld %lld %d %d %d\n", s[0], s[1], s[2], s[3], s[4], plan.key_chunk,
-                plan.num_chunks, int(plan.needs_grad_q_accum));
-  }
+  // No occupancy (memory alone), H100 wgmma, H100 mma.sync, A100 mma.sync.
+  const ScftGemmOccupancy occupancies[] = {{0, 0}, scft_gemm_occupancy(132, true), scft_gemm_occupancy(132, false),
+                                           scft_gemm_occupancy(108, false)};
+  const ScftBwdGemms kBwdGemms[] = {ScftBwdGemms::kAll, ScftBwdGemms::kValueOnly};
+  for (const auto& s : shapes)
+    for (const ScftGemmOccupancy& gemm : occupancies)
+      for (const ScftBwdGemms gemms : kBwdGemms) {
+        const ScftBwdWorkspacePlan plan = scft_bwd_workspace_plan(s[0], s[1], s[2], s[3], s[4], gemm, gemms);
+        std::printf("plan %lld %lld %lld %lld %lld %d %d %d %d %d %d\n", s[0], s[1], s[2], s[3], s[4], gemm.slots,
+                    gemm.block_n, int(gemms == ScftBwdGemms::kValueOnly), plan.key_chunk, plan.num_chunks,
+                    int(plan.needs_grad_q_accum));
+      }
   return 0;
 }
 """
 
 
-def expected_plan(batch_heads, n, m, d, dv):
-    """scft_bwd_workspace_plan, restated (tests/test_cuda_attention.py relies on the same rule)."""
+def expected_plan(batch_heads, n, m, d, dv, slots, block_n, value_only):
+    """scft_bwd_workspace_plan, restated: the memory bound (tests/test_cuda_attention.py relies on
+    it), then the multiple of 128 keys under it with the least modelled GEMM time."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
     input_bytes = batch_heads * (n * (d + 2 * dv) + m * (d + dv)) * 2
     budget = max(64 << 20, input_bytes)
     chunk = max(128, budget // (batch_heads * n * 4) // 128 * 128)
-    chunk = min(chunk, (m + 127) // 128 * 128)
-    chunks = -(-m // chunk)
+    chunk = min(chunk, cdiv(m, 128) * 128)
+
+    def chunk_cost(keys):
+        kv_tiles_n = cdiv(dv, block_n) + (0 if value_only else cdiv(d, block_n))
+        cost = cdiv(cdiv(keys, 128) * kv_tiles_n * batch_heads, slots) * n
+        if not value_only:
+            cost += cdiv(cdiv(n, 128) * cdiv(d, block_n) * batch_heads, slots) * keys
+        return cost
+
+    if slots > 0:
+        costs = {c: (m // c) * chunk_cost(c) + (chunk_cost(m % c) if m % c else 0) for c in range(128, chunk + 1, 128)}
+        chunk = min(costs, key=lambda c: (costs[c], -c))
+    chunks = cdiv(m, chunk)
     return chunk, chunks, int(chunks > 1)
 
 
@@ -453,11 +473,17 @@ def test_launchers_reject_bad_parameters_on_the_host(builds, tmp_path):
     assert len(rejections) == 32
     for name, code in rejections:
         assert int(code) == 1, f"{name}: launcher returned cudaError {code}, expected cudaErrorInvalidValue (1)"
-    plans = [line for line in lines if line.startswith("plan")]
-    assert len(plans) == 5
-    for line in plans:
-        fields = list(map(int, line.split()[1:]))
-        assert tuple(fields[5:]) == expected_plan(*fields[:5]), line
+    plans = {tuple(map(int, line.split()[1:9])): tuple(map(int, line.split()[9:])) for line in lines
+             if line.startswith("plan")}
+    assert len(plans) == 5 * 4 * 2
+    for args, plan in plans.items():
+        assert plan == expected_plan(*args), (args, plan)
+    # The paper's shape at N = M = 16384: memory allows 2432 keys per chunk; full GEMM waves take
+    # 2048 on an H100 (132 SMs, either kernel) and 1664 on an A100 (108 SMs, two CTAs each).
+    target = (1, 16384, 16384, 992, 992)
+    assert plans[(*target, 0, 0, 0)][0] == 2432
+    assert plans[(*target, 132, 256, 0)][0] == plans[(*target, 264, 128, 0)][0] == 2048
+    assert plans[(*target, 216, 128, 0)][0] == 1664
     hardest_plans = [list(map(int, line.split()[1:])) for line in lines if line.startswith("hardest_plan")]
     assert len(hardest_plans) == 5
     for batch, n, m, sms, splits, per_split in hardest_plans:

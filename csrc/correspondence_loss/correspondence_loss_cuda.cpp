@@ -266,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
 
   at::Tensor grad_k = at::empty({batch, m, d}, f32);
   {
-    const scft::ScftBwdWorkspacePlan plan = scft::scft_bwd_workspace_plan(batch, n, m, d, d);
+    const scft::ScftBwdWorkspacePlan plan = scft::scft_bwd_workspace_plan(batch, n, m, d, d, gemm_occupancy(q),
+                                                                         scft::ScftBwdGemms::kValueOnly);
     at::Tensor probs = at::empty({batch, 1, n, plan.key_chunk}, q.options());
     // grad_out = q: P^T q.
     scft::ScftAttnBwdParams p = scft_bwd_params(q4, q4, k4, lse_masked, probs, scale);

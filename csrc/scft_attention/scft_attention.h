@@ -162,6 +162,7 @@ struct ScftGemmSm90Config {
   static constexpr int kBlockK = 64;    // k per stage: 4 k16 steps
   static constexpr int kWarpgroups = 2;
   static constexpr int kThreads = kWarpgroups * 128;
+  static constexpr int kMinBlocksPerSm = 1;   // 192 KiB of shared memory: one CTA per SM
   static constexpr int kStages = 4;
   static constexpr int kABytes = kBlockM * kBlockK * kElemBytes;   // A tile, 128 x 64: [m][k] or [k][m]
   static constexpr int kBBytes = kBlockK * kBlockN * kElemBytes;   // B tile, 64 x 256: [k][n]
@@ -253,12 +254,50 @@ struct ScftAttnBwdParams {
   float scale;
 };
 
+// The GPU as the backward's key chunking sees its GEMMs: how many GEMM CTAs run at once and how
+// many output columns each one owns. slots = 0 means unknown: the plan then goes by memory alone.
+struct ScftGemmOccupancy {
+  int slots;     // SMs x CTAs of the GEMM kernel per SM
+  int block_n;   // output columns per CTA (its tile's n; the tile's m is 128 in both kernels)
+};
+
+// The occupancy of the GEMM kernel that runs (wgmma or mma.sync, see scft_uses_wgmma) on a GPU of
+// num_sms SMs.
+inline ScftGemmOccupancy scft_gemm_occupancy(int num_sms, bool wgmma) {
+  static_assert(ScftGemmConfig::kBlockM == 128 && ScftGemmSm90Config::kBlockM == 128, "128-key GEMM tiles");
+  if (wgmma) return {num_sms * ScftGemmSm90Config::kMinBlocksPerSm, ScftGemmSm90Config::kBlockN};
+  return {num_sms * ScftGemmConfig::kMinBlocksPerSm, ScftGemmConfig::kBlockN};
+}
+
+// Which backward GEMMs run per key chunk: all three (dV and dK of the chunk's keys, reducing over
+// the N queries, then dQ (+)= dS k_chunk), or dV alone (scft_attn_bwd_dv_cuda).
+enum class ScftBwdGemms { kAll, kValueOnly };
+
+// The GEMM time of one key chunk of `keys` keys, in units of one CTA reducing over one key or query:
+// the dV/dK launch takes ceil(CTAs / slots) waves of CTAs that each reduce over N, the dQ launch
+// ceil(CTAs / slots) waves of CTAs that each reduce over the chunk's keys.
+inline int64_t scft_bwd_chunk_gemm_cost(int64_t batch_heads, int64_t n_queries, int64_t keys, int64_t head_dim,
+                                        int64_t value_dim, ScftGemmOccupancy gemm, ScftBwdGemms gemms) {
+  auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t key_tiles = cdiv(keys, 128);
+  const int64_t kv_tiles_n = cdiv(value_dim, gemm.block_n) + (gemms == ScftBwdGemms::kAll ? cdiv(head_dim, gemm.block_n) : 0);
+  int64_t cost = cdiv(key_tiles * kv_tiles_n * batch_heads, gemm.slots) * n_queries;
+  if (gemms == ScftBwdGemms::kAll) cost += cdiv(cdiv(n_queries, 128) * cdiv(head_dim, gemm.block_n) * batch_heads, gemm.slots) * keys;
+  return cost;
+}
+
 // How the backward splits the keys: the P and dS workspaces hold N x key_chunk values per head
-// (never N x M), so the backward's extra memory is O(N * (D + Dv)) like its inputs. key_chunk is
-// the largest multiple of 128 keys whose two workspaces fit in
+// (never N x M), so the backward's extra memory is O(N * (D + Dv)) like its inputs.
+// Memory bounds key_chunk: it is a multiple of 128 keys whose two workspaces fit in
 // max(64 MiB, bytes of q + k + v + grad_out), and no larger than M rounded up to 128; but at least
 // 128, so with very many queries and a small head dim (N x 128 x 4 bytes per head above the
 // budget) the workspaces are 128 keys' worth, at most 256 / (D + 2 Dv) times the inputs' bytes.
+// Within that bound, the GEMMs' waves choose: each chunk's dV/dK launch has few CTAs (at N = M =
+// 16384, D = 992 the memory bound of 2432 keys gives 152 wgmma CTAs, 1.15 waves of an H100's 132
+// SMs: the second wave runs 20 CTAs as long as the first), so the plan takes the multiple of 128
+// with the least total GEMM time (scft_bwd_chunk_gemm_cost over all chunks; ties go to the larger
+// chunk, fewer launches): 2048 keys there, one full wave per chunk, modelled 0.97 of the ideal
+// against 0.68 for 2432. With gemm.slots = 0 the memory bound is the chunk.
 struct ScftBwdWorkspacePlan {
   int key_chunk;          // keys per chunk
   int num_chunks;         // ceil(M / key_chunk)
@@ -266,7 +305,8 @@ struct ScftBwdWorkspacePlan {
 };
 
 inline ScftBwdWorkspacePlan scft_bwd_workspace_plan(int64_t batch_heads, int64_t n_queries, int64_t n_keys,
-                                                    int64_t head_dim, int64_t value_dim) {
+                                                    int64_t head_dim, int64_t value_dim, ScftGemmOccupancy gemm,
+                                                    ScftBwdGemms gemms) {
   const int64_t kChunkAlign = 128;
   const int64_t input_bytes =
       (batch_heads * (n_queries * (head_dim + 2 * value_dim) + n_keys * (head_dim + value_dim))) * kElemBytes;
@@ -277,6 +317,19 @@ inline ScftBwdWorkspacePlan scft_bwd_workspace_plan(int64_t batch_heads, int64_t
   const int64_t all_keys = (n_keys + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
   if (chunk < kChunkAlign) chunk = kChunkAlign;
   if (chunk > all_keys) chunk = all_keys;
+  if (gemm.slots > 0 && gemm.block_n > 0) {
+    int64_t best_cost = -1;
+    const int64_t memory_bound = chunk;
+    for (int64_t candidate = memory_bound; candidate >= kChunkAlign; candidate -= kChunkAlign) {
+      const int64_t full = n_keys / candidate, rest = n_keys % candidate;
+      int64_t cost = full * scft_bwd_chunk_gemm_cost(batch_heads, n_queries, candidate, head_dim, value_dim, gemm, gemms);
+      if (rest > 0) cost += scft_bwd_chunk_gemm_cost(batch_heads, n_queries, rest, head_dim, value_dim, gemm, gemms);
+      if (best_cost < 0 || cost < best_cost) {
+        best_cost = cost;
+        chunk = candidate;
+      }
+    }
+  }
   ScftBwdWorkspacePlan plan;
   plan.key_chunk = static_cast<int>(chunk);
   plan.num_chunks = static_cast<int>((n_keys + chunk - 1) / chunk);
@@ -308,6 +361,12 @@ inline ScftMmaChoice scft_mma_choice() {
 // Whether the wgmma kernels can run on a device of this compute capability: the build's only
 // machine code for them is sm_90a, which runs on 9.0 alone.
 inline bool scft_wgmma_runs_on(int major, int minor) { return major == 9 && minor == 0; }
+
+// Whether the wgmma kernels run for a valid choice on a device of compute capability major.minor
+// (the launchers reject "wgmma" elsewhere; this says what runs when they accept).
+inline bool scft_uses_wgmma(ScftMmaChoice choice, int major, int minor) {
+  return choice != ScftMmaChoice::kMmaSync && scft_wgmma_runs_on(major, minor);
+}
 
 // Every launcher below reads scft_mma_choice(): an unknown choice is cudaErrorInvalidValue;
 // "wgmma" on a device that is not 9.0, cudaErrorInvalidDeviceFunction.

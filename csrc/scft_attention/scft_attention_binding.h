@@ -82,4 +82,15 @@ inline void check_mma_choice(const at::Tensor& q, const char* op) {
   }
 }
 
+// The occupancy of the backward GEMM kernel that runs on q's device (SKETCHCOLOR_CUDA_MMA as
+// check_mma_choice validated it), for the key chunking of scft_bwd_workspace_plan.
+inline scft::ScftGemmOccupancy gemm_occupancy(const at::Tensor& q) {
+  const int device = q.device().index();
+  int sms = 0, major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return scft::scft_gemm_occupancy(sms, scft::scft_uses_wgmma(scft::scft_mma_choice(), major, minor));
+}
+
 }  // namespace sketchcolor

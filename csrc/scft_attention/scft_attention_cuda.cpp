@@ -92,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::T
   const at::Tensor vx = kernel_layout(v), ox = kernel_layout(out);
   const at::Tensor lse_c = lse.contiguous();
 
-  const scft::ScftBwdWorkspacePlan plan = scft::scft_bwd_workspace_plan(batch * heads, n, m, d, dv);
+  const scft::ScftBwdWorkspacePlan plan = scft::scft_bwd_workspace_plan(batch * heads, n, m, d, dv, gemm_occupancy(q),
+                                                                         scft::ScftBwdGemms::kAll);
   at::Tensor delta = at::empty({batch, heads, n}, q.options().dtype(at::kFloat));
   at::Tensor probs = at::empty({batch, heads, n, plan.key_chunk}, q.options());
   at::Tensor dscores = at::empty({batch, heads, n, plan.key_chunk}, q.options());

@@ -674,7 +674,7 @@ cudaError_t pick_mma(bool* use_wgmma) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
-  *use_wgmma = scft_wgmma_runs_on(major, minor);
+  *use_wgmma = scft_uses_wgmma(choice, major, minor);
   if (choice == ScftMmaChoice::kWgmma && !*use_wgmma) return cudaErrorInvalidDeviceFunction;
   return cudaSuccess;
 }

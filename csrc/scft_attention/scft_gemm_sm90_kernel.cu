@@ -29,7 +29,7 @@ using gemm::GemmBatch;
 // group's operands are free after the next barrier, and the tensor cores always have the next
 // group queued behind the running one.
 template <typename T, typename Cfg, bool kAKContig>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) scft_gemm_sm90_kernel(const GemmBatch batch) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm_sm90_kernel(const GemmBatch batch) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kBlockK = Cfg::kBlockK;
   constexpr int kThreads = Cfg::kThreads, kStages = Cfg::kStages;
