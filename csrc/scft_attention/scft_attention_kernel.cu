@@ -406,12 +406,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
   const int row0 = cta.row0, col0 = cta.col0;
   if (cta.empty()) return;   // uniform exit
 
-  const int bh = blockIdx.z;
-  const int b = bh / batch.heads;
-  const int h = bh - b * batch.heads;
-  const uint16_t* a = cta.a_ptr(b, h);
+  const uint16_t* a = cta.a_ptr();
   const int64_t a_stride_row = cta.a_stride_row();
-  const uint16_t* bmat = cta.b_ptr(b, h);
+  const uint16_t* bmat = cta.b_ptr();
   const int64_t b_stride_row = cta.b_stride_row();
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -461,7 +458,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
   cp_async_wait<0>();
 
   // ---- epilogue ----
-  const gemm::GemmOutput out(cta, b, h);
+  const gemm::GemmOutput out(cta);
 #pragma unroll
   for (int mt = 0; mt < kMt; ++mt)
 #pragma unroll

@@ -44,8 +44,8 @@ struct GemmBatch {
 };
 
 // The CTA's problem (blockIdx.y), its kBlockM x kBlockN output tile (blockIdx.x) and its head
-// (blockIdx.z). Fields are selected one at a time from the two problems rather than by copying the
-// chosen problem, which keeps them in registers (no local copy of the parameter array).
+// (blockIdx.z = b * H + h). Fields are selected one at a time from the two problems rather than by
+// copying the chosen problem, which keeps them in registers (no local copy of the parameter array).
 template <int kBlockM, int kBlockN>
 struct GemmCta {
   const GemmProblem& p0;
@@ -53,6 +53,7 @@ struct GemmCta {
   bool second;           // blockIdx.y != 0
   int m, n, k;           // the problem's sizes
   int row0, col0;        // first output row and column of the tile
+  int b, h;              // the head
 
   __device__ __forceinline__ explicit GemmCta(const GemmBatch& batch)
       : p0(batch.problem[0]), p1(batch.problem[1]), second(blockIdx.y != 0), m(second ? p1.m : p0.m),
@@ -61,22 +62,24 @@ struct GemmCta {
     const int tile_n = blockIdx.x - tile_m * batch.tiles_n;
     row0 = tile_m * kBlockM;
     col0 = tile_n * kBlockN;
+    b = blockIdx.z / batch.heads;
+    h = blockIdx.z - b * batch.heads;
   }
   // The tile lies outside the narrower problem of a grouped launch: the CTA has nothing to do.
   __device__ __forceinline__ bool empty() const { return row0 >= m || col0 >= n; }
 
-  // Head (b, h)'s A and B and their row pitches.
-  __device__ __forceinline__ const uint16_t* a_ptr(int b, int h) const {
+  // The head's A and B and their row pitches.
+  __device__ __forceinline__ const uint16_t* a_ptr() const {
     return second ? p1.a.ptr + b * p1.a.stride_b + h * p1.a.stride_h : p0.a.ptr + b * p0.a.stride_b + h * p0.a.stride_h;
   }
   __device__ __forceinline__ int64_t a_stride_row() const { return second ? p1.a.stride_row : p0.a.stride_row; }
-  __device__ __forceinline__ const uint16_t* b_ptr(int b, int h) const {
+  __device__ __forceinline__ const uint16_t* b_ptr() const {
     return second ? p1.b.ptr + b * p1.b.stride_b + h * p1.b.stride_h : p0.b.ptr + b * p0.b.stride_b + h * p0.b.stride_h;
   }
   __device__ __forceinline__ int64_t b_stride_row() const { return second ? p1.b.stride_row : p0.b.stride_row; }
 };
 
-// The output side of the CTA's problem for head (b, h): stores alpha * acc [+ C_in] for pairs of
+// The output side of the CTA's problem for its head: stores alpha * acc [+ C_in] for pairs of
 // adjacent columns, the granularity of every tensor-core accumulator fragment.
 struct GemmOutput {
   float alpha;
@@ -87,10 +90,11 @@ struct GemmOutput {
   bool c_pairs;
 
   template <int kBlockM, int kBlockN>
-  __device__ __forceinline__ GemmOutput(const GemmCta<kBlockM, kBlockN>& cta, int b, int h) {
+  __device__ __forceinline__ explicit GemmOutput(const GemmCta<kBlockM, kBlockN>& cta) {
     const GemmProblem& p0 = cta.p0;
     const GemmProblem& p1 = cta.p1;
     const bool second = cta.second;
+    const int b = cta.b, h = cta.h;
     alpha = second ? p1.alpha : p0.alpha;
     const int64_t c_offset = second ? b * p1.c_stride_b + h * p1.c_stride_h : b * p0.c_stride_b + h * p0.c_stride_h;
     c_stride_row = second ? p1.c_stride_row : p0.c_stride_row;

@@ -54,12 +54,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
   const int row0 = cta.row0, col0 = cta.col0;
   if (cta.empty()) return;   // uniform exit, before any barrier
 
-  const int bh = blockIdx.z;
-  const int b = bh / batch.heads;
-  const int h = bh - b * batch.heads;
-  const uint16_t* a = cta.a_ptr(b, h);
+  const uint16_t* a = cta.a_ptr();
   const int64_t a_stride_row = cta.a_stride_row();
-  const uint16_t* bmat = cta.b_ptr(b, h);
+  const uint16_t* bmat = cta.b_ptr();
   const int64_t b_stride_row = cta.b_stride_row();
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -120,7 +117,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
 
   // ---- epilogue: thread (warp w of the warpgroup, lane l) holds rows 16 w + l / 4 (+ 8) of its
   // warpgroup's 64, columns 8 j + 2 (l % 4) + {0, 1} of n8 block j (wgmma_ss) ----
-  const gemm::GemmOutput out(cta, b, h);
+  const gemm::GemmOutput out(cta);
   const int row_base = row0 + warpgroup * kGroupRows + ((tid >> 5) & 3) * 16 + (lane >> 2);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
