@@ -6,15 +6,17 @@
 #
 # Stages, most important first: build the extension with its CUDA kernels, the GPU tests of the
 # cuda backend, the attention benchmark (which judges issue 6's targets), the correspondence
-# benchmark, the attention benchmark again with the forward on mma.sync (on H100/H200 the default
-# is wgmma), then the Triton backend's GPU tests. One deadline (GPU_SESSION_SECONDS, default 540)
-# bounds the whole run: each stage gets its own limit or what is left of the deadline, whichever
-# is less, so a hang costs one stage, not the run. A failed stage does not stop the next ones; a
-# failed build falls back to a CPU-only extension so that the Triton stages still run.
+# benchmark, compute-sanitizer's memcheck and racecheck over one small call of every cuda kernel
+# (benchmarks/cuda_smoke.py; memcheck right after the tests when they fail, to say where), the
+# attention benchmark again with the forward on mma.sync (on H100/H200 the default is wgmma), then
+# the Triton backend's GPU tests. One deadline (GPU_SESSION_SECONDS, default 540) bounds the whole
+# run: each stage gets its own limit or what is left of the deadline, whichever is less, so a hang
+# costs one stage, not the run. A failed stage does not stop the next ones; a failed build falls
+# back to a CPU-only extension so that the Triton stages still run.
 #
-# Output, in $OUT (the device tool brings that folder back; ./gpu-run elsewhere), eight files at
-# most: summary.txt (versions, each stage's exit status and seconds), one log per stage, and
-# benchmarks/RESULTS.md with the sections the benchmarks wrote.
+# Output, in $OUT (the device tool brings that folder back; ./gpu-run elsewhere): summary.txt
+# (versions, each stage's exit status and seconds), stages.log (every stage's output under its
+# name) and benchmarks/RESULTS.md with the sections the benchmarks wrote.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,8 +27,8 @@ deadline=$((SECONDS + ${GPU_SESSION_SECONDS:-540}))
 export PYTHONUNBUFFERED=1
 python=python3
 
-# stage NAME LIMIT_SECONDS COMMAND...: COMMAND's output goes to $out/NAME.log, its exit status and
-# duration to the summary (124: stopped at its limit).
+# stage NAME LIMIT_SECONDS COMMAND...: COMMAND's output goes to stages.log under NAME, its exit
+# status and duration to the summary (124: stopped at its limit).
 stage() {
   local name=$1 limit=$2
   shift 2
@@ -37,9 +39,17 @@ stage() {
   fi
   ((limit > left)) && limit=$left
   local start=$SECONDS rc=0
-  timeout --signal=INT --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1 || rc=$?
+  echo "===== $name =====" >>"$out/stages.log"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$out/stages.log" 2>&1 || rc=$?
   echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$summary"
   return "$rc"
+}
+
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+# The caching allocator off, so that memcheck sees each tensor's own bounds.
+memcheck() {
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage memcheck 120 \
+    "$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 "$python" benchmarks/cuda_smoke.py
 }
 
 {
@@ -57,10 +67,14 @@ if ! MAX_JOBS=16 stage build 240 "${install[@]}"; then
   SKETCHCOLOR_NO_CUDA=1 stage build-cpu-only 120 "${install[@]}"
 fi
 
+cuda_tests_rc=0
 stage cuda-tests 150 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
-  tests/test_cuda_attention.py tests/test_cuda_correspondence.py
+  tests/test_cuda_attention.py tests/test_cuda_correspondence.py || cuda_tests_rc=$?
+((cuda_tests_rc != 0)) && memcheck
 stage bench-attention 150 "$python" benchmarks/bench_attention.py --device cuda --sizes 4096,16384
 stage bench-correspondence 90 "$python" benchmarks/bench_correspondence.py --device cuda --sizes 4096,16384
+((cuda_tests_rc == 0)) && memcheck
+stage racecheck 90 "$sanitizer" --tool racecheck --error-exitcode 1 --print-limit 20 "$python" benchmarks/cuda_smoke.py
 SKETCHCOLOR_CUDA_MMA=mma_sync stage bench-attention-mma-sync 60 \
   "$python" benchmarks/bench_attention.py --device cuda --impl cuda --sizes 16384 --no-write
 stage triton-tests 150 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
