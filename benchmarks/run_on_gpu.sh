@@ -2,14 +2,16 @@
 # Everything a session with a lent GPU checks, as one command that fits the device tool's call
 # (10 minutes a command, 15 minutes of device time per task, the machine's start included):
 #
-#   bash benchmarks/run_on_gpu.sh            # on a machine with a CUDA GPU, nvcc and a CUDA torch
+#   bash benchmarks/run_on_gpu.sh                          # every stage, on a machine with a CUDA GPU
+#   bash benchmarks/run_on_gpu.sh cuda-tests memcheck      # the build, then only the stages named
 #
 # Stages, most important first: build the extension with its CUDA kernels, the GPU tests of the
 # cuda backend, the attention benchmark (which judges issue 6's targets), the correspondence
 # benchmark, compute-sanitizer's memcheck and racecheck over one small call of every cuda kernel
-# (benchmarks/cuda_smoke.py; memcheck right after the tests when they fail, to say where), the
-# attention benchmark again with the forward on mma.sync (on H100/H200 the default is wgmma), then
-# the Triton backend's GPU tests. One deadline (GPU_SESSION_SECONDS, default 540) bounds the whole
+# (benchmarks/cuda_smoke.py; memcheck right after the tests when they fail, to say where), Nsight
+# Compute's throughput and memory sections for the forward and one key chunk's backward kernels at
+# the target shape (benchmarks/attention_target_step.py), the attention benchmark again with the
+# forward on mma.sync (on H100/H200 the default is wgmma), then the Triton backend's GPU tests. One deadline (GPU_SESSION_SECONDS, default 540) bounds the whole
 # run: each stage gets its own limit or what is left of the deadline, whichever is less, so a hang
 # costs one stage, not the run. A failed stage does not stop the next ones; a failed build falls
 # back to a CPU-only extension so that the Triton stages still run.
@@ -23,6 +25,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu-run}"
 mkdir -p "$out"
 summary="$out/summary.txt"
+only=" $* "   # stage names to run (the build always runs); none: all
 deadline=$((SECONDS + ${GPU_SESSION_SECONDS:-540}))
 export PYTHONUNBUFFERED=1
 python=python3
@@ -32,6 +35,7 @@ python=python3
 stage() {
   local name=$1 limit=$2
   shift 2
+  if [[ $name != build* && $only != "  " && $only != *" $name "* ]]; then return 0; fi
   local left=$((deadline - SECONDS - 10))
   if ((left < 30)); then
     echo "$name: not run, ${left} s left before the deadline" | tee -a "$summary"
@@ -71,10 +75,13 @@ cuda_tests_rc=0
 stage cuda-tests 150 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
   tests/test_cuda_attention.py tests/test_cuda_correspondence.py || cuda_tests_rc=$?
 ((cuda_tests_rc != 0)) && memcheck
-stage bench-attention 150 "$python" benchmarks/bench_attention.py --device cuda --sizes 4096,16384
+stage bench-attention 180 "$python" benchmarks/bench_attention.py --device cuda --sizes 4096,16384
 stage bench-correspondence 90 "$python" benchmarks/bench_correspondence.py --device cuda --sizes 4096,16384
 ((cuda_tests_rc == 0)) && memcheck
 stage racecheck 90 "$sanitizer" --tool racecheck --error-exitcode 1 --print-limit 20 "$python" benchmarks/cuda_smoke.py
+ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+stage profile 120 "$ncu" --set basic --section MemoryWorkloadAnalysis \
+  -k regex:"scft_attn_fwd|scft_attn_bwd_probs|scft_gemm" -c 4 "$python" benchmarks/attention_target_step.py
 SKETCHCOLOR_CUDA_MMA=mma_sync stage bench-attention-mma-sync 60 \
   "$python" benchmarks/bench_attention.py --device cuda --impl cuda --sizes 16384 --no-write
 stage triton-tests 150 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
