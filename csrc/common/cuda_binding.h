@@ -43,16 +43,16 @@ constexpr int64_t kKernelRowAlignElems = 8;
 // whose rows are padded to a multiple of 8 elements.
 inline at::Tensor kernel_layout(const at::Tensor& t) {
   const int64_t last = t.dim() - 1;
-  at::Tensor x = t.stride(last) == 1 ? t : t.contiguous();
-  bool qualifies = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  bool qualifies = t.stride(last) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d < last; ++d) {
-    if (x.size(d) > 1 && x.stride(d) % kKernelRowAlignElems != 0) qualifies = false;
+    if (t.size(d) > 1 && t.stride(d) % kKernelRowAlignElems != 0) qualifies = false;
   }
-  if (qualifies) return x;
-  std::vector<int64_t> padded(x.sizes().begin(), x.sizes().end());
+  if (qualifies) return t;
+  // One copy whatever t's strides: into contiguous rows when the width is a multiple of 8.
+  std::vector<int64_t> padded(t.sizes().begin(), t.sizes().end());
   padded[last] = (padded[last] + kKernelRowAlignElems - 1) / kKernelRowAlignElems * kKernelRowAlignElems;
-  at::Tensor view = at::empty(padded, x.options()).narrow(last, 0, x.size(last));
-  view.copy_(x);
+  at::Tensor view = at::empty(padded, t.options()).narrow(last, 0, t.size(last));
+  view.copy_(t);
   return view;
 }
 
