@@ -61,7 +61,7 @@ inline void check_launch(cudaError_t err, const char* op) {
               cudaGetErrorString(err),
               err == cudaErrorInvalidConfiguration
                   ? " (the device grants less shared memory per block than the kernels need: up to "
-                    "149 KiB, 209 KiB for the wgmma forward on 9.0 GPUs; sm_80 and sm_90 GPUs have it)"
+                    "149 KiB, 209 KiB for the wgmma kernels on 9.0 GPUs; sm_80 and sm_90 GPUs have it)"
                   : "");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
