@@ -5,16 +5,25 @@
 #   bash benchmarks/run_on_gpu.sh                          # every stage, on a machine with a CUDA GPU
 #   bash benchmarks/run_on_gpu.sh cuda-tests memcheck      # the build, then only the stages named
 #
-# Stages, most important first: build the extension with its CUDA kernels, the GPU tests of the
-# cuda backend, the attention benchmark (which judges issue 6's targets), the correspondence
-# benchmark, compute-sanitizer's memcheck and racecheck over one small call of every cuda kernel
-# (benchmarks/cuda_smoke.py; memcheck right after the tests when they fail, to say where), Nsight
-# Compute's throughput and memory sections for the forward and one key chunk's backward kernels at
-# the target shape (benchmarks/attention_target_step.py), the attention benchmark again with the
-# forward on mma.sync (on H100/H200 the default is wgmma), then the Triton backend's GPU tests. One deadline (GPU_SESSION_SECONDS, default 540) bounds the whole
-# run: each stage gets its own limit or what is left of the deadline, whichever is less, so a hang
-# costs one stage, not the run. A failed stage does not stop the next ones; a failed build falls
-# back to a CPU-only extension so that the Triton stages still run.
+# Stages, most important first:
+#   build                     the extension with its CUDA kernels (a failed build falls back to a
+#                             CPU-only one, so that the Triton stages still run)
+#   cuda-tests                the GPU tests of the cuda backend
+#   bench-attention           benchmarks/bench_attention.py, which judges issue 6's targets
+#   bench-correspondence      benchmarks/bench_correspondence.py
+#   verify                    the user's `sketchcolor verify --quick` on the GPU
+#   memcheck, racecheck       compute-sanitizer over one small call of every cuda kernel
+#                             (benchmarks/cuda_smoke.py); memcheck runs right after cuda-tests
+#                             instead when they fail, to say where
+#   profile                   Nsight Compute's throughput and memory sections of the forward and
+#                             one key chunk's backward kernels at the target shape
+#                             (benchmarks/attention_target_step.py)
+#   bench-attention-mma-sync  the cuda backend again with the mma.sync forward (on H100/H200 the
+#                             default is wgmma)
+#   triton-tests              the Triton backend's GPU tests
+# One deadline (GPU_SESSION_SECONDS, default 540) bounds the whole run: each stage gets its own
+# limit or what is left of the deadline, whichever is less, so a hang costs one stage, not the
+# run. A failed stage does not stop the next ones.
 #
 # Output, in $OUT (the device tool brings that folder back; ./gpu-run elsewhere): summary.txt
 # (versions, each stage's exit status and seconds), stages.log (every stage's output under its
@@ -77,6 +86,7 @@ stage cuda-tests 150 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider 
 ((cuda_tests_rc != 0)) && memcheck
 stage bench-attention 180 "$python" benchmarks/bench_attention.py --device cuda --sizes 4096,16384
 stage bench-correspondence 90 "$python" benchmarks/bench_correspondence.py --device cuda --sizes 4096,16384
+stage verify 90 "$python" -m sketchcolor verify --quick --device cuda
 ((cuda_tests_rc == 0)) && memcheck
 stage racecheck 90 "$sanitizer" --tool racecheck --error-exitcode 1 --print-limit 20 "$python" benchmarks/cuda_smoke.py
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
