@@ -262,31 +262,44 @@ def test_cuda_mma_choice_is_checked(monkeypatch, mma_choice):
     if mma_choice != MMA_CHOICES[0]:
         pytest.skip("sets the choice itself: runs once")
     q, k, v = (t.detach() for t in make_inputs(1, 1, 5, 6, 16, 8, torch.bfloat16))
+    out, lse = scft_attention(q, k, v, impl="cuda", return_lse=True)   # the fixture's valid choice
+    calls = [lambda: scft_attention(q, k, v, impl="cuda"),
+             lambda: torch.ops.sketchcolor.scft_attn_bwd(out, q, k, v, out, lse, 0.25)]
     monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", "hgmma")
-    with pytest.raises(RuntimeError, match="SKETCHCOLOR_CUDA_MMA must be auto, mma_sync or wgmma, got 'hgmma'"):
-        scft_attention(q, k, v, impl="cuda")
+    for call in calls:
+        with pytest.raises(RuntimeError, match="SKETCHCOLOR_CUDA_MMA must be auto, mma_sync or wgmma, got 'hgmma'"):
+            call()
     if torch.cuda.get_device_capability() != (9, 0):
         monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", "wgmma")
-        with pytest.raises(RuntimeError, match="wgmma needs a compute capability 9.0 GPU"):
-            scft_attention(q, k, v, impl="cuda")
+        for call in calls:
+            with pytest.raises(RuntimeError, match="wgmma needs a compute capability 9.0 GPU"):
+                call()
 
 
 def test_cuda_mma_choices_agree(monkeypatch, mma_choice):
-    """auto, mma_sync and wgmma (where it runs) give outputs within the low-precision rounding of each other."""
+    """auto, mma_sync and wgmma (where it runs) give outputs and gradients within the low-precision
+    rounding of each other."""
     if mma_choice != MMA_CHOICES[0]:
         pytest.skip("sets the choice itself: runs once")
-    q, k, v = (t.detach() for t in make_inputs(2, 3, 333, 517, 992, 992, torch.bfloat16))
+    q, k, v = make_inputs(2, 3, 333, 517, 992, 992, torch.bfloat16)
+    grad_out = torch.randn(2, 3, 333, 992, dtype=torch.bfloat16, device=DEVICE)
+    fn = lambda *t: scft_attention(*t, impl="cuda", return_lse=True)  # noqa: E731
     results = {}
     for choice in ["auto", *MMA_CHOICES]:
         if choice == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
             continue
         monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", choice)
-        results[choice] = scft_attention(q, k, v, impl="cuda", return_lse=True)
-    base_out, base_lse = results["mma_sync"]
-    for choice, (out, lse) in results.items():
-        # Both accumulate in fp32 and round P and out to bf16: differences are a few bf16 ulps.
+        results[choice] = forward_backward(fn, q, k, v, grad_out)
+    base_out, base_lse, *base_grads = results["mma_sync"]
+    for choice, (out, lse, *grads) in results.items():
+        # Both accumulate in fp32 and round P, dS, out and the gradients to bf16: differences are a
+        # few bf16 ulps.
         torch.testing.assert_close(out.float(), base_out.float(), atol=2e-2, rtol=2e-2, msg=choice)
         torch.testing.assert_close(lse, base_lse, atol=1e-4, rtol=1e-5, msg=choice)
+        for name, grad, base in zip("qkv", grads, base_grads):
+            # Gradients are far from unit size (dK is ~0.03 here): the slack scales with the largest.
+            atol = 1e-2 * base.float().abs().max().item()
+            torch.testing.assert_close(grad.float(), base.float(), atol=atol, rtol=2e-2, msg=f"{choice} grad_{name}")
 
 
 def test_cuda_opcheck():
