@@ -14,8 +14,7 @@ import sys
 
 import torch
 
-from sketchcolor.benchmarking.cases import PAPER_HEAD_DIM
-from sketchcolor.ops import scft_attention
+from sketchcolor.benchmarking.cases import bench_case, make_inputs, workload
 
 TARGET_N = 16384
 
@@ -24,13 +23,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("attention_target_step: no CUDA device", file=sys.stderr)
         return 2
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 1, TARGET_N, PAPER_HEAD_DIM, dtype=torch.bfloat16, device="cuda", requires_grad=True)
-               for _ in range(3))
-    out = scft_attention(q, k, v, impl="cuda")
-    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    case = bench_case("attention", "cuda", TARGET_N, dtype=torch.bfloat16, device="cuda")
+    workload(case, make_inputs(case), "fwd+bwd")()
     torch.cuda.synchronize()
-    print(f"one forward and backward at N = M = {TARGET_N}, D = Dv = {PAPER_HEAD_DIM}, bfloat16")
+    print(f"one forward and backward: {case.shape_label()}, bfloat16")
     return 0
 
 

@@ -37,7 +37,7 @@ import torch
 from sketchcolor.benchmarking.cases import PAPER_HEAD_DIM, Case, bench_case, dtype_skip_reason, skip_reason
 from sketchcolor.benchmarking.correctness import print_check, run_check
 from sketchcolor.benchmarking.options import default_device, default_dtype, dtype, non_negative_int, positive_int, size_list
-from sketchcolor.benchmarking.report import publish
+from sketchcolor.benchmarking.report import publish, safe_ratio
 from sketchcolor.benchmarking.suite import BenchResult, run_benchmarks
 from sketchcolor.benchmarking.timing import time_call
 from sketchcolor.ops import _backends
@@ -85,11 +85,7 @@ def cuda_goal_lines(results: list[BenchResult], gemm_rate: float | None) -> list
     at_goal = {r.case.provider: r for r in results if r.case.n == CUDA_GOAL["n"]}
 
     def fwd_bwd_ms(provider: str) -> float | None:
-        timing = provider in at_goal and at_goal[provider].timings.get("fwd+bwd")
-        return timing.median_ms if timing else None
-
-    def quotient(value: float | None, baseline: float | None) -> float | None:
-        return value / baseline if value is not None and baseline else None
+        return at_goal[provider].median_ms("fwd+bwd") if provider in at_goal else None
 
     def line(label: str, value: float | None, bound: float, at_most: bool) -> str:
         if value is None:
@@ -101,11 +97,11 @@ def cuda_goal_lines(results: list[BenchResult], gemm_rate: float | None) -> list
     fwd_rate = at_goal["cuda"].flops_per_second("fwd") if "cuda" in at_goal else None
     gemm = "" if gemm_rate is None else f" ({gemm_rate / 1e12:.0f} TFLOP/s, torch.matmul N x D x M)"
     return [
-        line(f"fwd+bwd <= {CUDA_GOAL['time_vs_sdpa']}x torch_sdpa", quotient(cuda_ms, fwd_bwd_ms("torch_sdpa")),
+        line(f"fwd+bwd <= {CUDA_GOAL['time_vs_sdpa']}x torch_sdpa", safe_ratio(cuda_ms, fwd_bwd_ms("torch_sdpa")),
              CUDA_GOAL["time_vs_sdpa"], at_most=True),
-        line(f"fwd+bwd <= {CUDA_GOAL['time_vs_triton']}x triton", quotient(cuda_ms, fwd_bwd_ms("triton")),
+        line(f"fwd+bwd <= {CUDA_GOAL['time_vs_triton']}x triton", safe_ratio(cuda_ms, fwd_bwd_ms("triton")),
              CUDA_GOAL["time_vs_triton"], at_most=True),
-        line(f"fwd >= {CUDA_GOAL['fwd_vs_gemm']}x the bf16 GEMM rate{gemm}", quotient(fwd_rate, gemm_rate),
+        line(f"fwd >= {CUDA_GOAL['fwd_vs_gemm']}x the bf16 GEMM rate{gemm}", safe_ratio(fwd_rate, gemm_rate),
              CUDA_GOAL["fwd_vs_gemm"], at_most=False),
     ]
 

@@ -17,12 +17,13 @@ import sys
 
 import torch
 
-from sketchcolor.ops import correspondence_loss, scft_attention
+from sketchcolor.benchmarking.cases import Case, make_inputs, workload
 
 # (B, H, N, M, D, Dv)
 ATTENTION_SHAPES = [(1, 2, 70, 200, 100, 600), (1, 1, 33, 129, 992, 992)]
-# (B, N, M, key grid, D)
-CORRESPONDENCE_SHAPES = [(2, 70, 130, (10, 13), 100)]
+# (B, N, M, D): M = 130 is a 10 x 13 key grid in mode hardest
+CORRESPONDENCE_SHAPES = [(2, 70, 130, 100)]
+NEGATIVES = 4   # T of mode triplet
 
 
 def mma_choices() -> list[str]:
@@ -30,36 +31,25 @@ def mma_choices() -> list[str]:
     return ["mma_sync", "wgmma"] if torch.cuda.get_device_capability() == (9, 0) else ["mma_sync"]
 
 
-def attention(dtype: torch.dtype) -> None:
-    for batch, heads, n, m, d, dv in ATTENTION_SHAPES:
-        q = torch.randn(batch, heads, n, d, dtype=dtype, device="cuda", requires_grad=True)
-        k = torch.randn(batch, heads, m, d, dtype=dtype, device="cuda", requires_grad=True)
-        v = torch.randn(batch, heads, m, dv, dtype=dtype, device="cuda", requires_grad=True)
-        out = scft_attention(q, k, v, impl="cuda")
-        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-
-
-def correspondence(dtype: torch.dtype) -> None:
-    for batch, n, m, key_grid, d in CORRESPONDENCE_SHAPES:
-        q = torch.randn(batch, n, d, dtype=dtype, device="cuda", requires_grad=True)
-        k = torch.randn(batch, m, d, dtype=dtype, device="cuda", requires_grad=True)
-        pos = torch.randint(-1, m, (batch, n), device="cuda")
-        neg = torch.randint(-1, m, (batch, n, 4), device="cuda")
-        for kwargs in (dict(neg=neg), dict(hardest=True, key_grid=key_grid), dict(mode="nll")):
-            loss = correspondence_loss(q, k, pos, impl="cuda", **kwargs)
-            torch.autograd.grad(loss, (q, k))
+def cases(dtype: torch.dtype) -> list[Case]:
+    """Every attention shape and every correspondence mode, on the cuda backend."""
+    attention = [Case("attention", "cuda", n, m, d, dv, batch=batch, heads=heads, dtype=dtype, device="cuda")
+                 for batch, heads, n, m, d, dv in ATTENTION_SHAPES]
+    correspondence = [Case("correspondence", "cuda", n, m, d, batch=batch, mode=mode,
+                           negatives=NEGATIVES if mode == "triplet" else None, dtype=dtype, device="cuda")
+                      for batch, n, m, d in CORRESPONDENCE_SHAPES for mode in ("triplet", "hardest", "nll")]
+    return attention + correspondence
 
 
 def main() -> int:
     if not torch.cuda.is_available():
         print("cuda_smoke: no CUDA device", file=sys.stderr)
         return 2
-    torch.manual_seed(0)
     for choice in mma_choices():
         os.environ["SKETCHCOLOR_CUDA_MMA"] = choice
         for dtype in (torch.float16, torch.bfloat16):
-            attention(dtype)
-            correspondence(dtype)
+            for case in cases(dtype):
+                workload(case, make_inputs(case), "fwd+bwd")()
             torch.cuda.synchronize()
             print(f"ran every kernel: {choice} {str(dtype).removeprefix('torch.')}")
     return 0

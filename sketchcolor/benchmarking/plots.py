@@ -21,11 +21,7 @@ _MAX_COLUMNS = 2  # panels per row
 def plot_times(results: list[BenchResult], path: Path | str) -> None:
     """One panel per op variant: median ms vs N, solid fwd+bwd and dashed fwd, a color per provider."""
 
-    def series(result, pass_):
-        timing = result.timings.get(pass_)
-        return timing and timing.median_ms
-
-    _plot(results, path, "time (ms)", [(pass_, style, lambda r, p=pass_: series(r, p)) for pass_, style in _PASS_STYLES.items()])
+    _plot(results, path, "time (ms)", [(pass_, style, lambda r, p=pass_: r.median_ms(p)) for pass_, style in _PASS_STYLES.items()])
 
 
 def plot_memory(results: list[BenchResult], path: Path | str) -> None:

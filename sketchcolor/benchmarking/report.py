@@ -63,9 +63,8 @@ def bench_table(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]
         ratios = baseline_ratios(result, results)
         row = [result.case.variant, result.case.provider, result.case.dtype_name, str(result.case.n)]
         for pass_ in ("fwd", "fwd+bwd"):
-            timing = result.timings.get(pass_)
             rate = result.flops_per_second(pass_)
-            row += [_number(timing and timing.median_ms), _number(rate and rate / divisor)]
+            row += [_number(result.median_ms(pass_)), _number(rate and rate / divisor)]
         peak = result.memory.peak_bytes if result.memory else None
         row.append(_number(peak and peak / MIB))
         row += [_number(ratios[f"{kind}_vs_{provider}"], ratio=True) for kind in ("time", "memory") for provider, _ in baselines]
@@ -116,8 +115,8 @@ def baseline_ratios(result: BenchResult, results: list[BenchResult]) -> dict[str
     ratios = {}
     for provider, _ in BASELINE_COLUMNS:
         baseline = next((r for r in results if r.case == _with_provider(result.case, provider)), None)
-        ratios[f"time_vs_{provider}"] = _ratio(_fwd_bwd_ms(result), baseline and _fwd_bwd_ms(baseline))
-        ratios[f"memory_vs_{provider}"] = _ratio(_peak(result), baseline and _peak(baseline))
+        ratios[f"time_vs_{provider}"] = safe_ratio(result.median_ms("fwd+bwd"), baseline and baseline.median_ms("fwd+bwd"))
+        ratios[f"memory_vs_{provider}"] = safe_ratio(_peak(result), baseline and _peak(baseline))
     return ratios
 
 
@@ -128,7 +127,7 @@ def result_record(result: BenchResult, results: list[BenchResult]) -> dict:
     for pass_ in ("fwd", "fwd+bwd"):
         key = pass_.replace("+", "_")
         timing = result.timings.get(pass_)
-        record[f"{key}_median_ms"] = timing and timing.median_ms
+        record[f"{key}_median_ms"] = result.median_ms(pass_)
         record[f"{key}_samples_ms"] = list(timing.samples_ms) if timing else None
         record[f"{key}_flops"] = flops(case, pass_)
         record[f"{key}_flops_per_s"] = result.flops_per_second(pass_)
@@ -164,16 +163,12 @@ def _with_provider(case: Case, provider: str) -> Case:
     return dataclasses.replace(case, provider=provider)
 
 
-def _fwd_bwd_ms(result: BenchResult) -> float | None:
-    timing = result.timings.get("fwd+bwd")
-    return timing and timing.median_ms
-
-
 def _peak(result: BenchResult) -> int | None:
     return result.memory and result.memory.peak_bytes
 
 
-def _ratio(value, baseline) -> float | None:
+def safe_ratio(value, baseline) -> float | None:
+    """value / baseline, None where either is missing or the baseline is zero."""
     return value / baseline if value is not None and baseline else None
 
 

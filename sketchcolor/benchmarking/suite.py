@@ -25,9 +25,14 @@ class BenchResult:
     error: str | None = None
     out_of_memory: bool = False
 
-    def flops_per_second(self, pass_: str) -> float | None:
+    def median_ms(self, pass_: str) -> float | None:
+        """The pass's median time, None where it was not timed."""
         timing = self.timings.get(pass_)
-        return None if timing is None else flops(self.case, pass_) / (timing.median_ms * 1e-3)
+        return None if timing is None else timing.median_ms
+
+    def flops_per_second(self, pass_: str) -> float | None:
+        ms = self.median_ms(pass_)
+        return None if ms is None else flops(self.case, pass_) / (ms * 1e-3)
 
 
 def run_benchmarks(

@@ -24,8 +24,9 @@ DTYPES = {"cuda": (torch.float16, torch.bfloat16)}
 # Shared memory per block the cuda backend's largest kernel needs on devices other than compute
 # capability 9.0 (ScftFwdConfigDv512::kSmemBytes in csrc/scft_attention/scft_attention.h;
 # tests/test_cuda_compile.py checks the two agree). 9.0 devices grant 227 KiB, enough for the
-# wgmma kernels' 209 KiB (forward) and 192 KiB (backward GEMMs). GPUs with less (sm_86, sm_89: 99 KiB), and GPUs the build has no
-# machine code for (setup.py: sm_80 and sm_90a), run triton instead.
+# wgmma kernels' 209 KiB (forward) and 192 KiB (backward GEMMs). GPUs with less (sm_86, sm_89:
+# 99 KiB), and GPUs the build has no machine code for (setup.py: sm_80 and sm_90a), run triton
+# instead.
 CUDA_SMEM_PER_BLOCK = 152576
 
 
