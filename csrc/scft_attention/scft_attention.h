@@ -36,6 +36,7 @@ constexpr int kSmemPad = 8;
 constexpr int kElemBytes = 2;
 
 constexpr int scft_max(int a, int b) { return a > b ? a : b; }
+constexpr int64_t scft_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------
 // Forward: one CTA owns kBlockM query rows and a kBlockDv-wide slice of the output columns
@@ -278,11 +279,15 @@ enum class ScftBwdGemms { kAll, kValueOnly };
 // ceil(CTAs / slots) waves of CTAs that each reduce over the chunk's keys.
 inline int64_t scft_bwd_chunk_gemm_cost(int64_t batch_heads, int64_t n_queries, int64_t keys, int64_t head_dim,
                                         int64_t value_dim, ScftGemmOccupancy gemm, ScftBwdGemms gemms) {
-  auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  const int64_t key_tiles = cdiv(keys, 128);
-  const int64_t kv_tiles_n = cdiv(value_dim, gemm.block_n) + (gemms == ScftBwdGemms::kAll ? cdiv(head_dim, gemm.block_n) : 0);
-  int64_t cost = cdiv(key_tiles * kv_tiles_n * batch_heads, gemm.slots) * n_queries;
-  if (gemms == ScftBwdGemms::kAll) cost += cdiv(cdiv(n_queries, 128) * cdiv(head_dim, gemm.block_n) * batch_heads, gemm.slots) * keys;
+  constexpr int64_t kBlockM = ScftGemmConfig::kBlockM;   // both GEMM kernels' (scft_gemm_occupancy)
+  const bool all = gemms == ScftBwdGemms::kAll;
+  const int64_t kv_tiles_n = scft_ceil_div(value_dim, gemm.block_n) + (all ? scft_ceil_div(head_dim, gemm.block_n) : 0);
+  const int64_t kv_ctas = scft_ceil_div(keys, kBlockM) * kv_tiles_n * batch_heads;
+  int64_t cost = scft_ceil_div(kv_ctas, gemm.slots) * n_queries;
+  if (all) {
+    const int64_t dq_ctas = scft_ceil_div(n_queries, kBlockM) * scft_ceil_div(head_dim, gemm.block_n) * batch_heads;
+    cost += scft_ceil_div(dq_ctas, gemm.slots) * keys;
+  }
   return cost;
 }
 
@@ -314,16 +319,18 @@ inline ScftBwdWorkspacePlan scft_bwd_workspace_plan(int64_t batch_heads, int64_t
   const int64_t budget = input_bytes > floor_bytes ? input_bytes : floor_bytes;
   const int64_t bytes_per_key = batch_heads * n_queries * 2 * kElemBytes;   // one P and one dS column
   int64_t chunk = (budget / (bytes_per_key > 0 ? bytes_per_key : 1)) / kChunkAlign * kChunkAlign;
-  const int64_t all_keys = (n_keys + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+  const int64_t all_keys = scft_ceil_div(n_keys, kChunkAlign) * kChunkAlign;
   if (chunk < kChunkAlign) chunk = kChunkAlign;
   if (chunk > all_keys) chunk = all_keys;
   if (gemm.slots > 0 && gemm.block_n > 0) {
+    auto chunk_cost = [&](int64_t keys) {
+      return scft_bwd_chunk_gemm_cost(batch_heads, n_queries, keys, head_dim, value_dim, gemm, gemms);
+    };
     int64_t best_cost = -1;
     const int64_t memory_bound = chunk;
     for (int64_t candidate = memory_bound; candidate >= kChunkAlign; candidate -= kChunkAlign) {
       const int64_t full = n_keys / candidate, rest = n_keys % candidate;
-      int64_t cost = full * scft_bwd_chunk_gemm_cost(batch_heads, n_queries, candidate, head_dim, value_dim, gemm, gemms);
-      if (rest > 0) cost += scft_bwd_chunk_gemm_cost(batch_heads, n_queries, rest, head_dim, value_dim, gemm, gemms);
+      const int64_t cost = full * chunk_cost(candidate) + (rest > 0 ? chunk_cost(rest) : 0);
       if (best_cost < 0 || cost < best_cost) {
         best_cost = cost;
         chunk = candidate;
@@ -332,7 +339,7 @@ inline ScftBwdWorkspacePlan scft_bwd_workspace_plan(int64_t batch_heads, int64_t
   }
   ScftBwdWorkspacePlan plan;
   plan.key_chunk = static_cast<int>(chunk);
-  plan.num_chunks = static_cast<int>((n_keys + chunk - 1) / chunk);
+  plan.num_chunks = static_cast<int>(scft_ceil_div(n_keys, chunk));
   plan.needs_grad_q_accum = plan.num_chunks > 1;
   return plan;
 }
