@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import assert_close_to_reference
+from test_cuda_compile import expected_plan
 from sketchcolor.ops import scft_attention
 from sketchcolor.reference import scft_attention as ref_attention
 
@@ -158,13 +159,9 @@ def test_cuda_large_scores_do_not_overflow(dtype):
 
 
 def _fewest_key_chunks(batch_heads, n, m, d, dv):
-    """The fewest key chunks the backward splits M into: the memory bound of scft_bwd_workspace_plan
-    (csrc/scft_attention/scft_attention.h), whose GEMM-wave choice may only take smaller chunks."""
-    input_bytes = batch_heads * (n * (d + 2 * dv) + m * (d + dv)) * 2
-    budget = max(64 << 20, input_bytes)
-    chunk = max(128, budget // (batch_heads * n * 4) // 128 * 128)
-    chunk = min(chunk, (m + 127) // 128 * 128)
-    return math.ceil(m / chunk)
+    """The fewest key chunks the backward splits M into: scft_bwd_workspace_plan's memory bound
+    alone (no GPU occupancy), whose GEMM-wave choice may only take smaller chunks."""
+    return expected_plan(batch_heads, n, m, d, dv, slots=0, block_n=0, value_only=False)[1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
