@@ -84,29 +84,6 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes,
   return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(lbo_bytes >> 4) << 16) | (uint64_t(sbo_bytes >> 4) << 32);
 }
 
-// Orders this thread's earlier register accesses (accumulators it zeroed or rescaled) before the
-// warpgroup's next wgmma.mma_async; every warp of the warpgroup issues it.
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-// Makes this thread's ordinary shared-memory writes (cp.async copies, st.shared) visible to the
-// async proxy that wgmma reads shared memory through; a barrier after it publishes them to the
-// whole warpgroup's wgmma.
-__device__ __forceinline__ void fence_proxy_async_smem() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-// wgmma writes its accumulators asynchronously, between the instruction and wgmma_wait, while the
-// compiler sees the write at the instruction. After the wait, this pins every accumulator register
-// so that no read of it is scheduled before the wait.
-template <int kRegs>
-__device__ __forceinline__ void fence_registers(float (&r)[kRegs]) {
-#pragma unroll
-  for (int i = 0; i < kRegs; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
 // What a consumer of a kStages-deep cp.async ring does before wgmma reads job j's stage: waits for
 // its own copies of job j, makes them and any shared memory it wrote since the last barrier visible
 // to the async proxy that wgmma reads through, and meets the other threads at a barrier. Unlike
@@ -124,82 +101,6 @@ __device__ __forceinline__ void ring_wait_for_wgmma() {
   __syncthreads();
 }
 
-#define SKETCHCOLOR_WGMMA_D32                                                              \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-#define SKETCHCOLOR_WGMMA_D64                                                              \
-  SKETCHCOLOR_WGMMA_D32 ", "                                                               \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "       \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define SKETCHCOLOR_WGMMA_D128                                                             \
-  SKETCHCOLOR_WGMMA_D64 ", "                                                               \
-  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "       \
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "       \
-  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, " \
-  "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, "   \
-  "%125, %126, %127"
-// D += A B with A and B from shared memory (descriptors %A and %B), the scale-d predicate always
-// true (accumulate), A and B unscaled, A transposed (MN-major) when %TA is 1, B when %TB is 1.
-#define SKETCHCOLOR_WGMMA_SS(SHAPE_AND_TYPES, DREGS, A, B, TA, TB)                   \
-  "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, 1, 0;\nwgmma.mma_async.sync.aligned." \
-  SHAPE_AND_TYPES " {" DREGS "}, " A ", " B ", accumulate, 1, 1, " TA ", " TB ";\n}\n"
-
-#define SKETCHCOLOR_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
-#define SKETCHCOLOR_F16(d, i) \
-  SKETCHCOLOR_F4(d, i), SKETCHCOLOR_F4(d, i + 4), SKETCHCOLOR_F4(d, i + 8), SKETCHCOLOR_F4(d, i + 12)
-#define SKETCHCOLOR_F32(d, i) SKETCHCOLOR_F16(d, i), SKETCHCOLOR_F16(d, i + 16)
-#define SKETCHCOLOR_F64(d, i) SKETCHCOLOR_F32(d, i), SKETCHCOLOR_F32(d, i + 32)
-#define SKETCHCOLOR_F128(d, i) SKETCHCOLOR_F64(d, i), SKETCHCOLOR_F64(d, i + 64)
-
-// The three widths for one operand type string ("bf16.bf16" or "f16.f16"), inside wgmma_ss.
-#define SKETCHCOLOR_WGMMA_SS_BY_WIDTH(TYPES)                                                                 \
-  if constexpr (kN == 64) {                                                                                  \
-    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n64k16.f32." TYPES, SKETCHCOLOR_WGMMA_D32, "%32", "%33", "%34",    \
-                                      "%35")                                                                 \
-                 : SKETCHCOLOR_F32(d, 0)                                                                     \
-                 : "l"(desc_a), "l"(desc_b), "n"(kTA), "n"(kTB));                                            \
-  } else if constexpr (kN == 128) {                                                                          \
-    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n128k16.f32." TYPES, SKETCHCOLOR_WGMMA_D64, "%64", "%65", "%66",   \
-                                      "%67")                                                                 \
-                 : SKETCHCOLOR_F64(d, 0)                                                                     \
-                 : "l"(desc_a), "l"(desc_b), "n"(kTA), "n"(kTB));                                            \
-  } else {                                                                                                   \
-    static_assert(kN == 256, "warpgroup products are 64, 128 or 256 wide");                                  \
-    asm volatile(SKETCHCOLOR_WGMMA_SS("m64n256k16.f32." TYPES, SKETCHCOLOR_WGMMA_D128, "%128", "%129", "%130", \
-                                      "%131")                                                                \
-                 : SKETCHCOLOR_F128(d, 0)                                                                    \
-                 : "l"(desc_a), "l"(desc_b), "n"(kTA), "n"(kTB));                                            \
-  }
-
-// d (64 x kN fp32, the warpgroup's accumulator fragment) += A (64 x 16) B (16 x kN), both read from
-// shared memory through their descriptors; A K-major (stored [m][k]) or, with kTransA, MN-major
-// (stored [k][m]); B K-major (stored [n][k]) or, with kTransB, MN-major (stored [k][n]). PTX allows
-// the transposed reads for 16-bit operands only, which these are. Fragment: thread (warp w of the
-// warpgroup, lane l) holds, for n8 block j, d[4j], d[4j+1] at row 16 w + l / 4, columns
-// 8 j + 2 (l % 4) + {0, 1}, and d[4j+2], d[4j+3] at the row 8 below: the mma.m16n8 accumulator
-// layout, repeated over the n8 blocks.
-template <typename T, int kN, bool kTransA, bool kTransB>
-__device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
-  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "fp16 or bf16 operands");
-  constexpr int kTA = kTransA ? 1 : 0;
-  constexpr int kTB = kTransB ? 1 : 0;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    SKETCHCOLOR_WGMMA_SS_BY_WIDTH("bf16.bf16")
-  } else {
-    SKETCHCOLOR_WGMMA_SS_BY_WIDTH("f16.f16")
-  }
-}
-
-#undef SKETCHCOLOR_WGMMA_SS_BY_WIDTH
-#undef SKETCHCOLOR_F128
-#undef SKETCHCOLOR_F64
-#undef SKETCHCOLOR_F32
-#undef SKETCHCOLOR_F16
-#undef SKETCHCOLOR_F4
-#undef SKETCHCOLOR_WGMMA_SS
-#undef SKETCHCOLOR_WGMMA_D128
-#undef SKETCHCOLOR_WGMMA_D64
-#undef SKETCHCOLOR_WGMMA_D32
 
 #endif  // sm_90a device pass, or the host pass
 

@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) corr_hard
   constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
   static_assert(kWarpRows % 16 == 0 && kWarpKeys % 16 == 0 && kBlockK % 16 == 0, "warp tiles are 16-aligned");
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const uint32_t stage_base = smem_addr(smem);
   float* red_best = reinterpret_cast<float*>(smem + kStages * kStageBytes);
   int* red_key = reinterpret_cast<int*>(red_best + kWarpsN * kBlockM);
@@ -465,12 +465,10 @@ cudaError_t hardest_dispatch(const CorrHardestParams& p, cudaStream_t stream) {
   cudaError_t err = prepare_smem(search, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(p.in.n_queries, Cfg::kBlockM), p.key_splits, p.in.batch);
-  search<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  err = cudaGetLastError();
+  err = launch_kernel(search, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p);
   if (err != cudaSuccess) return err;
-  corr_hardest_finalize_kernel<T>
-      <<<rows_grid(int64_t(p.in.batch) * p.in.n_queries), CorrRowsConfig::kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(corr_hardest_finalize_kernel<T>, rows_grid(int64_t(p.in.batch) * p.in.n_queries),
+                       dim3(CorrRowsConfig::kThreads), 0, stream, p);
 }
 
 // Runs launch.template operator()<T>() for the dtype.
@@ -492,8 +490,7 @@ cudaError_t corr_triplet_fwd_cuda(const CorrTripletParams& p, KernelDtype dtype,
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t rows = int64_t(p.in.batch) * p.in.n_queries;
-    corr_triplet_terms_kernel<T><<<rows_grid(rows), CorrRowsConfig::kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(corr_triplet_terms_kernel<T>, rows_grid(rows), dim3(CorrRowsConfig::kThreads), 0, stream, p);
   });
 }
 
@@ -518,8 +515,7 @@ cudaError_t corr_triplet_grad_q_cuda(const CorrTripletGradQParams& p, KernelDtyp
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t rows = int64_t(p.in.batch) * p.in.n_queries;
-    corr_triplet_grad_q_kernel<T><<<rows_grid(rows), CorrRowsConfig::kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(corr_triplet_grad_q_kernel<T>, rows_grid(rows), dim3(CorrRowsConfig::kThreads), 0, stream, p);
   });
 }
 
@@ -533,8 +529,7 @@ cudaError_t corr_row_scatter_cuda(const CorrRowScatterParams& p, KernelDtype dty
   if (!stride_ok(p.src_stride_b, p.src_batches) || !stride_ok(p.src_stride_row, p.src_rows)) return cudaErrorInvalidValue;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    corr_row_scatter_kernel<T><<<rows_grid(p.rows), CorrRowsConfig::kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(corr_row_scatter_kernel<T>, rows_grid(p.rows), dim3(CorrRowsConfig::kThreads), 0, stream, p);
   });
 }
 
@@ -545,8 +540,7 @@ cudaError_t corr_nll_rows_cuda(const CorrNllRowsParams& p, KernelDtype dtype, cu
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t rows = int64_t(p.in.batch) * p.in.n_queries;
-    corr_nll_rows_kernel<T><<<rows_grid(rows), CorrRowsConfig::kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(corr_nll_rows_kernel<T>, rows_grid(rows), dim3(CorrRowsConfig::kThreads), 0, stream, p);
   });
 }
 

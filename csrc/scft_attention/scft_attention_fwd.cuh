@@ -127,8 +127,7 @@ cudaError_t launch(Kernel kernel, const ScftAttnFwdParams& p, cudaStream_t strea
   cudaError_t err = tiles::prepare_smem(kernel, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(p.n_queries, Cfg::kBlockM), ceil_div(p.value_dim, Cfg::kBlockDv), p.batch * p.heads);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return tiles::launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p);
 }
 
 }  // namespace fwd

@@ -26,7 +26,7 @@ using namespace tiles;
 // still read by the tensor cores, and the refill's address work overlaps the products.
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(const ScftAttnFwdParams p) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)) || defined(SKETCHCOLOR_CUDA_EMULATOR)
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr float kLn2 = 0.6931471805599453f;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kBlockK = Cfg::kBlockK;
@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(co
   static_assert(kBlockM == 64 && kWarpgroups == 2 && kThreads == 256, "two warpgroups over one wgmma M");
   static_assert(kBlockK % 16 == 0 && kKeysPerVJob % 16 == 0 && kBlockN % kKeysPerVJob == 0, "k16 steps");
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const uint32_t stage_base = smem_addr(smem);
   const uint32_t p_tile = stage_base + kStages * kStageBytes;
   unsigned char* p_tile_ptr = smem + kStages * kStageBytes;

@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const S
   static_assert(kBlockK % 16 == 0 && kKeysPerVJob % 16 == 0 && kBlockN % kKeysPerVJob == 0, "k16 steps");
   static_assert(Cfg::kWarpsM * kWarpsN * 32 == kThreads, "thread count");
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const uint32_t stage_base = smem_addr(smem);
   const uint32_t p_tile = stage_base + kStages * kStageBytes;
   uint16_t* p_tile_ptr = reinterpret_cast<uint16_t*>(smem + kStages * kStageBytes);
@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
   static_assert(kWarpRows % 16 == 0 && kWarpKeys % 16 == 0 && kBlockK % 16 == 0, "warp tiles are 16-aligned");
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const uint32_t stage_base = smem_addr(smem);
 
   const int tid = threadIdx.x;
@@ -411,7 +411,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
   const uint16_t* bmat = cta.b_ptr();
   const int64_t b_stride_row = cta.b_stride_row();
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const uint32_t stage_base = smem_addr(smem);
 
   const int tid = threadIdx.x;
@@ -519,8 +519,7 @@ cudaError_t launch_probs(const ScftAttnBwdParams& p, int key_begin, int key_end,
   const cudaError_t err = prepare_smem(kernel, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(key_end - key_begin, Cfg::kBlockN), ceil_div(p.n_queries, Cfg::kBlockM), p.batch * p.heads);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, key_begin, key_end);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p, key_begin, key_end);
 }
 
 // dV[chunk] = P^T dO for the chunk's keys, into grad_v_f32 (float32) when it is set, else grad_v.
@@ -554,8 +553,8 @@ cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, bool use_wgmma, cudaStream_
     constexpr int kRowsPerBlock = ScftBwdDeltaConfig::kThreads / 32;
     const int64_t rows = int64_t(batch_heads) * n;
     const dim3 grid(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock));
-    scft_attn_bwd_delta_kernel<T, ScftBwdDeltaConfig><<<grid, ScftBwdDeltaConfig::kThreads, 0, stream>>>(p);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch_kernel(scft_attn_bwd_delta_kernel<T, ScftBwdDeltaConfig>, grid,
+                                          dim3(ScftBwdDeltaConfig::kThreads), 0, stream, p);
     if (err != cudaSuccess) return err;
   }
 

@@ -153,8 +153,7 @@ cudaError_t launch(Kernel kernel, GemmBatch batch, int batch_heads, cudaStream_t
   }
   batch.tiles_n = tiles::ceil_div(max_n, Cfg::kBlockN);
   const dim3 grid(tiles::ceil_div(max_m, Cfg::kBlockM) * batch.tiles_n, batch.num_problems, batch_heads);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(batch);
-  return cudaGetLastError();
+  return tiles::launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, batch);
 }
 
 // The GEMMs on wgmma (scft_gemm_sm90_kernel.cu, instantiated there for both dtypes and both A

@@ -30,7 +30,7 @@ using gemm::GemmBatch;
 // group queued behind the running one.
 template <typename T, typename Cfg, bool kAKContig>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm_sm90_kernel(const GemmBatch batch) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)) || defined(SKETCHCOLOR_CUDA_EMULATOR)
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kBlockK = Cfg::kBlockK;
   constexpr int kThreads = Cfg::kThreads, kStages = Cfg::kStages;
   constexpr int kGroupRows = kBlockM / Cfg::kWarpgroups;   // rows per warpgroup: the wgmma M
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) scft_gemm
   const uint16_t* bmat = cta.b_ptr();
   const int64_t b_stride_row = cta.b_stride_row();
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const uint32_t stage_base = smem_addr(smem);
 
   const int tid = threadIdx.x;

@@ -1,0 +1,136 @@
+// Python entry points of the CUDA emulator (built by tests/test_cuda_emulated.py with
+// torch.utils.cpp_extension, together with emulator.cpp and every csrc/<op>/*_kernel.cu compiled as
+// host C++): the CUDA launchers of scft_attention.h run on CPU tensors, with their outputs and
+// workspaces poisoned (NaN) before the kernels write them, exactly as the CUDA binding
+// (scft_attention_cuda.cpp) prepares them, and a kernel error raised with the emulator's message.
+#include <torch/extension.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "common/cuda_binding.h"
+#include "emulator/emulator.h"
+#include "scft_attention/scft_attention.h"
+#include "scft_attention/scft_attention_binding.h"
+
+namespace sketchcolor {
+namespace {
+
+void set_device(int major, int minor, int multiprocessors, int smem_per_block_optin, int smem_per_multiprocessor) {
+  emu::DeviceModel d;
+  d.major = major;
+  d.minor = minor;
+  d.multiprocessors = multiprocessors;
+  d.smem_per_block_optin = smem_per_block_optin;
+  d.smem_per_multiprocessor = smem_per_multiprocessor;
+  emu::set_device(d);
+}
+
+void set_schedule(bool reverse_threads, bool copies_at_issue) {
+  emu::Schedule s;
+  s.reverse_threads = reverse_threads;
+  s.copies = copies_at_issue ? emu::CopyLanding::kAtIssue : emu::CopyLanding::kAtWait;
+  emu::set_schedule(s);
+}
+
+std::tuple<int64_t, int64_t> stats() {
+  const emu::Stats s = emu::stats();
+  return {s.blocks, s.switches};
+}
+
+at::Tensor poisoned(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), options);
+}
+
+// Registers the tensors cp.async may read (inputs and workspaces), then checks a launcher's result.
+struct Launch {
+  explicit Launch(std::initializer_list<at::Tensor> readable) {
+    emu::clear_globals();
+    for (const at::Tensor& t : readable)
+      if (t.defined()) emu::register_global(t.data_ptr(), size_t(t.storage().nbytes()) - t.storage_offset() * t.element_size());
+  }
+  ~Launch() { emu::clear_globals(); }
+  void check(cudaError_t err, const char* op) const {
+    TORCH_CHECK(err == cudaSuccess, op, " (emulated cuda backend): launcher returned cudaError ", int(err), ": ",
+                emu::take_error());
+  }
+};
+
+void check_inputs(const at::Tensor& q, const char* op) {
+  TORCH_CHECK(q.device().is_cpu(), op, ": the emulator takes CPU tensors");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op, ": float16 or bfloat16 only");
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            double scale) {
+  check_inputs(q, "scft_attn_fwd");
+  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), dv = v.size(3);
+  at::Tensor out = poisoned({batch, heads, n, dv}, q.options());
+  at::Tensor lse = poisoned({batch, heads, n}, q.options().dtype(at::kFloat));
+  const at::Tensor qx = kernel_layout(q), kx = kernel_layout(k), vx = kernel_layout(v);
+  scft::ScftAttnFwdParams p = scft_fwd_params(qx, kx, vx, scale);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  const Launch launch({qx, kx, vx});
+  launch.check(scft::scft_attn_fwd_cuda(p, kernel_dtype(q), nullptr), "scft_attn_fwd");
+  return {out, lse};
+}
+
+// key_chunk = 0: the launchers' own plan for the emulated device (as the CUDA binding computes it);
+// otherwise that many keys per chunk (a multiple of 128), to run several chunks on small shapes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& grad_out, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& out, const at::Tensor& lse, double scale,
+                                                        int64_t key_chunk) {
+  check_inputs(q, "scft_attn_bwd");
+  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), m = k.size(2);
+  const int64_t d = q.size(3), dv = v.size(3);
+  if (key_chunk == 0) {
+    const emu::DeviceModel& device = emu::device();
+    const bool wgmma = scft::scft_uses_wgmma(scft::scft_mma_choice(), device.major, device.minor);
+    key_chunk = scft::scft_bwd_workspace_plan(batch * heads, n, m, d, dv,
+                                              scft::scft_gemm_occupancy(device.multiprocessors, wgmma),
+                                              scft::ScftBwdGemms::kAll)
+                    .key_chunk;
+  }
+  const bool several_chunks = (m + key_chunk - 1) / key_chunk > 1;
+  at::Tensor grad_q = poisoned({batch, heads, n, d}, q.options());
+  at::Tensor grad_k = poisoned({batch, heads, m, d}, k.options());
+  at::Tensor grad_v = poisoned({batch, heads, m, dv}, v.options());
+  at::Tensor delta = poisoned({batch, heads, n}, q.options().dtype(at::kFloat));
+  at::Tensor probs = poisoned({batch, heads, n, key_chunk}, q.options());
+  at::Tensor dscores = poisoned({batch, heads, n, key_chunk}, q.options());
+  at::Tensor grad_q_accum;
+  if (several_chunks) grad_q_accum = poisoned({batch, heads, n, d}, q.options().dtype(at::kFloat));
+
+  const at::Tensor gox = kernel_layout(grad_out), qx = kernel_layout(q), kx = kernel_layout(k);
+  const at::Tensor vx = kernel_layout(v), ox = kernel_layout(out), lse_c = lse.contiguous();
+  scft::ScftAttnBwdParams p = scft_bwd_params(gox, qx, kx, lse_c, probs, scale);
+  p.v = vx.data_ptr();
+  p.out = ox.data_ptr();
+  scft_strides(vx, p.v_stride_b, p.v_stride_h, p.v_stride_row);
+  scft_strides(ox, p.out_stride_b, p.out_stride_h, p.out_stride_row);
+  p.grad_q = grad_q.data_ptr();
+  p.grad_k = grad_k.data_ptr();
+  p.grad_v = grad_v.data_ptr();
+  p.delta = delta.data_ptr<float>();
+  p.dscores = dscores.data_ptr();
+  p.grad_q_accum = several_chunks ? grad_q_accum.data_ptr<float>() : nullptr;
+  const Launch launch({gox, qx, kx, vx, ox, probs, dscores, grad_q_accum});
+  launch.check(scft::scft_attn_bwd_cuda(p, kernel_dtype(q), nullptr), "scft_attn_bwd");
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+}  // namespace sketchcolor
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_device", &sketchcolor::set_device, "the emulated GPU: compute capability, SMs, shared memory limits");
+  m.def("set_schedule", &sketchcolor::set_schedule, "fiber order and cp.async landing time");
+  m.def("stats", &sketchcolor::stats, "(blocks run, fiber switches) since the last reset");
+  m.def("reset_stats", &sketchcolor::emu::reset_stats);
+  m.def("attn_fwd", &sketchcolor::attn_fwd);
+  m.def("attn_bwd", &sketchcolor::attn_bwd);
+}
