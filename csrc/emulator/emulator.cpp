@@ -476,6 +476,7 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   arrival.arg0 = uint64_t(type);
   collective(s.warps[me().linear / kWarpSize], lane, arrival, [](std::vector<Arrival>& slots) {
     const Operand type = Operand(slots[0].arg0);
+    ++state().stats.mma_sync;
     double A[16][16], B[16][8];
     auto half = [&](uint32_t word, int h) { return double(to_float(uint16_t(word >> (16 * h)), type)); };
     for (int l = 0; l < kWarpSize; ++l) {
@@ -601,6 +602,7 @@ void wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool trans_a, bool
     op.trans_b = (slots[0].arg2 >> 17) & 1;
     op.type = Operand((slots[0].arg2 >> 18) & 1);
     for (int i = 0; i < kWarpgroupSize; ++i) op.d[i] = static_cast<float*>(slots[i].out);
+    ++state().stats.wgmma;
     state().wgmma_state[group_id].open.push_back(op);
   });
 }

@@ -66,10 +66,13 @@ void clear_globals();
 // The error of the last failed launch ("" if none), and clears it.
 std::string take_error();
 
-// Counters since the last reset: blocks run, fiber switches.
+// Counters since the last reset: blocks run, fiber switches, and the warp-level mma.sync and
+// warpgroup-level wgmma instructions executed (tests check which family a launcher chose).
 struct Stats {
   int64_t blocks = 0;
   int64_t switches = 0;
+  int64_t mma_sync = 0;
+  int64_t wgmma = 0;
 };
 Stats stats();
 void reset_stats();

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
 #include <string>
 #include <tuple>
 
@@ -35,9 +36,9 @@ void set_schedule(bool reverse_threads, bool copies_at_issue) {
   emu::set_schedule(s);
 }
 
-std::tuple<int64_t, int64_t> stats() {
+std::map<std::string, int64_t> stats() {
   const emu::Stats s = emu::stats();
-  return {s.blocks, s.switches};
+  return {{"blocks", s.blocks}, {"switches", s.switches}, {"mma_sync", s.mma_sync}, {"wgmma", s.wgmma}};
 }
 
 at::Tensor poisoned(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -129,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& grad_o
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_device", &sketchcolor::set_device, "the emulated GPU: compute capability, SMs, shared memory limits");
   m.def("set_schedule", &sketchcolor::set_schedule, "fiber order and cp.async landing time");
-  m.def("stats", &sketchcolor::stats, "(blocks run, fiber switches) since the last reset");
+  m.def("stats", &sketchcolor::stats, "counters since the last reset: blocks, switches, mma_sync, wgmma");
   m.def("reset_stats", &sketchcolor::emu::reset_stats);
   m.def("attn_fwd", &sketchcolor::attn_fwd);
   m.def("attn_bwd", &sketchcolor::attn_bwd);
