@@ -202,3 +202,69 @@ def test_emulated_cuda_results_do_not_depend_on_thread_order_or_copy_timing(path
     varied = forward_backward(fn, *inputs, grad_out)
     for a, b in zip(baseline, varied):
         assert torch.equal(a, b)
+
+
+# ---- correspondence loss (csrc/correspondence_loss) ----
+# Integer-valued q and k (|x| <= 2) make every score exact in fp32 and in float64, so the hardest
+# negative must match the definition exactly, ties included (the lowest key index wins).
+
+def integer_inputs(batch, n, m, d, dtype):
+    q = torch.randint(-2, 3, (batch, n, d)).to(dtype)
+    k = torch.randint(-2, 3, (batch, m, d)).to(dtype)
+    pos = torch.randint(-1, m, (batch, n))
+    return q, k, pos
+
+
+def exact_scores(q, k, scale):
+    return scale * q.double() @ k.double().transpose(-1, -2)
+
+
+# (B, N, M, D, (grid h, w), exclusion): odd sizes, D = 3 (many ties), D = 992, keys past one 128-key
+# tile and split across CTAs; exclusion windows that leave some queries with no candidate key.
+HARDEST_CASES = [
+    (1, 7, 12, 3, (3, 4), 1),
+    (2, 130, 300, 3, (15, 20), 2),
+    (1, 65, 391, 992, (17, 23), 1),
+    (3, 33, 9, 40, (3, 3), 0),
+    (1, 40, 4, 16, (2, 2), 1),
+]
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", HARDEST_CASES, ids=str)
+def test_emulated_cuda_hardest_negatives_are_exact(emulator, case, dtype, sms):
+    # sms = 1: one key split per query tile; 132: keys split over many CTAs, reduced in the finalize kernel.
+    batch, n, m, d, (grid_h, grid_w), exclusion = case
+    emulator.set_device(9, 0, sms, 227 * 1024, 228 * 1024)
+    emulator.set_schedule(False, False)
+    q, k, pos = integer_inputs(batch, n, m, d, dtype)
+    scale, margin = 0.5, 3.0
+    terms, neg = emulator.corr_hardest(q, k, pos, grid_h, grid_w, exclusion, scale, margin)
+    scores = exact_scores(q, k, scale)
+    keys = torch.arange(m)
+    p = pos.clamp_min(0).unsqueeze(-1)
+    distance = torch.maximum((p // grid_w - keys // grid_w).abs(), (p % grid_w - keys % grid_w).abs())
+    candidate = distance > exclusion
+    has_negative = candidate.any(-1) & (pos >= 0)
+    expected_neg = torch.where(has_negative, scores.masked_fill(~candidate, -math.inf).argmax(-1), -1)
+    assert torch.equal(neg, expected_neg)
+    gathered = scores.gather(-1, expected_neg.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    expected_terms = torch.where(has_negative, torch.relu(gathered - scores.gather(-1, p).squeeze(-1) + margin), 0.0)
+    assert torch.equal(terms.double(), expected_terms)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 70, 3, 4), (1, 9, 300, 992, 1)], ids=str)
+def test_emulated_cuda_sampled_triplet_terms_are_exact(emulator, shape, dtype):
+    batch, n, m, d, negatives = shape
+    emulator.set_schedule(False, False)
+    q, k, pos = integer_inputs(batch, n, m, d, dtype)
+    neg = torch.randint(-1, m, (batch, n, negatives))
+    scale, margin = 0.25, 2.0
+    terms = emulator.corr_triplet(q, k, pos, neg, scale, margin)
+    scores = exact_scores(q, k, scale)
+    valid = (pos.unsqueeze(-1) >= 0) & (neg >= 0)
+    pos_scores = scores.gather(-1, pos.clamp_min(0).unsqueeze(-1))
+    expected = torch.where(valid, torch.relu(scores.gather(-1, neg.clamp_min(0)) - pos_scores + margin), 0.0)
+    assert torch.equal(terms.double(), expected)

@@ -20,6 +20,7 @@
 
 #include "common/cuda_binding.h"
 #include "correspondence_loss/correspondence_loss.h"
+#include "correspondence_loss/correspondence_loss_binding.h"
 #include "correspondence_loss/correspondence_loss_checks.h"
 #include "scft_attention/scft_attention.h"
 #include "scft_attention/scft_attention_binding.h"
@@ -50,39 +51,12 @@ IndexRangeCheck index_range_check() {
                                                                                               : IndexRangeCheck::kDevice;
 }
 
-// The kernels' view of q, k (kernel_layout) and pos, with the tensors that own that memory.
-struct Inputs {
-  at::Tensor q, k, pos;
-  corr::CorrInputs in;
-};
-
-Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, double scale) {
-  Inputs x;
-  x.q = kernel_layout(q);
-  x.k = kernel_layout(k);
-  x.pos = pos.contiguous();
-  corr::CorrInputs& in = x.in;
-  in.q = x.q.data_ptr();
-  in.k = x.k.data_ptr();
-  in.pos = x.pos.data_ptr<int64_t>();
-  in.q_stride_b = x.q.stride(0);
-  in.q_stride_row = x.q.stride(1);
-  in.k_stride_b = x.k.stride(0);
-  in.k_stride_row = x.k.stride(1);
-  in.batch = static_cast<int>(q.size(0));
-  in.n_queries = static_cast<int>(q.size(1));
-  in.n_keys = static_cast<int>(k.size(1));
-  in.head_dim = static_cast<int>(q.size(2));
-  in.scale = static_cast<float>(scale);
-  return x;
-}
-
 // key_grad (B, M, D) (+)= the sum over entries e of coef[e] * q[row[e]], where dest (E) int64 is each
 // entry's key b * M + j, or B * M for an entry that contributes nothing, and row (E) its query
 // b * N + i. A stable sort groups the entries by key in their original order, so every key's sum
 // runs in one fixed order: deterministic, no atomics. key_grad is written in q's dtype (zero for
 // keys without entries) or, when float32, added to.
-void scatter_to_keys(const Inputs& x, const at::Tensor& dest, const at::Tensor& row, const at::Tensor& coef,
+void scatter_to_keys(const CorrKernelInputs& x, const at::Tensor& dest, const at::Tensor& row, const at::Tensor& coef,
                      at::Tensor& key_grad, const char* op) {
   const int64_t key_rows = int64_t(x.in.batch) * x.in.n_keys;
   const auto [sorted_dest, order] = at::sort(dest, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -118,7 +92,7 @@ at::Tensor corr_triplet_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, co
   c10::cuda::OptionalCUDAGuard device_guard(q.device());
   at::Tensor terms = at::empty(neg.sizes(), q.options().dtype(at::kFloat));
   if (terms.numel() == 0) return terms;
-  const Inputs x = prepare_inputs(q, k, pos, scale);
+  const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
   const at::Tensor neg_c = neg.contiguous();
   corr::CorrTripletParams p{};
   p.in = x.in;
@@ -145,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> corr_triplet_bwd_cuda_op(const at::Tensor& gr
   at::Tensor grad_k = at::empty(k.sizes(), k.options(), contiguous);
   if (terms.numel() == 0) return {grad_q.zero_(), grad_k.zero_()};
 
-  const Inputs x = prepare_inputs(q, k, pos, scale);
+  const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
   const at::Tensor neg_c = neg.contiguous();
   // d loss / d S[i, neg] = -d loss / d S[i, pos] = grad_terms where the hinge is active; times scale
   // for d S / d (q k^T). The forward writes 0 where pos or neg is -1, but the op can be called with
@@ -192,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cuda_op(const at::Tensor& q,
   at::Tensor split_best = at::empty({q.size(0), plan.key_splits, q.size(1)}, q.options().dtype(at::kFloat));
   at::Tensor split_arg = at::empty({q.size(0), plan.key_splits, q.size(1)}, q.options().dtype(at::kInt));
 
-  const Inputs x = prepare_inputs(q, k, pos, scale);
+  const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
   corr::CorrHardestParams p{};
   p.in = x.in;
   p.terms = terms.data_ptr<float>();
@@ -226,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
     return {at::zeros({}, f32), with_grad ? at::zeros(q.sizes(), f32) : at::empty({0}, f32),
             with_grad ? at::zeros(k.sizes(), f32) : at::empty({0}, f32)};
   }
-  const Inputs x = prepare_inputs(q, k, pos, scale);
+  const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
   const at::Tensor q4 = x.q.unsqueeze(1), k4 = x.k.unsqueeze(1);   // (B, 1, N, D), (B, 1, M, D)
   const cudaStream_t stream = current_stream();
 

@@ -1,8 +1,9 @@
 // Python entry points of the CUDA emulator (built by tests/test_cuda_emulated.py with
 // torch.utils.cpp_extension, together with emulator.cpp and every csrc/<op>/*_kernel.cu compiled as
-// host C++): the CUDA launchers of scft_attention.h run on CPU tensors, with their outputs and
-// workspaces poisoned (NaN) before the kernels write them, exactly as the CUDA binding
-// (scft_attention_cuda.cpp) prepares them, and a kernel error raised with the emulator's message.
+// host C++): the CUDA launchers of scft_attention.h and correspondence_loss.h run on CPU tensors
+// prepared as the CUDA bindings prepare them (the same parameter helpers), with outputs and
+// workspaces poisoned (NaN) before the kernels write them; a kernel error is raised with the
+// emulator's message.
 #include <torch/extension.h>
 
 #include <cmath>
@@ -12,6 +13,8 @@
 #include <tuple>
 
 #include "common/cuda_binding.h"
+#include "correspondence_loss/correspondence_loss.h"
+#include "correspondence_loss/correspondence_loss_binding.h"
 #include "emulator/emulator.h"
 #include "scft_attention/scft_attention.h"
 #include "scft_attention/scft_attention_binding.h"
@@ -124,6 +127,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& grad_o
   return {grad_q, grad_k, grad_v};
 }
 
+// Hardest-negative triplet terms and negatives (corr_hardest_fwd_cuda), with the key splits the CUDA
+// binding plans for the emulated device's SM count.
+std::tuple<at::Tensor, at::Tensor> corr_hardest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                                                int64_t grid_h, int64_t grid_w, int64_t exclusion, double scale,
+                                                double margin) {
+  check_inputs(q, "corr_hardest_fwd");
+  at::Tensor terms = poisoned(pos.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor neg = at::full(pos.sizes(), int64_t(-7), pos.options());
+  const corr::CorrHardestPlan plan = corr::corr_hardest_plan(q.size(0), q.size(1), k.size(1), emu::device().multiprocessors);
+  at::Tensor split_best = poisoned({q.size(0), plan.key_splits, q.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor split_arg = at::full({q.size(0), plan.key_splits, q.size(1)}, -7, q.options().dtype(at::kInt));
+  const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
+  corr::CorrHardestParams p{};
+  p.in = x.in;
+  p.terms = terms.data_ptr<float>();
+  p.neg = neg.data_ptr<int64_t>();
+  p.split_best = split_best.data_ptr<float>();
+  p.split_arg = split_arg.data_ptr<int32_t>();
+  p.grid_h = static_cast<int>(grid_h);
+  p.grid_w = static_cast<int>(grid_w);
+  p.exclusion = static_cast<int>(exclusion);
+  p.key_splits = plan.key_splits;
+  p.keys_per_split = plan.keys_per_split;
+  p.margin = static_cast<float>(margin);
+  const Launch launch({x.q, x.k});
+  launch.check(corr::corr_hardest_fwd_cuda(p, kernel_dtype(q), nullptr), "corr_hardest_fwd");
+  return {terms, neg};
+}
+
+// Sampled-negative triplet terms (corr_triplet_fwd_cuda).
+at::Tensor corr_triplet(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& neg,
+                        double scale, double margin) {
+  check_inputs(q, "corr_triplet_fwd");
+  at::Tensor terms = poisoned(neg.sizes(), q.options().dtype(at::kFloat));
+  const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
+  const at::Tensor neg_c = neg.contiguous();
+  corr::CorrTripletParams p{};
+  p.in = x.in;
+  p.neg = neg_c.data_ptr<int64_t>();
+  p.terms = terms.data_ptr<float>();
+  p.negatives = static_cast<int>(neg.size(2));
+  p.margin = static_cast<float>(margin);
+  const Launch launch({x.q, x.k});
+  launch.check(corr::corr_triplet_fwd_cuda(p, kernel_dtype(q), nullptr), "corr_triplet_fwd");
+  return terms;
+}
+
 }  // namespace
 }  // namespace sketchcolor
 
@@ -134,4 +184,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reset_stats", &sketchcolor::emu::reset_stats);
   m.def("attn_fwd", &sketchcolor::attn_fwd);
   m.def("attn_bwd", &sketchcolor::attn_bwd);
+  m.def("corr_hardest", &sketchcolor::corr_hardest);
+  m.def("corr_triplet", &sketchcolor::corr_triplet);
 }

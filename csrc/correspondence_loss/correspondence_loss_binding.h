@@ -1,0 +1,40 @@
+// The correspondence-loss launchers' view of their inputs (correspondence_loss.h), filled from torch
+// tensors: for the CUDA binding (correspondence_loss_cuda.cpp) and the CUDA emulator's
+// (csrc/emulator/emulator_binding.cpp). Compiled only where the kernels are.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "common/cuda_binding.h"
+#include "correspondence_loss/correspondence_loss.h"
+
+namespace sketchcolor {
+
+// The kernels' view of q, k (kernel_layout) and pos, with the tensors that own that memory.
+struct CorrKernelInputs {
+  at::Tensor q, k, pos;
+  corr::CorrInputs in;
+};
+
+inline CorrKernelInputs corr_kernel_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, double scale) {
+  CorrKernelInputs x;
+  x.q = kernel_layout(q);
+  x.k = kernel_layout(k);
+  x.pos = pos.contiguous();
+  corr::CorrInputs& in = x.in;
+  in.q = x.q.data_ptr();
+  in.k = x.k.data_ptr();
+  in.pos = x.pos.data_ptr<int64_t>();
+  in.q_stride_b = x.q.stride(0);
+  in.q_stride_row = x.q.stride(1);
+  in.k_stride_b = x.k.stride(0);
+  in.k_stride_row = x.k.stride(1);
+  in.batch = static_cast<int>(q.size(0));
+  in.n_queries = static_cast<int>(q.size(1));
+  in.n_keys = static_cast<int>(k.size(1));
+  in.head_dim = static_cast<int>(q.size(2));
+  in.scale = static_cast<float>(scale);
+  return x;
+}
+
+}  // namespace sketchcolor
