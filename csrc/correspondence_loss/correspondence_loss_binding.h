@@ -37,4 +37,26 @@ inline CorrKernelInputs corr_kernel_inputs(const at::Tensor& q, const at::Tensor
   return x;
 }
 
+// The hardest-negative search's parameters for inputs x, its outputs (terms float32, neg int64, both
+// (B, N)) and its key-split workspaces ((B, key_splits, N) float32 and int32) sized by `plan`.
+inline corr::CorrHardestParams corr_hardest_params(const CorrKernelInputs& x, const at::Tensor& terms,
+                                                   const at::Tensor& neg, const at::Tensor& split_best,
+                                                   const at::Tensor& split_arg, int64_t grid_h, int64_t grid_w,
+                                                   int64_t exclusion, const corr::CorrHardestPlan& plan,
+                                                   double margin) {
+  corr::CorrHardestParams p{};
+  p.in = x.in;
+  p.terms = terms.data_ptr<float>();
+  p.neg = neg.data_ptr<int64_t>();
+  p.split_best = split_best.data_ptr<float>();
+  p.split_arg = split_arg.data_ptr<int32_t>();
+  p.grid_h = static_cast<int>(grid_h);
+  p.grid_w = static_cast<int>(grid_w);
+  p.exclusion = static_cast<int>(exclusion);
+  p.key_splits = plan.key_splits;
+  p.keys_per_split = plan.keys_per_split;
+  p.margin = static_cast<float>(margin);
+  return p;
+}
+
 }  // namespace sketchcolor

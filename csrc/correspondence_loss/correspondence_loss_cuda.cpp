@@ -167,18 +167,8 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cuda_op(const at::Tensor& q,
   at::Tensor split_arg = at::empty({q.size(0), plan.key_splits, q.size(1)}, q.options().dtype(at::kInt));
 
   const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
-  corr::CorrHardestParams p{};
-  p.in = x.in;
-  p.terms = terms.data_ptr<float>();
-  p.neg = neg.data_ptr<int64_t>();
-  p.split_best = split_best.data_ptr<float>();
-  p.split_arg = split_arg.data_ptr<int32_t>();
-  p.grid_h = static_cast<int>(grid_h);
-  p.grid_w = static_cast<int>(grid_w);
-  p.exclusion = static_cast<int>(exclusion);
-  p.key_splits = plan.key_splits;
-  p.keys_per_split = plan.keys_per_split;
-  p.margin = static_cast<float>(margin);
+  const corr::CorrHardestParams p =
+      corr_hardest_params(x, terms, neg, split_best, split_arg, grid_h, grid_w, exclusion, plan, margin);
   check_launch(corr::corr_hardest_fwd_cuda(p, kernel_dtype(q), current_stream()), kOp);
   return {terms, neg};
 }

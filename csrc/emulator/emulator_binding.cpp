@@ -111,17 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& grad_o
 
   const at::Tensor gox = kernel_layout(grad_out), qx = kernel_layout(q), kx = kernel_layout(k);
   const at::Tensor vx = kernel_layout(v), ox = kernel_layout(out), lse_c = lse.contiguous();
-  scft::ScftAttnBwdParams p = scft_bwd_params(gox, qx, kx, lse_c, probs, scale);
-  p.v = vx.data_ptr();
-  p.out = ox.data_ptr();
-  scft_strides(vx, p.v_stride_b, p.v_stride_h, p.v_stride_row);
-  scft_strides(ox, p.out_stride_b, p.out_stride_h, p.out_stride_row);
-  p.grad_q = grad_q.data_ptr();
-  p.grad_k = grad_k.data_ptr();
-  p.grad_v = grad_v.data_ptr();
-  p.delta = delta.data_ptr<float>();
-  p.dscores = dscores.data_ptr();
-  p.grad_q_accum = several_chunks ? grad_q_accum.data_ptr<float>() : nullptr;
+  const scft::ScftAttnBwdParams p = scft_full_bwd_params(gox, qx, kx, vx, ox, lse_c, probs, dscores, delta, grad_q,
+                                                        grad_k, grad_v, grad_q_accum, scale);
   const Launch launch({gox, qx, kx, vx, ox, probs, dscores, grad_q_accum});
   launch.check(scft::scft_attn_bwd_cuda(p, kernel_dtype(q), nullptr), "scft_attn_bwd");
   return {grad_q, grad_k, grad_v};
@@ -139,18 +130,8 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest(const at::Tensor& q, const at::T
   at::Tensor split_best = poisoned({q.size(0), plan.key_splits, q.size(1)}, q.options().dtype(at::kFloat));
   at::Tensor split_arg = at::full({q.size(0), plan.key_splits, q.size(1)}, -7, q.options().dtype(at::kInt));
   const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
-  corr::CorrHardestParams p{};
-  p.in = x.in;
-  p.terms = terms.data_ptr<float>();
-  p.neg = neg.data_ptr<int64_t>();
-  p.split_best = split_best.data_ptr<float>();
-  p.split_arg = split_arg.data_ptr<int32_t>();
-  p.grid_h = static_cast<int>(grid_h);
-  p.grid_w = static_cast<int>(grid_w);
-  p.exclusion = static_cast<int>(exclusion);
-  p.key_splits = plan.key_splits;
-  p.keys_per_split = plan.keys_per_split;
-  p.margin = static_cast<float>(margin);
+  const corr::CorrHardestParams p =
+      corr_hardest_params(x, terms, neg, split_best, split_arg, grid_h, grid_w, exclusion, plan, margin);
   const Launch launch({x.q, x.k});
   launch.check(corr::corr_hardest_fwd_cuda(p, kernel_dtype(q), nullptr), "corr_hardest_fwd");
   return {terms, neg};

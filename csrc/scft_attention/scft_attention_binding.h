@@ -65,6 +65,29 @@ inline scft::ScftAttnBwdParams scft_bwd_params(const at::Tensor& grad_out, const
   return p;
 }
 
+// Every parameter of the full backward (scft_attn_bwd_cuda): scft_bwd_params, v and out, the three
+// gradients, and the Delta, dS and dQ-accumulator workspaces (grad_q_accum undefined for one chunk).
+inline scft::ScftAttnBwdParams scft_full_bwd_params(const at::Tensor& grad_out, const at::Tensor& q,
+                                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                                    const at::Tensor& lse, const at::Tensor& probs,
+                                                    const at::Tensor& dscores, const at::Tensor& delta,
+                                                    const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                                    const at::Tensor& grad_v, const at::Tensor& grad_q_accum,
+                                                    double scale) {
+  scft::ScftAttnBwdParams p = scft_bwd_params(grad_out, q, k, lse, probs, scale);
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  scft_strides(v, p.v_stride_b, p.v_stride_h, p.v_stride_row);
+  scft_strides(out, p.out_stride_b, p.out_stride_h, p.out_stride_row);
+  p.grad_q = grad_q.data_ptr();
+  p.grad_k = grad_k.data_ptr();
+  p.grad_v = grad_v.data_ptr();
+  p.delta = delta.data_ptr<float>();
+  p.dscores = dscores.data_ptr();
+  p.grad_q_accum = grad_q_accum.defined() ? grad_q_accum.data_ptr<float>() : nullptr;
+  return p;
+}
+
 // The tensor-core instruction family the environment asks for (scft_mma_choice) exists for this
 // device.
 inline void check_mma_choice(const at::Tensor& q, const char* op) {

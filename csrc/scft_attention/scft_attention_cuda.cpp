@@ -100,17 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::T
   at::Tensor grad_q_accum;
   if (plan.needs_grad_q_accum) grad_q_accum = at::empty({batch, heads, n, d}, q.options().dtype(at::kFloat));
 
-  scft::ScftAttnBwdParams p = scft_bwd_params(gox, qx, kx, lse_c, probs, scale);
-  p.v = vx.data_ptr();
-  p.out = ox.data_ptr();
-  scft_strides(vx, p.v_stride_b, p.v_stride_h, p.v_stride_row);
-  scft_strides(ox, p.out_stride_b, p.out_stride_h, p.out_stride_row);
-  p.grad_q = grad_q.data_ptr();
-  p.grad_k = grad_k.data_ptr();
-  p.grad_v = grad_v.data_ptr();
-  p.delta = delta.data_ptr<float>();
-  p.dscores = dscores.data_ptr();
-  p.grad_q_accum = plan.needs_grad_q_accum ? grad_q_accum.data_ptr<float>() : nullptr;
+  const scft::ScftAttnBwdParams p = scft_full_bwd_params(gox, qx, kx, vx, ox, lse_c, probs, dscores, delta, grad_q,
+                                                        grad_k, grad_v, grad_q_accum, scale);
   check_launch(scft::scft_attn_bwd_cuda(p, kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
   return {grad_q, grad_k, grad_v};
 }
