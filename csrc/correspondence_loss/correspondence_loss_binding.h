@@ -37,6 +37,19 @@ inline CorrKernelInputs corr_kernel_inputs(const at::Tensor& q, const at::Tensor
   return x;
 }
 
+// The sampled-negative triplet terms' parameters for inputs x, negatives neg_c ((B, N, T) int64,
+// contiguous) and the output terms ((B, N, T) float32).
+inline corr::CorrTripletParams corr_triplet_params(const CorrKernelInputs& x, const at::Tensor& neg_c,
+                                                   const at::Tensor& terms, double margin) {
+  corr::CorrTripletParams p{};
+  p.in = x.in;
+  p.neg = neg_c.data_ptr<int64_t>();
+  p.terms = terms.data_ptr<float>();
+  p.negatives = static_cast<int>(neg_c.size(2));
+  p.margin = static_cast<float>(margin);
+  return p;
+}
+
 // The hardest-negative search's parameters for inputs x, its outputs (terms float32, neg int64, both
 // (B, N)) and its key-split workspaces ((B, key_splits, N) float32 and int32) sized by `plan`.
 inline corr::CorrHardestParams corr_hardest_params(const CorrKernelInputs& x, const at::Tensor& terms,

@@ -94,12 +94,7 @@ at::Tensor corr_triplet_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, co
   if (terms.numel() == 0) return terms;
   const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
   const at::Tensor neg_c = neg.contiguous();
-  corr::CorrTripletParams p{};
-  p.in = x.in;
-  p.neg = neg_c.data_ptr<int64_t>();
-  p.terms = terms.data_ptr<float>();
-  p.negatives = static_cast<int>(neg.size(2));
-  p.margin = static_cast<float>(margin);
+  const corr::CorrTripletParams p = corr_triplet_params(x, neg_c, terms, margin);
   check_launch(corr::corr_triplet_fwd_cuda(p, kernel_dtype(q), current_stream()), kOp);
   return terms;
 }

@@ -80,8 +80,8 @@ struct Thread {
 struct Group {
   int size = 0;
   int arrived = 0;
+  int first = 0;              // linear index of the group's first thread; members are consecutive
   std::vector<Arrival> slot;
-  std::vector<int> members;   // linear thread indices
 };
 
 struct WarpgroupState {
@@ -175,7 +175,7 @@ void collective(Group& g, int index, const Arrival& arrival, Perform&& perform) 
   }
   perform(g.slot);
   g.arrived = 0;
-  for (int m : g.members) {
+  for (int m = g.first; m < g.first + g.size; ++m) {
     s.threads[m]->blocked = false;
     s.threads[m]->waiting = Op::kNone;
   }
@@ -220,6 +220,18 @@ uint16_t smem_u16(uint32_t addr) {
   return v;
 }
 
+// Lets every thread waiting at the block's barrier continue.
+void release_barrier() {
+  State& s = state();
+  s.barrier.arrived = 0;
+  for (auto& t : s.threads) {
+    if (t->waiting == Op::kBarrier) {
+      t->blocked = false;
+      t->waiting = Op::kNone;
+    }
+  }
+}
+
 void trampoline() {
   State& s = state();
   (*s.body)();
@@ -232,15 +244,7 @@ void trampoline() {
   t.done = true;
   // A thread that exits counts as arrived at the block's barrier.
   --s.barrier.size;
-  if (s.barrier.size > 0 && s.barrier.arrived == s.barrier.size) {
-    s.barrier.arrived = 0;
-    for (auto& other : s.threads) {
-      if (other->waiting == Op::kBarrier) {
-        other->blocked = false;
-        other->waiting = Op::kNone;
-      }
-    }
-  }
+  if (s.barrier.size > 0 && s.barrier.arrived == s.barrier.size) release_barrier();
   swapcontext(&t.ctx, &s.scheduler);
 }
 
@@ -358,13 +362,7 @@ void syncthreads() {
     if (s.failed) abandon();
     return;
   }
-  s.barrier.arrived = 0;
-  for (auto& other : s.threads) {
-    if (other->waiting == Op::kBarrier) {
-      other->blocked = false;
-      other->waiting = Op::kNone;
-    }
-  }
+  release_barrier();
 }
 
 uint64_t shfl_xor(uint64_t bits, int lane_mask) {
@@ -670,14 +668,13 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
     groups.assign(size_t(threads / size), Group{});
     for (size_t gi = 0; gi < groups.size(); ++gi) {
       groups[gi].size = size;
+      groups[gi].first = int(gi) * size;
       groups[gi].slot.resize(size_t(size));
-      for (int i = 0; i < size; ++i) groups[gi].members.push_back(int(gi) * size + i);
     }
   };
   make_groups(s.warps, kWarpSize);
   make_groups(s.warpgroups, kWarpgroupSize);
   s.wgmma_state.assign(s.warpgroups.size(), WarpgroupState{});
-  s.barrier.members.clear();
   s.body = &body;
   s.failed = false;
   for (unsigned z = 0; z < grid.z; ++z)

@@ -144,12 +144,7 @@ at::Tensor corr_triplet(const at::Tensor& q, const at::Tensor& k, const at::Tens
   at::Tensor terms = poisoned(neg.sizes(), q.options().dtype(at::kFloat));
   const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
   const at::Tensor neg_c = neg.contiguous();
-  corr::CorrTripletParams p{};
-  p.in = x.in;
-  p.neg = neg_c.data_ptr<int64_t>();
-  p.terms = terms.data_ptr<float>();
-  p.negatives = static_cast<int>(neg.size(2));
-  p.margin = static_cast<float>(margin);
+  const corr::CorrTripletParams p = corr_triplet_params(x, neg_c, terms, margin);
   const Launch launch({x.q, x.k});
   launch.check(corr::corr_triplet_fwd_cuda(p, kernel_dtype(q), nullptr), "corr_triplet_fwd");
   return terms;
