@@ -10,7 +10,7 @@ import torch
 from conftest import assert_close_to_reference
 from sketchcolor import reference
 from sketchcolor.ops import _backends, correspondence_loss
-from sketchcolor.ops.correspondence_loss import FWD_OP
+from sketchcolor.ops.correspondence_loss import FWD_OP, _fused_ops
 from sketchcolor.testing import compare_mean_loss
 
 # (B, H or None, N, M, key_grid, D): odd N and M, one query or one key row, N > 128 and
@@ -95,9 +95,7 @@ def hardest_negatives(q, k, pos, key_grid, exclusion=1, scale=None, impl="cpp"):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     rows = q.shape[:-1]
     flat_pos = reference.broadcast_heads(pos, rows).reshape(-1, rows[-1])
-    # cpp and cuda are kernels of one op; triton registers its own.
-    hardest_fwd = torch.ops.sketchcolor.corr_hardest_fwd_triton if impl == "triton" else torch.ops.sketchcolor.corr_hardest_fwd
-    _, neg = hardest_fwd(
+    _, neg = _fused_ops(impl).hardest_fwd(
         q.detach().reshape(-1, *q.shape[-2:]), k.detach().reshape(-1, *k.shape[-2:]), flat_pos,
         *key_grid, exclusion, scale, 12.0,
     )
@@ -301,6 +299,31 @@ def check_cuda_graph_replay(mode, impl, dtype):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cpp_deterministic(mode):
     check_deterministic(*make_case(1, None, 300, 1100, (22, 50), 32, torch.float32, **MODES[mode]), impl="cpp")
+
+
+def check_small_margin_and_strided_inputs(mode, impl, dtype, device="cpu"):
+    """A margin of 0.3 (some terms inactive), k with last-dim stride != 1 and q every other row
+    of a wider tensor (strided rows), against the reference."""
+    q, k, pos, kwargs = make_case(2, None, 30, 40, (5, 8), 16, dtype, margin=0.3, **MODES[mode], device=device)
+    k = k.detach().mT.contiguous().mT.requires_grad_()
+    q = torch.randn(2, 60, 16, dtype=dtype, device=device)[:, ::2].requires_grad_()
+    check_against_reference(q, k, pos, kwargs, impl)
+
+
+def check_triplet_backward_ignores_missing_keys(triplet_bwd, device="cpu"):
+    """triplet_bwd called directly with positive terms where pos or neg is -1 (a forward writes 0
+    there) gives what the cpu kernel gives: only entries with both keys get a gradient, and no key
+    row -1 is touched."""
+    pos = torch.tensor([[-1, 0, 1, 2], [3, -1, 0, 1]])
+    neg = torch.tensor([[[1], [2], [-1], [0]], [[2], [4], [-1], [3]]])
+    q = torch.randn(2, 4, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    terms = torch.ones(2, 4, 1)
+    args = (terms, q, k, pos, neg, terms)   # grad_terms, q, k, pos, neg, terms
+    expected = torch.ops.sketchcolor.corr_triplet_bwd(*args, 0.5)
+    got = triplet_bwd(*(t.to(device) for t in args), 0.5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.cpu().float(), e.float(), atol=1e-2, rtol=1e-2)
 
 
 def check_hardest_ties(dtype, impl="cpp", device="cpu"):

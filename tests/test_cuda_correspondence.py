@@ -25,6 +25,8 @@ from test_correspondence_loss import (
     check_hardest,
     check_hardest_ties,
     check_hardest_without_candidates,
+    check_small_margin_and_strided_inputs,
+    check_triplet_backward_ignores_missing_keys,
     compare_with_reference,
     make_case,
 )
@@ -87,13 +89,7 @@ def test_cuda_matches_reference(shape, dtype, mode):
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_small_margin_and_strided_inputs(mode):
-    q, k, pos, kwargs = make_case(2, None, 30, 40, (5, 8), 16, torch.bfloat16, margin=0.3, **MODES[mode], device=DEVICE)
-    k = k.detach().mT.contiguous().mT.requires_grad_()   # last-dim stride != 1: copied
-    q = torch.randn(2, 60, 16, dtype=torch.bfloat16, device=DEVICE)[:, ::2].requires_grad_()   # every other row: read in place
-    if mode == "hardest":
-        check_hardest(q, k, pos, kwargs, impl="cuda")
-    else:
-        compare_with_reference(q, k, pos, kwargs, impl="cuda")
+    check_small_margin_and_strided_inputs(mode, "cuda", torch.bfloat16, DEVICE)
 
 
 @pytest.mark.parametrize("mode", ["triplet_t4", "nll"])
@@ -124,19 +120,7 @@ def test_cuda_queries_without_candidates_and_missing_negatives():
 
 
 def test_cuda_triplet_backward_ignores_missing_keys_given_any_terms():
-    # Called directly with positive terms where pos or neg is -1 (the forward writes 0 there): only
-    # entries with both keys get a gradient, as in the cpu kernel; no key row -1 is touched.
-    pos = torch.tensor([[-1, 0, 1, 2], [3, -1, 0, 1]])
-    neg = torch.tensor([[[1], [2], [-1], [0]], [[2], [4], [-1], [3]]])
-    q = torch.randn(2, 4, 16, dtype=torch.bfloat16)
-    k = torch.randn(2, 5, 16, dtype=torch.bfloat16)
-    terms = torch.ones(2, 4, 1)
-    grads = {}
-    for device in ("cpu", DEVICE):
-        args = [t.to(device) for t in (terms, q, k, pos, neg, terms)]   # grad_terms, q, k, pos, neg, terms
-        grads[device] = torch.ops.sketchcolor.corr_triplet_bwd(*args, 0.5)
-    for cpu, cuda in zip(grads["cpu"], grads[DEVICE]):
-        torch.testing.assert_close(cuda.cpu().float(), cpu.float(), atol=1e-2, rtol=1e-2)
+    check_triplet_backward_ignores_missing_keys(torch.ops.sketchcolor.corr_triplet_bwd, DEVICE)
 
 
 def test_cuda_sliced_rows_are_read_in_place_or_copied():

@@ -1,24 +1,34 @@
-"""The CUDA kernels run on the CPU, in the CUDA emulator (csrc/emulator), against sketchcolor.reference.
+"""The CUDA backend runs on the CPU, in the CUDA emulator (csrc/emulator), against sketchcolor.reference.
 
 tests/test_cuda_compile.py proves the kernels compile for sm_80 and sm_90a, fit them and use the
-tensor cores; tests/test_cuda_attention.py checks their numerics on a GPU. This file runs the same
-kernel sources, and the launchers that dispatch them, without a GPU: compiled as host C++ with
-SKETCHCOLOR_CUDA_EMULATOR, each CUDA thread a fiber, the tensor-core and copy instructions carried
-out by the emulator from their PTX definitions (emulator.h says what is modelled). The emulated
-device decides the code path exactly as a real one would: an A100 (8.0) runs the mma.sync kernels,
-an H100 (9.0) the wgmma forward and backward GEMMs, and an H100 with SKETCHCOLOR_CUDA_MMA=mma_sync
-the mma.sync ones again.
+tensor cores; tests/test_cuda_attention.py and tests/test_cuda_correspondence.py check the backend on
+a GPU. This file runs the same sources without a GPU: the kernel files and the torch bindings
+(csrc/<op>/<op>_cuda.cpp), compiled as host C++ with SKETCHCOLOR_CUDA_EMULATOR. Each CUDA thread is a
+fiber; the tensor-core and copy instructions are carried out by the emulator from their PTX
+definitions (emulator.h says what is modelled); the bindings reach the emulated device through
+common/cuda_binding.h and take CPU tensors. Their ops register as sketchcolor_emulated::<op>, get the
+package's own autograd and fake kernels, and stand in for the cuda backend here (the
+emulated_cuda_backend fixture): impl="cuda" then runs the whole chain, from the public op through
+the binding's checks, plans and ATen glue to the kernels.
 
-Outputs and workspaces start as NaN, shared memory as 0xFF bytes (NaN); cp.async sources must lie in
-the launch's buffers. Rule: max |emulated - float64 reference| <= 2 * max |reference in the same low
-precision - float64 reference| + atol (sketchcolor/testing.py), for out, lse and the three gradients.
+The emulated device decides the code path exactly as a real one would: an A100 (8.0) runs the
+mma.sync kernels, an H100 (9.0) the wgmma forward and backward GEMMs, and an H100 with
+SKETCHCOLOR_CUDA_MMA=mma_sync the mma.sync ones again.
+
+Every CPU allocation during a test is emulated device memory: it starts as NaN (an out-of-range
+value in integer tensors), so an output or workspace element the kernels never write fails the
+comparison; shared memory starts as 0xFF bytes (NaN); cp.async sources must lie in allocated
+buffers. Rule: max |emulated - float64 reference| <= 2 * max |reference in the same low precision -
+float64 reference| + atol (sketchcolor/testing.py).
 
 Skips only where g++ or the CUDA toolkit's headers (cuda_runtime.h, cuda_fp16.h) are missing.
 Run: PYTHONPATH=. pytest tests/test_cuda_emulated.py -q  (builds the emulator first, about a minute).
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
+import importlib
 import math
 import os
 import shutil
@@ -28,21 +38,54 @@ import torch
 
 from conftest import assert_close_to_reference
 from test_cuda_compile import CSRC, CUDA_INCLUDE
+from test_correspondence_loss import (
+    MODES,
+    check_all_invalid,
+    check_all_negatives_missing,
+    check_deterministic,
+    check_empty,
+    check_hardest,
+    check_hardest_ties,
+    check_hardest_without_candidates,
+    check_small_margin_and_strided_inputs,
+    check_triplet_backward_ignores_missing_keys,
+    compare_with_reference,
+    make_case,
+)
+from sketchcolor import reference
+from sketchcolor.ops import _backends, correspondence_loss, scft_attention
 from sketchcolor.reference import scft_attention as ref_attention
+
+attention_module = importlib.import_module("sketchcolor.ops.scft_attention")
+correspondence_module = importlib.import_module("sketchcolor.ops.correspondence_loss")
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None or CUDA_INCLUDE is None,
     reason="the emulator needs g++ and the CUDA toolkit's headers (cuda_runtime.h)",
 )
 
+LIBRARY = "sketchcolor_emulated"
 # Emulated GPUs: (compute capability major, minor, SMs, shared memory per block (opt-in), per SM).
 DEVICES = {
     "A100": (8, 0, 108, 163 * 1024, 164 * 1024),
     "H100": (9, 0, 132, 227 * 1024, 228 * 1024),
+    "RTX4090": (8, 9, 128, 99 * 1024, 100 * 1024),
 }
 # (device, SKETCHCOLOR_CUDA_MMA, the instruction family that must run).
 PATHS = [("A100", "auto", "mma_sync"), ("H100", "auto", "wgmma"), ("H100", "mma_sync", "mma_sync")]
 DTYPES = [torch.float16, torch.bfloat16]
+
+
+@dataclasses.dataclass
+class Emulator:
+    """The built emulator module and the emulated library's forward ops, autograd registered."""
+
+    module: object
+    attention_fwd: object
+    correspondence_ops: object
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +100,11 @@ def emulator(tmp_path_factory):
         unit = build / ("emulated_" + os.path.basename(cu).replace(".cu", ".cpp"))
         unit.write_text(f'#include "{os.path.relpath(cu, CSRC)}"\n')
         units.append(str(unit))
-    return cpp_extension.load(
+    bindings = sorted(glob.glob(os.path.join(CSRC, "*", "*_cuda.cpp")))
+    module = cpp_extension.load(
         "sketchcolor_cuda_emulator",
-        [os.path.join(CSRC, "emulator", "emulator.cpp"), os.path.join(CSRC, "emulator", "emulator_binding.cpp"), *units],
+        [os.path.join(CSRC, "emulator", "emulator.cpp"), os.path.join(CSRC, "emulator", "emulator_binding.cpp"),
+         *units, *bindings],
         extra_cflags=[
             "-O2", "-DSKETCHCOLOR_CUDA_EMULATOR",
             # The CPU wheel of torch ships c10/cuda headers but not the CMake-generated cuda_cmake_macros.h.
@@ -68,6 +113,34 @@ def emulator(tmp_path_factory):
         ],
         build_directory=str(build),
     )
+    # The package's own fake kernels and hand-written backward, on the emulated library's ops.
+    attention_module._register_cpp_fakes(LIBRARY)
+    correspondence_module._register_cpp_fakes(LIBRARY)
+    return Emulator(
+        module,
+        attention_module._register_autograd("scft_attn_fwd", "scft_attn_bwd", library=LIBRARY),
+        correspondence_module._register_autograd("", library=LIBRARY),
+    )
+
+
+@pytest.fixture(autouse=True)
+def emulated_cuda_backend(emulator, monkeypatch):
+    """impl="cuda" runs the emulated bindings on CPU tensors, on an emulated A100 unless the test
+    picks another device; every allocation of the test is emulated device memory."""
+    emulator.set_device(*DEVICES["A100"])
+    emulator.set_schedule(False, False)
+    emulator.set_binding_options(False, 0)
+    resolve = _backends.resolve
+
+    def resolve_cuda_to_emulator(impl, device, op_name, dtype=None):
+        return "cuda" if impl == "cuda" else resolve(impl, device, op_name, dtype)
+
+    monkeypatch.setattr(_backends, "resolve", resolve_cuda_to_emulator)
+    monkeypatch.setitem(attention_module._FORWARD_OPS, "extension", emulator.attention_fwd)
+    monkeypatch.setitem(correspondence_module._FORWARD_OPS, "extension", emulator.correspondence_ops)
+    emulator.use_device_allocator(True)
+    yield
+    emulator.use_device_allocator(False)
 
 
 @pytest.fixture(params=PATHS, ids=lambda p: f"{p[0]}-{p[2]}")
@@ -75,27 +148,8 @@ def path(request, emulator, monkeypatch):
     """Emulates the device and instruction family; yields the family that must run."""
     device, choice, family = request.param
     emulator.set_device(*DEVICES[device])
-    emulator.set_schedule(False, False)
     monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", choice)
     return family
-
-
-class EmulatedAttention(torch.autograd.Function):
-    """scft_attention on the emulated cuda backend, (B, H, N, D) CPU tensors."""
-
-    @staticmethod
-    def forward(ctx, emulator, q, k, v, scale, key_chunk):
-        out, lse = emulator.attn_fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.emulator, ctx.scale, ctx.key_chunk = emulator, scale, key_chunk
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        grads = ctx.emulator.attn_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale, ctx.key_chunk)
-        return None, *grads, None, None
 
 
 def make_inputs(batch, heads, n, m, d, dv, dtype, transposed=False):
@@ -112,17 +166,25 @@ def forward_backward(fn, q, k, v, grad_out):
     return (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
 
 
-def check_against_reference(emulator, family, q, k, v, scale=None, key_chunk=0):
-    """out, lse and gradients of the emulated kernels vs the float64 reference (2x rule), and that
-    the expected instruction family did the products."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
-    emulator.reset_stats()
-    emulated = forward_backward(lambda *t: EmulatedAttention.apply(emulator, *t, scale, key_chunk), q, k, v, grad_out)
+def emulated_attention(scale=None):
+    return lambda q, k, v: scft_attention(q, k, v, scale, impl="cuda", return_lse=True)
+
+
+def check_family(emulator, family):
+    """The expected tensor-core instruction family did the products since the last reset_stats."""
     counts = emulator.stats()
     other = "wgmma" if family == "mma_sync" else "mma_sync"
     # On 9.0 the backward's Delta and P/dS kernels are mma.sync ones; only the forward and GEMMs change.
     assert counts[family] > 0 and (family == "mma_sync" and counts[other] == 0 or family == "wgmma"), counts
+
+
+def check_against_reference(emulator, family, q, k, v, scale=None):
+    """out, lse and gradients of impl="cuda" (emulated) vs the float64 reference (2x rule), and that
+    the expected instruction family did the products."""
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    emulator.reset_stats()
+    emulated = forward_backward(emulated_attention(scale), q, k, v, grad_out)
+    check_family(emulator, family)
     exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     exact = forward_backward(lambda *t: ref_attention(*t, scale=scale, return_lse=True), *exact_inputs, grad_out.double())
     same = forward_backward(lambda *t: ref_attention(*t, scale=scale, return_lse=True), q, k, v, grad_out)
@@ -167,7 +229,8 @@ def test_emulated_cuda_heads_from_batch_seq_heads_layout(path, emulator):
 @pytest.mark.parametrize("key_chunk", [128, 256])
 def test_emulated_cuda_backward_over_several_key_chunks(path, emulator, key_chunk):
     # M = 300 in chunks of 128: three chunks, the middle one reads and writes the float32 dQ accumulator.
-    check_against_reference(emulator, path, *make_inputs(2, 1, 97, 300, 72, 40, torch.bfloat16), key_chunk=key_chunk)
+    emulator.set_binding_options(False, key_chunk)
+    check_against_reference(emulator, path, *make_inputs(2, 1, 97, 300, 72, 40, torch.bfloat16))
 
 
 @pytest.mark.parametrize("scale", [0.05, -0.3])
@@ -184,7 +247,7 @@ def test_emulated_cuda_uniform_attention_is_exact(path, emulator, m):
     q = torch.zeros(1, 2, 70, 24, dtype=torch.bfloat16)
     k = torch.randn(1, 2, m, 24, dtype=torch.bfloat16)
     v = torch.randn(1, 2, m, 40, dtype=torch.bfloat16)
-    out, lse = emulator.attn_fwd(q, k, v, 1.0)
+    out, lse = emulated_attention(1.0)(q, k, v)
     torch.testing.assert_close(lse, torch.full_like(lse, math.log(m)), atol=1e-5, rtol=0)
     torch.testing.assert_close(out.float(), v.float().mean(-2, keepdim=True).expand_as(out), atol=1e-3, rtol=1e-2)
 
@@ -194,14 +257,61 @@ def test_emulated_cuda_results_do_not_depend_on_thread_order_or_copy_timing(path
                                                                              copies_at_issue):
     # A missing barrier or cp.async wait shows as a result that changes with the order fibers run in
     # between barriers, or with when copies land (at issue, or at the wait).
+    emulator.set_binding_options(False, 128)
     inputs = make_inputs(1, 1, 130, 200, 136, 264, torch.bfloat16)
     grad_out = torch.randn(1, 1, 130, 264, dtype=torch.bfloat16)
-    fn = lambda *t: EmulatedAttention.apply(emulator, *t, 136 ** -0.5, 128)  # noqa: E731
-    baseline = forward_backward(fn, *inputs, grad_out)
+    baseline = forward_backward(emulated_attention(), *inputs, grad_out)
     emulator.set_schedule(reverse_threads, copies_at_issue)
-    varied = forward_backward(fn, *inputs, grad_out)
+    varied = forward_backward(emulated_attention(), *inputs, grad_out)
     for a, b in zip(baseline, varied):
         assert torch.equal(a, b)
+
+
+def test_emulated_cuda_empty_queries():
+    q, k, v = make_inputs(2, 3, 0, 7, 16, 5, torch.bfloat16)
+    out, lse = emulated_attention()(q, k, v)
+    assert out.shape == (2, 3, 0, 5) and lse.shape == (2, 3, 0)
+    out.sum().backward()
+    assert k.grad.abs().sum() == 0 and v.grad.abs().sum() == 0
+
+
+def test_emulated_cuda_opcheck_attention(emulator):
+    # The binding returns what the package's fake kernels promise (shapes, dtypes, contiguous
+    # gradients whatever the inputs' strides), and autograd is registered on the op.
+    q, k, v = make_inputs(1, 2, 33, 40, 24, 16, torch.bfloat16, transposed=True)
+    torch.library.opcheck(torch.ops.sketchcolor_emulated.scft_attn_fwd.default, (q, k, v, 0.3))
+    out, lse = torch.ops.sketchcolor_emulated.scft_attn_fwd(q.detach(), k.detach(), v.detach(), 0.3)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.3)
+    torch.library.opcheck(torch.ops.sketchcolor_emulated.scft_attn_bwd.default, args)
+
+
+def test_emulated_cuda_binding_rejects_what_its_kernels_cannot_take(emulator):
+    ops = torch.ops.sketchcolor_emulated
+    q, k, v = (t.detach() for t in make_inputs(1, 1, 5, 6, 16, 8, torch.float32))
+    with pytest.raises(RuntimeError, match=r"float16 or bfloat16.*impl=\"triton\".*impl=\"cpp\""):
+        ops.scft_attn_fwd(q, k, v, 0.25)
+    q, k, v = (torch.zeros(65536, 1, 1, 8, dtype=torch.bfloat16) for _ in range(3))
+    with pytest.raises(RuntimeError, match=r"B \* H = 65536 exceeds 65535"):
+        ops.scft_attn_fwd(q, k, v, 0.25)
+
+
+def test_emulated_cuda_mma_choice_is_checked(emulator, monkeypatch):
+    q, k, v = (t.detach() for t in make_inputs(1, 1, 5, 6, 16, 8, torch.bfloat16))
+    monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", "tensor_cores")
+    with pytest.raises(RuntimeError, match="SKETCHCOLOR_CUDA_MMA must be auto, mma_sync or wgmma, got 'tensor_cores'"):
+        emulated_attention()(q, k, v)
+    monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", "wgmma")   # the emulated device is an A100
+    with pytest.raises(RuntimeError, match=r"wgmma needs a compute capability 9.0 GPU.*is 8.0"):
+        emulated_attention()(q, k, v)
+
+
+def test_emulated_cuda_launch_errors_reach_the_caller(emulator):
+    # A GPU granting 99 KiB per block (sm_89): the launchers' cudaFuncSetAttribute fails and the
+    # binding raises with the launcher's error, instead of returning unwritten outputs.
+    emulator.set_device(*DEVICES["RTX4090"])
+    q, k, v = (t.detach() for t in make_inputs(1, 1, 5, 6, 16, 8, torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"scft_attn_fwd \(emulated cuda backend\): launch failed"):
+        emulated_attention()(q, k, v)
 
 
 # ---- correspondence loss (csrc/correspondence_loss) ----
@@ -237,10 +347,9 @@ def test_emulated_cuda_hardest_negatives_are_exact(emulator, case, dtype, sms):
     # sms = 1: one key split per query tile; 132: keys split over many CTAs, reduced in the finalize kernel.
     batch, n, m, d, (grid_h, grid_w), exclusion = case
     emulator.set_device(9, 0, sms, 227 * 1024, 228 * 1024)
-    emulator.set_schedule(False, False)
     q, k, pos = integer_inputs(batch, n, m, d, dtype)
     scale, margin = 0.5, 3.0
-    terms, neg = emulator.corr_hardest(q, k, pos, grid_h, grid_w, exclusion, scale, margin)
+    terms, neg = torch.ops.sketchcolor_emulated.corr_hardest_fwd(q, k, pos, grid_h, grid_w, exclusion, scale, margin)
     scores = exact_scores(q, k, scale)
     keys = torch.arange(m)
     p = pos.clamp_min(0).unsqueeze(-1)
@@ -258,13 +367,128 @@ def test_emulated_cuda_hardest_negatives_are_exact(emulator, case, dtype, sms):
 @pytest.mark.parametrize("shape", [(2, 37, 70, 3, 4), (1, 9, 300, 992, 1)], ids=str)
 def test_emulated_cuda_sampled_triplet_terms_are_exact(emulator, shape, dtype):
     batch, n, m, d, negatives = shape
-    emulator.set_schedule(False, False)
     q, k, pos = integer_inputs(batch, n, m, d, dtype)
     neg = torch.randint(-1, m, (batch, n, negatives))
     scale, margin = 0.25, 2.0
-    terms = emulator.corr_triplet(q, k, pos, neg, scale, margin)
+    terms = torch.ops.sketchcolor_emulated.corr_triplet_fwd(q, k, pos, neg, scale, margin)
     scores = exact_scores(q, k, scale)
     valid = (pos.unsqueeze(-1) >= 0) & (neg >= 0)
     pos_scores = scores.gather(-1, pos.clamp_min(0).unsqueeze(-1))
     expected = torch.where(valid, torch.relu(scores.gather(-1, neg.clamp_min(0)) - pos_scores + margin), 0.0)
     assert torch.equal(terms.double(), expected)
+
+
+# The loss through the public op (impl="cuda", emulated): the same checks as the GPU tests of
+# tests/test_cuda_correspondence.py, from tests/test_correspondence_loss.py.
+# (B, H or None, N, M, key_grid, D): one query; odd N != M; a head axis with D = 100 (padded rows);
+# several query and key tiles with D = 992.
+CORRESPONDENCE_SHAPES = [
+    (1, None, 1, 7, (1, 7), 16),
+    (2, None, 37, 45, (5, 9), 24),
+    (1, 2, 33, 63, (7, 9), 100),
+    (1, None, 129, 300, (15, 20), 992),
+]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CORRESPONDENCE_SHAPES, ids=str)
+def test_emulated_cuda_correspondence_loss_matches_reference(shape, dtype, mode):
+    q, k, pos, kwargs = make_case(*shape, dtype, **MODES[mode])
+    if mode == "hardest":
+        check_hardest(q, k, pos, kwargs, impl="cuda")
+    else:
+        compare_with_reference(q, k, pos, kwargs, impl="cuda")
+
+
+def test_emulated_cuda_nll_loss_on_each_path(path, emulator):
+    # nll runs the attention forward (wgmma on 9.0) and the value-gradient GEMMs.
+    q, k, pos, kwargs = make_case(2, None, 70, 130, (10, 13), 40, torch.bfloat16, **MODES["nll"])
+    emulator.reset_stats()
+    compare_with_reference(q, k, pos, kwargs, impl="cuda")
+    check_family(emulator, path)
+
+
+def test_emulated_cuda_nll_value_gradient_over_several_key_chunks(emulator):
+    # M = 300 in chunks of 128: P^T q of each chunk goes to its own rows of grad_k.
+    emulator.set_binding_options(False, 128)
+    q, k, pos, kwargs = make_case(1, None, 97, 300, (15, 20), 24, torch.bfloat16, **MODES["nll"])
+    compare_with_reference(q, k, pos, kwargs, impl="cuda")
+
+
+def test_emulated_cuda_nll_without_gradient_matches_reference():
+    # Under no_grad the binding computes lse with a 1-wide value slice (no attention output).
+    q, k, pos, kwargs = make_case(2, None, 129, 300, (15, 20), 100, torch.bfloat16, **MODES["nll"])
+    with torch.no_grad():
+        fused = correspondence_loss(q, k, pos, impl="cuda", **kwargs)
+        exact = reference.correspondence_loss(q.double(), k.double(), pos, **kwargs)
+    assert fused.item() == pytest.approx(exact.item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_emulated_cuda_small_margin_and_strided_inputs(mode):
+    check_small_margin_and_strided_inputs(mode, "cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_cuda_hardest_ties_pick_the_lowest_index(dtype):
+    check_hardest_ties(dtype, impl="cuda")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_emulated_cuda_validity_all_invalid_and_empty(mode):
+    check_all_invalid(mode, "cuda", dtype=torch.bfloat16)
+    for batch, n in ((2, 0), (0, 5)):
+        check_empty(mode, "cuda", batch, n, dtype=torch.bfloat16)
+
+
+def test_emulated_cuda_queries_without_candidates_and_missing_negatives():
+    check_hardest_without_candidates("cuda", torch.bfloat16, rel=1e-5)
+    check_all_negatives_missing("cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_emulated_cuda_correspondence_loss_is_deterministic(mode):
+    # Many queries share one key: the key-gradient scatter (sort, then one ordered sum per key).
+    check_deterministic(*make_case(1, None, 300, 70, (7, 10), 32, torch.bfloat16, **MODES[mode]), impl="cuda")
+
+
+def test_emulated_cuda_triplet_backward_ignores_missing_keys_given_any_terms():
+    check_triplet_backward_ignores_missing_keys(torch.ops.sketchcolor_emulated.corr_triplet_bwd)
+
+
+def test_emulated_cuda_opcheck_correspondence_ops():
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.bfloat16, **MODES["triplet_t4"])
+    neg, ops = kwargs["neg"], torch.ops.sketchcolor_emulated
+    terms = ops.corr_triplet_fwd(q.detach(), k.detach(), pos, neg, 0.3, 2.0)
+    qt, kt = (t.detach().mT.contiguous().mT for t in (q, k))
+    cases = [
+        (ops.corr_triplet_fwd.default, (q, k, pos, neg, 0.3, 2.0)),
+        (ops.corr_hardest_fwd.default, (q, k, pos, 3, 4, 1, 0.3, 2.0)),
+        (ops.corr_nll_loss.default, (q, k, pos, 0.3, True)),
+        (ops.corr_nll_loss.default, (q.detach(), k.detach(), pos, 0.3, False)),
+        (ops.corr_triplet_bwd.default, (torch.randn_like(terms), qt, kt, pos, neg, terms, 0.3)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_emulated_cuda_index_checks_on_the_host_and_under_graph_capture(emulator):
+    # Outside a capture the binding copies the index range to the host and names it; while the
+    # stream is captured it asserts on the device instead (on a CPU tensor: at once).
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.bfloat16, **MODES["triplet_t4"])
+    q, k, neg, ops = q.detach(), k.detach(), kwargs["neg"], torch.ops.sketchcolor_emulated
+    with pytest.raises(RuntimeError, match=r"neg values must be in \[-1, M\) = \[-1, 12\), got values in \[19, "):
+        ops.corr_triplet_fwd(q, k, pos, neg + 20, 0.3, 2.0)
+    host = ops.corr_triplet_fwd(q, k, pos, neg, 0.3, 2.0)
+    emulator.set_binding_options(True, 0)
+    assert torch.equal(ops.corr_triplet_fwd(q, k, pos, neg, 0.3, 2.0), host)
+    with pytest.raises(RuntimeError, match=r"neg values must be in \[-1, M\) = \[-1, 12\)") as device_side:
+        ops.corr_triplet_fwd(q, k, pos, neg + 20, 0.3, 2.0)
+    assert "got values" not in str(device_side.value)   # no copy to the host: the values are not known
+    with pytest.raises(RuntimeError, match=r"pos values must be in \[-1, M\)"):
+        ops.corr_nll_loss(q, k, pos - 5, 0.3, True)
+    with pytest.raises(RuntimeError, match="key_grid"):
+        ops.corr_hardest_fwd(q, k, pos, 5, 3, 1, 0.3, 2.0)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        ops.corr_nll_loss(q.float(), k.float(), pos, 0.3, False)

@@ -100,6 +100,7 @@ if INTERPRETING or ON_GPU:
         check_empty,
         check_hardest,
         check_hardest_ties,
+        check_small_margin_and_strided_inputs,
         compare_with_reference,
         loss_and_grads,
         make_case,
@@ -129,12 +130,7 @@ if INTERPRETING or ON_GPU:
 
     @pytest.mark.parametrize("mode", list(MODES))
     def test_triton_small_margin_and_non_contiguous(mode):
-        q, k, pos, kwargs = make_case(2, None, 30, 40, (5, 8), 16, torch.float32, margin=0.3, **MODES[mode], device=DEVICE)
-        k = k.detach().mT.contiguous().mT.requires_grad_()  # last-dim stride != 1
-        if mode == "hardest":
-            check_hardest(q, k, pos, kwargs, impl="triton")
-        else:
-            compare_with_reference(q, k, pos, kwargs, impl="triton")
+        check_small_margin_and_strided_inputs(mode, "triton", torch.float32, DEVICE)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_triton_hardest_ties_pick_the_lowest_index(dtype):

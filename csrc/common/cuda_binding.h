@@ -1,13 +1,18 @@
-// What every torch binding of a CUDA kernel file needs (compiled only in CUDA builds): device and
-// dtype checks with messages that name the op and the argument, the layout the kernels read, and
-// the launch error check.
+// What every torch binding of a CUDA kernel file needs (compiled only in CUDA builds): dtype checks
+// with messages that name the op and the argument, the layout the kernels read, and everything the
+// bindings ask of the GPU and its runtime: the device check, the device guard, the current stream,
+// whether that stream is being captured, device attributes, and the launch error check.
+//
+// The bindings reach the GPU only through this file. Under SKETCHCOLOR_CUDA_EMULATOR those calls go
+// to the CUDA emulator instead (csrc/emulator/emulated_binding.h, the same functions), whose device
+// takes CPU tensors: the bindings' whole op code, not only their kernels, then runs on a CPU
+// (tests/test_cuda_emulated.py), as common/ptx.cuh does for the kernels' instructions.
 //
 // ATen/cuda/CUDAContext.h is not included: it pulls in cuBLAS / cuSPARSE headers, which would keep
 // the bindings from being syntax-checked where torch is a CPU build (tests/test_cuda_compile.py).
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -15,11 +20,56 @@
 
 #include "common/kernel_dtype.h"
 
+#ifdef SKETCHCOLOR_CUDA_EMULATOR
+#include "emulator/emulated_binding.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+// The bindings register their ops as the CUDA kernels of the sketchcolor library.
+#define SKETCHCOLOR_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(sketchcolor, CUDA, m)
+
 namespace sketchcolor {
 
 inline void check_cuda_tensor(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.is_cuda(), op, " (cuda backend): ", name, " must be a CUDA tensor, got one on ", t.device());
 }
+
+// Makes the tensors' GPU the current one for the op's allocations and launches.
+using KernelDeviceGuard = c10::cuda::OptionalCUDAGuard;
+
+// The stream the op's kernels are enqueued on: torch's current one (at::cuda::getCurrentCUDAStream
+// re-exports this function).
+inline cudaStream_t kernel_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// True while the current stream is being captured into a CUDA graph (torch.cuda.graph,
+// torch.compile's cudagraphs), when nothing may copy to the host.
+inline bool stream_is_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+inline int device_attribute(cudaDeviceAttr attr, const at::Tensor& t) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, t.device().index()));
+  return value;
+}
+
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, " (cuda backend): launch failed: ", cudaGetErrorName(err), ": ",
+              cudaGetErrorString(err),
+              err == cudaErrorInvalidConfiguration
+                  ? " (the device grants less shared memory per block than the kernels need: up to "
+                    "149 KiB, 209 KiB for the wgmma kernels on 9.0 GPUs; sm_80 and sm_90 GPUs have it)"
+                  : "");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace sketchcolor
+#endif
+
+namespace sketchcolor {
 
 inline void check_low_precision(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, " (cuda backend): ", name,
@@ -54,16 +104,6 @@ inline at::Tensor kernel_layout(const at::Tensor& t) {
   at::Tensor view = at::empty(padded, t.options()).narrow(last, 0, t.size(last));
   view.copy_(t);
   return view;
-}
-
-inline void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, " (cuda backend): launch failed: ", cudaGetErrorName(err), ": ",
-              cudaGetErrorString(err),
-              err == cudaErrorInvalidConfiguration
-                  ? " (the device grants less shared memory per block than the kernels need: up to "
-                    "149 KiB, 209 KiB for the wgmma kernels on 9.0 GPUs; sm_80 and sm_90 GPUs have it)"
-                  : "");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace sketchcolor

@@ -1,4 +1,4 @@
-// CPU kernels of the correspondence-loss ops (schemas in csrc/ops.cpp).
+// CPU kernels of the correspondence-loss ops (schemas in csrc/op_schemas.h).
 //
 // Every op works on (B, N, D) queries and (B, M, D) keys (a head axis is folded into B by the
 // caller). The triplet ops return per-term losses, not their mean: the caller divides the sum by

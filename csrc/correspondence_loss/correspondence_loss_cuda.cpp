@@ -1,16 +1,14 @@
-// Torch binding of the CUDA backend of the correspondence loss (compiled only in CUDA builds):
-// input checks, layouts, outputs and workspaces, the glue between kernels, and the registration
-// of the launchers in correspondence_loss_kernel.cu (and, for nll, scft_attention_kernel.cu) as the
-// CUDA kernels of the ops in csrc/ops.cpp.
+// Torch binding of the CUDA backend of the correspondence loss (compiled only in CUDA builds, and
+// in the CUDA emulator): input checks, layouts, outputs and workspaces, the glue between kernels,
+// and the registration of the launchers in correspondence_loss_kernel.cu (and, for nll,
+// scft_attention_kernel.cu) as the CUDA kernels of the ops in csrc/op_schemas.h. The GPU is
+// reached through common/cuda_binding.h.
 //
 // Two pieces of glue run as ATen ops because they are O(B * N * T) index work with no arithmetic
 // worth a kernel: the stable sort that groups the key-gradient contributions by key (what makes
 // the scatter deterministic without atomics), and the final division by the number of valid terms
 // (a device scalar, so no host synchronization).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -42,13 +40,10 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k)
               q.size(0) * k.size(1), " exceeds the kernels' 32-bit row index");
 }
 
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-// A copy to the host would end a CUDA graph capture (torch.cuda.graph, torch.compile's cudagraphs):
-// index ranges are checked on the device while the current stream is being captured.
+// A copy to the host would end a CUDA graph capture: index ranges are checked on the device while
+// the current stream is being captured.
 IndexRangeCheck index_range_check() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None ? IndexRangeCheck::kHost
-                                                                                              : IndexRangeCheck::kDevice;
+  return stream_is_capturing() ? IndexRangeCheck::kDevice : IndexRangeCheck::kHost;
 }
 
 // key_grad (B, M, D) (+)= the sum over entries e of coef[e] * q[row[e]], where dest (E) int64 is each
@@ -80,7 +75,7 @@ void scatter_to_keys(const CorrKernelInputs& x, const at::Tensor& dest, const at
   }
   p.rows = static_cast<int>(key_rows);
   p.head_dim = x.in.head_dim;
-  check_launch(corr::corr_row_scatter_cuda(p, kernel_dtype(x.q), current_stream()), op);
+  check_launch(corr::corr_row_scatter_cuda(p, kernel_dtype(x.q), kernel_stream()), op);
 }
 
 at::Tensor corr_triplet_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
@@ -89,13 +84,13 @@ at::Tensor corr_triplet_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, co
   check_corr_triplet_args(kOp, q, k, pos, neg, scale, index_range_check());
   check_corr_margin(kOp, margin);
   check_cuda_inputs(kOp, q, k);
-  c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  KernelDeviceGuard device_guard(q.device());
   at::Tensor terms = at::empty(neg.sizes(), q.options().dtype(at::kFloat));
   if (terms.numel() == 0) return terms;
   const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
   const at::Tensor neg_c = neg.contiguous();
   const corr::CorrTripletParams p = corr_triplet_params(x, neg_c, terms, margin);
-  check_launch(corr::corr_triplet_fwd_cuda(p, kernel_dtype(q), current_stream()), kOp);
+  check_launch(corr::corr_triplet_fwd_cuda(p, kernel_dtype(q), kernel_stream()), kOp);
   return terms;
 }
 
@@ -108,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> corr_triplet_bwd_cuda_op(const at::Tensor& gr
   check_corr_stat(kOp, "terms", terms, neg.sizes(), q);
   check_corr_stat(kOp, "grad_terms", grad_terms, neg.sizes(), q);
   check_cuda_inputs(kOp, q, k);
-  c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  KernelDeviceGuard device_guard(q.device());
   const auto contiguous = at::MemoryFormat::Contiguous;
   at::Tensor grad_q = at::empty(q.sizes(), q.options(), contiguous);
   at::Tensor grad_k = at::empty(k.sizes(), k.options(), contiguous);
@@ -129,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> corr_triplet_bwd_cuda_op(const at::Tensor& gr
   p.coef = coef.data_ptr<float>();
   p.grad_q = grad_q.data_ptr();
   p.negatives = static_cast<int>(neg.size(2));
-  check_launch(corr::corr_triplet_grad_q_cuda(p, kernel_dtype(q), current_stream()), kOp);
+  check_launch(corr::corr_triplet_grad_q_cuda(p, kernel_dtype(q), kernel_stream()), kOp);
 
   // grad_k[neg_it] += coef_it q_i and grad_k[pos_i] -= coef_it q_i: 2T entries per query.
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), t = neg.size(2);
@@ -150,13 +145,12 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cuda_op(const at::Tensor& q,
   check_cuda_inputs(kOp, q, k);
   TORCH_CHECK(exclusion <= std::numeric_limits<int32_t>::max(), kOp, " (cuda backend): exclusion ", exclusion,
               " exceeds the kernels' 32-bit range");
-  c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  KernelDeviceGuard device_guard(q.device());
   at::Tensor terms = at::empty(pos.sizes(), q.options().dtype(at::kFloat));
   at::Tensor neg = at::empty(pos.sizes(), pos.options());
   if (terms.numel() == 0) return {terms, neg};
 
-  int num_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  const int num_sms = device_attribute(cudaDevAttrMultiProcessorCount, q);
   const corr::CorrHardestPlan plan = corr::corr_hardest_plan(q.size(0), q.size(1), k.size(1), num_sms);
   at::Tensor split_best = at::empty({q.size(0), plan.key_splits, q.size(1)}, q.options().dtype(at::kFloat));
   at::Tensor split_arg = at::empty({q.size(0), plan.key_splits, q.size(1)}, q.options().dtype(at::kInt));
@@ -164,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cuda_op(const at::Tensor& q,
   const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
   const corr::CorrHardestParams p =
       corr_hardest_params(x, terms, neg, split_best, split_arg, grid_h, grid_w, exclusion, plan, margin);
-  check_launch(corr::corr_hardest_fwd_cuda(p, kernel_dtype(q), current_stream()), kOp);
+  check_launch(corr::corr_hardest_fwd_cuda(p, kernel_dtype(q), kernel_stream()), kOp);
   return {terms, neg};
 }
 
@@ -178,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
   constexpr const char* kOp = "corr_nll_loss";
   check_corr_nll_args(kOp, q, k, pos, scale, index_range_check());
   check_cuda_inputs(kOp, q, k);
-  c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  KernelDeviceGuard device_guard(q.device());
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2);
   if (batch == 0 || n == 0) {
@@ -187,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
   }
   const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
   const at::Tensor q4 = x.q.unsqueeze(1), k4 = x.k.unsqueeze(1);   // (B, 1, N, D), (B, 1, M, D)
-  const cudaStream_t stream = current_stream();
+  const cudaStream_t stream = kernel_stream();
 
   // Attention with v = k. Without the gradient only lse is needed: a 1-wide value slice keeps the
   // forward's P v product to one 128-column tile instead of D columns.
@@ -225,8 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
 
   at::Tensor grad_k = at::empty({batch, m, d}, f32);
   {
-    const scft::ScftBwdWorkspacePlan plan = scft::scft_bwd_workspace_plan(batch, n, m, d, d, gemm_occupancy(q),
-                                                                         scft::ScftBwdGemms::kValueOnly);
+    const scft::ScftBwdWorkspacePlan plan = scft_bwd_plan(q, batch, n, m, d, d, scft::ScftBwdGemms::kValueOnly);
     at::Tensor probs = at::empty({batch, 1, n, plan.key_chunk}, q.options());
     // grad_out = q: P^T q.
     scft::ScftAttnBwdParams p = scft_bwd_params(q4, q4, k4, lse_masked, probs, scale);
@@ -247,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
 }  // namespace
 }  // namespace sketchcolor
 
-TORCH_LIBRARY_IMPL(sketchcolor, CUDA, m) {
+SKETCHCOLOR_CUDA_KERNELS(m) {
   m.impl("corr_triplet_fwd", &sketchcolor::corr_triplet_fwd_cuda_op);
   m.impl("corr_triplet_bwd", &sketchcolor::corr_triplet_bwd_cuda_op);
   m.impl("corr_hardest_fwd", &sketchcolor::corr_hardest_fwd_cuda_op);

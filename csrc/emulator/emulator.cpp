@@ -12,6 +12,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <vector>
 
@@ -92,7 +93,7 @@ struct WarpgroupState {
 struct State {
   DeviceModel device;
   Schedule schedule;
-  std::vector<std::pair<const unsigned char*, size_t>> globals;
+  std::map<const unsigned char*, size_t> globals;   // base -> bytes
   std::map<const void*, int> max_dynamic_smem;   // cudaFuncAttributeMaxDynamicSharedMemorySize
   cudaError_t last_error = cudaSuccess;
   std::string error;
@@ -115,6 +116,13 @@ struct State {
 State& state() {
   static State s;
   return s;
+}
+
+// Guards State::globals: buffers are registered and unregistered by whichever thread allocates or
+// frees them (emulator_binding.cpp's allocator), not only by the one running kernels.
+std::mutex& globals_mutex() {
+  static std::mutex m;
+  return m;
 }
 
 Thread& me() { return *state().current; }
@@ -190,11 +198,18 @@ void check_smem_range(uint32_t addr, uint32_t bytes, const char* what) {
   }
 }
 
-void check_global_range(const unsigned char* ptr, size_t bytes, const char* what) {
+bool in_registered_buffer(const unsigned char* ptr, size_t bytes) {
   State& s = state();
-  if (s.globals.empty()) return;
-  for (const auto& [base, size] : s.globals)
-    if (ptr >= base && ptr + bytes <= base + size) return;
+  const std::lock_guard<std::mutex> lock(globals_mutex());
+  if (s.globals.empty()) return true;
+  const auto after = s.globals.upper_bound(ptr);   // the first buffer starting past ptr
+  if (after == s.globals.begin()) return false;
+  const auto& [base, size] = *std::prev(after);
+  return ptr + bytes <= base + size;
+}
+
+void check_global_range(const unsigned char* ptr, size_t bytes, const char* what) {
+  if (in_registered_buffer(ptr, bytes)) return;
   std::ostringstream out;
   out << what << ": global address " << static_cast<const void*>(ptr) << " + " << bytes
       << " bytes is in no registered buffer";
@@ -320,9 +335,13 @@ void set_device(const DeviceModel& device) { state().device = device; }
 const DeviceModel& device() { return state().device; }
 void set_schedule(const Schedule& schedule) { state().schedule = schedule; }
 void register_global(const void* ptr, size_t bytes) {
-  state().globals.emplace_back(static_cast<const unsigned char*>(ptr), bytes);
+  const std::lock_guard<std::mutex> lock(globals_mutex());
+  state().globals[static_cast<const unsigned char*>(ptr)] = bytes;
 }
-void clear_globals() { state().globals.clear(); }
+void unregister_global(const void* ptr) {
+  const std::lock_guard<std::mutex> lock(globals_mutex());
+  state().globals.erase(static_cast<const unsigned char*>(ptr));
+}
 std::string take_error() {
   std::string e = std::move(state().error);
   state().error.clear();

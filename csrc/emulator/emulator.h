@@ -23,6 +23,7 @@
 //   - Shared memory starts as 0xFF bytes (NaN in fp16, bf16 and fp32) in every block; every shared
 //     address an instruction takes is checked against the launch's dynamic shared memory, and every
 //     cp.async source (with bytes to copy) against the registered global buffers (register_global).
+//     Global memory is the host's: the torch bindings (common/cuda_binding.h) run on CPU tensors.
 //   - mma.sync and wgmma multiply 16-bit operands exactly and accumulate in double, rounding to fp32
 //     once per instruction (the tensor cores round at least as often; tests allow for it).
 //   - The device (compute capability, SM count, shared memory limits) is a DeviceModel the caller
@@ -59,9 +60,10 @@ struct Schedule {
 };
 void set_schedule(const Schedule& schedule);
 
-// Global buffers that cp.async may read; none registered means sources are not checked.
+// Global buffers that cp.async may read (emulator_binding.cpp registers every CPU allocation made
+// while its device allocator is on); none registered means sources are not checked.
 void register_global(const void* ptr, size_t bytes);
-void clear_globals();
+void unregister_global(const void* ptr);
 
 // The error of the last failed launch ("" if none), and clears it.
 std::string take_error();

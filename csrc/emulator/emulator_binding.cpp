@@ -1,23 +1,27 @@
 // Python entry points of the CUDA emulator (built by tests/test_cuda_emulated.py with
-// torch.utils.cpp_extension, together with emulator.cpp and every csrc/<op>/*_kernel.cu compiled as
-// host C++): the CUDA launchers of scft_attention.h and correspondence_loss.h run on CPU tensors
-// prepared as the CUDA bindings prepare them (the same parameter helpers), with outputs and
-// workspaces poisoned (NaN) before the kernels write them; a kernel error is raised with the
-// emulator's message.
+// torch.utils.cpp_extension, together with emulator.cpp, every csrc/<op>/*_kernel.cu and every
+// csrc/<op>/*_cuda.cpp binding, all compiled as host C++ with SKETCHCOLOR_CUDA_EMULATOR).
+//
+// The bindings register their ops as the CPU kernels of sketchcolor_emulated, a library with the
+// sketchcolor schemas (op_schemas.h): torch.ops.sketchcolor_emulated.<op> runs a CUDA binding's op
+// on CPU tensors, from its input checks through its ATen glue to the kernels, on the emulated
+// device this module describes. While the device allocator is on, every CPU allocation (the test's
+// inputs, the bindings' outputs and workspaces) is memory of that device: it starts as NaN and is
+// a buffer cp.async may read.
 #include <torch/extension.h>
+#include <torch/library.h>
 
-#include <cmath>
-#include <limits>
+#include <c10/core/CPUAllocator.h>
+
+#include <cstring>
 #include <map>
+#include <mutex>
 #include <string>
-#include <tuple>
+#include <unordered_map>
 
 #include "common/cuda_binding.h"
-#include "correspondence_loss/correspondence_loss.h"
-#include "correspondence_loss/correspondence_loss_binding.h"
 #include "emulator/emulator.h"
-#include "scft_attention/scft_attention.h"
-#include "scft_attention/scft_attention_binding.h"
+#include "op_schemas.h"
 
 namespace sketchcolor {
 namespace {
@@ -39,127 +43,87 @@ void set_schedule(bool reverse_threads, bool copies_at_issue) {
   emu::set_schedule(s);
 }
 
+void set_binding_options(bool capturing, int64_t key_chunk_limit) {
+  TORCH_CHECK(key_chunk_limit >= 0 && key_chunk_limit % 128 == 0,
+              "set_binding_options: key_chunk_limit must be 0 (the plan's chunks) or a positive multiple of 128, got ",
+              key_chunk_limit);
+  emulated_binding_options() = {capturing, key_chunk_limit};
+}
+
 std::map<std::string, int64_t> stats() {
   const emu::Stats s = emu::stats();
   return {{"blocks", s.blocks}, {"switches", s.switches}, {"mma_sync", s.mma_sync}, {"wgmma", s.wgmma}};
 }
 
-at::Tensor poisoned(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), options);
-}
+// The emulated device's memory: the default CPU allocator's, filled with a pattern that reads as NaN
+// in every floating dtype and as an out-of-range index in int32 and int64 (bytes ff ff ff 7f: fp32
+// 0x7fffffff, fp16 / bf16 0xffff and 0x7fff, int64 0x7fffffff7fffffff), and registered with the
+// emulator for as long as it lives.
+class DeviceAllocator final : public c10::Allocator {
+ public:
+  // The pointer is its own context and release its raw deleter, as in the default allocator: oneDNN's
+  // matmul allocates through raw_allocate and raw_deallocate, which need both.
+  c10::DataPtr allocate(size_t bytes) override {
+    c10::DataPtr block = c10::GetDefaultCPUAllocator()->allocate(bytes);
+    void* data = block.get();
+    if (bytes == 0 || data == nullptr) return block;
+    static constexpr unsigned char kPattern[4] = {0xff, 0xff, 0xff, 0x7f};
+    auto* p = static_cast<unsigned char*>(data);
+    for (size_t i = 0; i < bytes; ++i) p[i] = kPattern[i % 4];
+    {
+      const std::lock_guard<std::mutex> lock(mutex());
+      blocks().emplace(data, std::move(block));
+    }
+    emu::register_global(data, bytes);
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
 
-// Registers the tensors cp.async may read (inputs and workspaces), then checks a launcher's result.
-struct Launch {
-  explicit Launch(std::initializer_list<at::Tensor> readable) {
-    emu::clear_globals();
-    for (const at::Tensor& t : readable)
-      if (t.defined()) emu::register_global(t.data_ptr(), size_t(t.storage().nbytes()) - t.storage_offset() * t.element_size());
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  void copy_data(void* dest, const void* src, size_t count) const override { std::memcpy(dest, src, count); }
+
+ private:
+  // The default allocator's blocks, owned until their tensors free them.
+  static std::unordered_map<void*, c10::DataPtr>& blocks() {
+    static std::unordered_map<void*, c10::DataPtr> live;
+    return live;
   }
-  ~Launch() { emu::clear_globals(); }
-  void check(cudaError_t err, const char* op) const {
-    TORCH_CHECK(err == cudaSuccess, op, " (emulated cuda backend): launcher returned cudaError ", int(err), ": ",
-                emu::take_error());
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
   }
+  static void release(void* data) {
+    emu::unregister_global(data);
+    c10::DataPtr block;
+    {
+      const std::lock_guard<std::mutex> lock(mutex());
+      auto it = blocks().find(data);
+      block = std::move(it->second);
+      blocks().erase(it);
+    }
+  }   // block frees the memory here, outside the lock
 };
 
-void check_inputs(const at::Tensor& q, const char* op) {
-  TORCH_CHECK(q.device().is_cpu(), op, ": the emulator takes CPU tensors");
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op, ": float16 or bfloat16 only");
-}
+DeviceAllocator device_allocator;
 
-std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            double scale) {
-  check_inputs(q, "scft_attn_fwd");
-  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), dv = v.size(3);
-  at::Tensor out = poisoned({batch, heads, n, dv}, q.options());
-  at::Tensor lse = poisoned({batch, heads, n}, q.options().dtype(at::kFloat));
-  const at::Tensor qx = kernel_layout(q), kx = kernel_layout(k), vx = kernel_layout(v);
-  scft::ScftAttnFwdParams p = scft_fwd_params(qx, kx, vx, scale);
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  const Launch launch({qx, kx, vx});
-  launch.check(scft::scft_attn_fwd_cuda(p, kernel_dtype(q), nullptr), "scft_attn_fwd");
-  return {out, lse};
-}
-
-// key_chunk = 0: the launchers' own plan for the emulated device (as the CUDA binding computes it);
-// otherwise that many keys per chunk (a multiple of 128), to run several chunks on small shapes.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& grad_out, const at::Tensor& q,
-                                                        const at::Tensor& k, const at::Tensor& v,
-                                                        const at::Tensor& out, const at::Tensor& lse, double scale,
-                                                        int64_t key_chunk) {
-  check_inputs(q, "scft_attn_bwd");
-  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), m = k.size(2);
-  const int64_t d = q.size(3), dv = v.size(3);
-  if (key_chunk == 0) {
-    const emu::DeviceModel& device = emu::device();
-    const bool wgmma = scft::scft_uses_wgmma(scft::scft_mma_choice(), device.major, device.minor);
-    key_chunk = scft::scft_bwd_workspace_plan(batch * heads, n, m, d, dv,
-                                              scft::scft_gemm_occupancy(device.multiprocessors, wgmma),
-                                              scft::ScftBwdGemms::kAll)
-                    .key_chunk;
-  }
-  const bool several_chunks = (m + key_chunk - 1) / key_chunk > 1;
-  at::Tensor grad_q = poisoned({batch, heads, n, d}, q.options());
-  at::Tensor grad_k = poisoned({batch, heads, m, d}, k.options());
-  at::Tensor grad_v = poisoned({batch, heads, m, dv}, v.options());
-  at::Tensor delta = poisoned({batch, heads, n}, q.options().dtype(at::kFloat));
-  at::Tensor probs = poisoned({batch, heads, n, key_chunk}, q.options());
-  at::Tensor dscores = poisoned({batch, heads, n, key_chunk}, q.options());
-  at::Tensor grad_q_accum;
-  if (several_chunks) grad_q_accum = poisoned({batch, heads, n, d}, q.options().dtype(at::kFloat));
-
-  const at::Tensor gox = kernel_layout(grad_out), qx = kernel_layout(q), kx = kernel_layout(k);
-  const at::Tensor vx = kernel_layout(v), ox = kernel_layout(out), lse_c = lse.contiguous();
-  const scft::ScftAttnBwdParams p = scft_full_bwd_params(gox, qx, kx, vx, ox, lse_c, probs, dscores, delta, grad_q,
-                                                        grad_k, grad_v, grad_q_accum, scale);
-  const Launch launch({gox, qx, kx, vx, ox, probs, dscores, grad_q_accum});
-  launch.check(scft::scft_attn_bwd_cuda(p, kernel_dtype(q), nullptr), "scft_attn_bwd");
-  return {grad_q, grad_k, grad_v};
-}
-
-// Hardest-negative triplet terms and negatives (corr_hardest_fwd_cuda), with the key splits the CUDA
-// binding plans for the emulated device's SM count.
-std::tuple<at::Tensor, at::Tensor> corr_hardest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                                                int64_t grid_h, int64_t grid_w, int64_t exclusion, double scale,
-                                                double margin) {
-  check_inputs(q, "corr_hardest_fwd");
-  at::Tensor terms = poisoned(pos.sizes(), q.options().dtype(at::kFloat));
-  at::Tensor neg = at::full(pos.sizes(), int64_t(-7), pos.options());
-  const corr::CorrHardestPlan plan = corr::corr_hardest_plan(q.size(0), q.size(1), k.size(1), emu::device().multiprocessors);
-  at::Tensor split_best = poisoned({q.size(0), plan.key_splits, q.size(1)}, q.options().dtype(at::kFloat));
-  at::Tensor split_arg = at::full({q.size(0), plan.key_splits, q.size(1)}, -7, q.options().dtype(at::kInt));
-  const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
-  const corr::CorrHardestParams p =
-      corr_hardest_params(x, terms, neg, split_best, split_arg, grid_h, grid_w, exclusion, plan, margin);
-  const Launch launch({x.q, x.k});
-  launch.check(corr::corr_hardest_fwd_cuda(p, kernel_dtype(q), nullptr), "corr_hardest_fwd");
-  return {terms, neg};
-}
-
-// Sampled-negative triplet terms (corr_triplet_fwd_cuda).
-at::Tensor corr_triplet(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& neg,
-                        double scale, double margin) {
-  check_inputs(q, "corr_triplet_fwd");
-  at::Tensor terms = poisoned(neg.sizes(), q.options().dtype(at::kFloat));
-  const CorrKernelInputs x = corr_kernel_inputs(q, k, pos, scale);
-  const at::Tensor neg_c = neg.contiguous();
-  const corr::CorrTripletParams p = corr_triplet_params(x, neg_c, terms, margin);
-  const Launch launch({x.q, x.k});
-  launch.check(corr::corr_triplet_fwd_cuda(p, kernel_dtype(q), nullptr), "corr_triplet_fwd");
-  return terms;
+// on: CPU tensors allocated from now on are the emulated device's memory; off: the default allocator
+// again (tensors already allocated keep their memory and stay registered until freed).
+void use_device_allocator(bool on) {
+  c10::SetCPUAllocator(on ? static_cast<c10::Allocator*>(&device_allocator) : c10::GetDefaultCPUAllocator());
 }
 
 }  // namespace
 }  // namespace sketchcolor
 
+TORCH_LIBRARY(sketchcolor_emulated, m) { sketchcolor::define_ops(m); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_device", &sketchcolor::set_device, "the emulated GPU: compute capability, SMs, shared memory limits");
   m.def("set_schedule", &sketchcolor::set_schedule, "fiber order and cp.async landing time");
+  m.def("set_binding_options", &sketchcolor::set_binding_options,
+        "the bindings' view of the stream (capturing) and a cap on the backward's key chunk (0: none)");
+  m.def("use_device_allocator", &sketchcolor::use_device_allocator,
+        "CPU allocations as emulated device memory: NaN-filled, registered for cp.async");
   m.def("stats", &sketchcolor::stats, "counters since the last reset: blocks, switches, mma_sync, wgmma");
   m.def("reset_stats", &sketchcolor::emu::reset_stats);
-  m.def("attn_fwd", &sketchcolor::attn_fwd);
-  m.def("attn_bwd", &sketchcolor::attn_bwd);
-  m.def("corr_hardest", &sketchcolor::corr_hardest);
-  m.def("corr_triplet", &sketchcolor::corr_triplet);
 }

@@ -5,11 +5,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
 #include <cstdlib>
 
+#include "common/cuda_binding.h"
 #include "scft_attention/scft_attention.h"
 
 namespace sketchcolor {
@@ -96,9 +96,8 @@ inline void check_mma_choice(const at::Tensor& q, const char* op) {
               " (cuda backend): SKETCHCOLOR_CUDA_MMA must be auto, mma_sync or wgmma, got '",
               std::getenv("SKETCHCOLOR_CUDA_MMA"), "'");
   if (choice == scft::ScftMmaChoice::kWgmma) {
-    int major = 0, minor = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()));
+    const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, q);
+    const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, q);
     TORCH_CHECK(scft::scft_wgmma_runs_on(major, minor), op,
                 " (cuda backend): SKETCHCOLOR_CUDA_MMA=wgmma needs a compute capability 9.0 GPU (H100, H200); ",
                 q.device(), " is ", major, ".", minor);
@@ -108,12 +107,29 @@ inline void check_mma_choice(const at::Tensor& q, const char* op) {
 // The occupancy of the backward GEMM kernel that runs on q's device (SKETCHCOLOR_CUDA_MMA as
 // check_mma_choice validated it), for the key chunking of scft_bwd_workspace_plan.
 inline scft::ScftGemmOccupancy gemm_occupancy(const at::Tensor& q) {
-  const int device = q.device().index();
-  int sms = 0, major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, q);
+  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, q);
+  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, q);
   return scft::scft_gemm_occupancy(sms, scft::scft_uses_wgmma(scft::scft_mma_choice(), major, minor));
+}
+
+// The backward's key chunking on q's device (scft_bwd_workspace_plan).
+inline scft::ScftBwdWorkspacePlan scft_bwd_plan(const at::Tensor& q, int64_t batch_heads, int64_t n_queries,
+                                                int64_t n_keys, int64_t head_dim, int64_t value_dim,
+                                                scft::ScftBwdGemms gemms) {
+  scft::ScftBwdWorkspacePlan plan =
+      scft::scft_bwd_workspace_plan(batch_heads, n_queries, n_keys, head_dim, value_dim, gemm_occupancy(q), gemms);
+#ifdef SKETCHCOLOR_CUDA_EMULATOR
+  // Shapes small enough to emulate fit one chunk; the emulator's tests ask for smaller chunks to run
+  // the several-chunk path (the float32 dQ accumulator) as well.
+  const int64_t limit = emulated_binding_options().key_chunk_limit;
+  if (limit > 0 && plan.key_chunk > limit) {
+    plan.key_chunk = static_cast<int>(limit);
+    plan.num_chunks = static_cast<int>(scft::scft_ceil_div(n_keys, limit));
+    plan.needs_grad_q_accum = plan.num_chunks > 1;
+  }
+#endif
+  return plan;
 }
 
 }  // namespace sketchcolor

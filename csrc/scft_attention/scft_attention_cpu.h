@@ -1,4 +1,4 @@
-// CPU kernels of the SCFT attention ops (schemas in csrc/ops.cpp).
+// CPU kernels of the SCFT attention ops (schemas in csrc/op_schemas.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>

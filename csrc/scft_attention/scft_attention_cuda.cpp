@@ -1,15 +1,8 @@
-// Torch binding of the CUDA backend of SCFT attention (compiled only in CUDA builds): input
-// checks, layout preparation, output and workspace allocation, and the registration of the
-// launchers in scft_attention_kernel.cu as the CUDA kernels of the ops in csrc/ops.cpp.
-//
-// The current stream comes from c10::cuda::getCurrentCUDAStream, the function that
-// at::cuda::getCurrentCUDAStream re-exports; ATen/cuda/CUDAContext.h is not included because it
-// pulls in cuBLAS / cuSPARSE headers, which would keep this file from being syntax-checked on
-// machines whose torch is a CPU build (tests/test_cuda_compile.py does that).
+// Torch binding of the CUDA backend of SCFT attention (compiled only in CUDA builds, and in the
+// CUDA emulator): input checks, layout preparation, output and workspace allocation, and the
+// registration of the launchers in scft_attention_kernel.cu as the CUDA kernels of the ops in
+// csrc/op_schemas.h. The GPU is reached through common/cuda_binding.h.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -49,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cuda_op(const at::Tensor& q, co
   check_kernel_limits(q, k, v, kOp);
   TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
 
-  c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  KernelDeviceGuard device_guard(q.device());
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), dv = v.size(3);
   at::Tensor out = at::empty({batch, heads, n, dv}, q.options());
   at::Tensor lse = at::empty({batch, heads, n}, q.options().dtype(at::kFloat));
@@ -60,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cuda_op(const at::Tensor& q, co
   scft::ScftAttnFwdParams p = scft_fwd_params(qx, kx, vx, scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  check_launch(scft::scft_attn_fwd_cuda(p, kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
+  check_launch(scft::scft_attn_fwd_cuda(p, kernel_dtype(q), kernel_stream()), kOp);
   return {out, lse};
 }
 
@@ -75,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::T
   check_kernel_limits(q, k, v, kOp);
   TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
 
-  c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  KernelDeviceGuard device_guard(q.device());
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), m = k.size(2);
   const int64_t d = q.size(3), dv = v.size(3);
   const auto contiguous = at::MemoryFormat::Contiguous;
@@ -92,8 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::T
   const at::Tensor vx = kernel_layout(v), ox = kernel_layout(out);
   const at::Tensor lse_c = lse.contiguous();
 
-  const scft::ScftBwdWorkspacePlan plan = scft::scft_bwd_workspace_plan(batch * heads, n, m, d, dv, gemm_occupancy(q),
-                                                                         scft::ScftBwdGemms::kAll);
+  const scft::ScftBwdWorkspacePlan plan = scft_bwd_plan(q, batch * heads, n, m, d, dv, scft::ScftBwdGemms::kAll);
   at::Tensor delta = at::empty({batch, heads, n}, q.options().dtype(at::kFloat));
   at::Tensor probs = at::empty({batch, heads, n, plan.key_chunk}, q.options());
   at::Tensor dscores = at::empty({batch, heads, n, plan.key_chunk}, q.options());
@@ -102,14 +94,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::T
 
   const scft::ScftAttnBwdParams p = scft_full_bwd_params(gox, qx, kx, vx, ox, lse_c, probs, dscores, delta, grad_q,
                                                         grad_k, grad_v, grad_q_accum, scale);
-  check_launch(scft::scft_attn_bwd_cuda(p, kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), kOp);
+  check_launch(scft::scft_attn_bwd_cuda(p, kernel_dtype(q), kernel_stream()), kOp);
   return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace
 }  // namespace sketchcolor
 
-TORCH_LIBRARY_IMPL(sketchcolor, CUDA, m) {
+SKETCHCOLOR_CUDA_KERNELS(m) {
   m.impl("scft_attn_fwd", &sketchcolor::scft_attn_fwd_cuda_op);
   m.impl("scft_attn_bwd", &sketchcolor::scft_attn_bwd_cuda_op);
 }

@@ -5,7 +5,7 @@ Importing this module defines, over (B, rows, D) tensors of any strides,
     torch.ops.sketchcolor.corr_triplet_bwd_triton(grad_terms, q, k, pos, neg, terms, scale) -> (grad_q, grad_k)
     torch.ops.sketchcolor.corr_hardest_fwd_triton(q, k, pos, grid_h, grid_w, exclusion, scale, margin) -> (terms, neg)
     torch.ops.sketchcolor.corr_nll_loss_triton(q, k, pos, scale, with_grad) -> (loss, grad_q, grad_k)
-with the schemas and meaning of the C++ ops (csrc/ops.cpp); sketchcolor.ops.correspondence_loss
+with the schemas and meaning of the C++ ops (csrc/op_schemas.h); sketchcolor.ops.correspondence_loss
 registers their autograd and is the public entry.
 
 They are registered exactly as the Triton attention ops are (see _triton_attention): as

@@ -7,7 +7,7 @@ folded into B here), with pos (B, N) int64:
     sketchcolor::corr_hardest_fwd(q, k, pos, grid_h, grid_w, exclusion, scale, margin)
         -> (terms (B, N), neg (B, N) int64, -1 for none); its backward is corr_triplet_bwd, T = 1
     sketchcolor::corr_nll_loss(q, k, pos, scale, with_grad) -> (loss (), grad_q, grad_k float32)
-(C++ schemas in csrc/ops.cpp, with cpp and cuda kernels; triton registers the same ops with a
+(C++ schemas in csrc/op_schemas.h, with cpp and cuda kernels; triton registers the same ops with a
 ``_triton`` suffix).
 Triplet terms that are not valid are 0 and pass no gradient, so the triplet loss is the sum of
 the terms divided by the number of valid terms, and autograd hands the backward op a gradient
@@ -213,25 +213,25 @@ def _fused_ops(backend: str) -> _ForwardOps:
     return ops
 
 
-def _register_cpp_fakes() -> None:
-    """Shape-only kernels of the C++ ops, for torch.compile and opcheck."""
+def _register_cpp_fakes(library: str = "sketchcolor") -> None:
+    """Shape-only kernels of the C++ ops of ``library``, for torch.compile and opcheck."""
 
-    @torch.library.register_fake("sketchcolor::corr_triplet_fwd")
+    @torch.library.register_fake(f"{library}::corr_triplet_fwd")
     def _triplet_fwd_fake(q, k, pos, neg, scale, margin):
         return q.new_empty(neg.shape, dtype=lse_dtype(q.dtype))
 
-    @torch.library.register_fake("sketchcolor::corr_hardest_fwd")
+    @torch.library.register_fake(f"{library}::corr_hardest_fwd")
     def _hardest_fwd_fake(q, k, pos, grid_h, grid_w, exclusion, scale, margin):
         return q.new_empty(pos.shape, dtype=lse_dtype(q.dtype)), pos.new_empty(pos.shape)
 
-    @torch.library.register_fake("sketchcolor::corr_nll_loss")
+    @torch.library.register_fake(f"{library}::corr_nll_loss")
     def _nll_loss_fake(q, k, pos, scale, with_grad):
         stat_dtype = lse_dtype(q.dtype)
         if not with_grad:
             return q.new_empty((), dtype=stat_dtype), q.new_empty((0,), dtype=stat_dtype), q.new_empty((0,), dtype=stat_dtype)
         return q.new_empty((), dtype=stat_dtype), q.new_empty(q.shape, dtype=stat_dtype), k.new_empty(k.shape, dtype=stat_dtype)
 
-    @torch.library.register_fake("sketchcolor::corr_triplet_bwd")
+    @torch.library.register_fake(f"{library}::corr_triplet_bwd")
     def _triplet_bwd_fake(grad_terms, q, k, pos, neg, terms, scale):
         # The kernels return contiguous gradients whatever the inputs' strides.
         return q.new_empty(q.shape), k.new_empty(k.shape)
@@ -246,9 +246,10 @@ def _qk_grads(ctx, compute):
     return (grad_q if needs_q else None), (grad_k if needs_k else None)
 
 
-def _register_autograd(suffix: str) -> _ForwardOps:
-    """Hand-written backward of the ops ``corr_*_fwd{suffix}`` and ``corr_nll_loss{suffix}``."""
-    ops = torch.ops.sketchcolor
+def _register_autograd(suffix: str, library: str = "sketchcolor") -> _ForwardOps:
+    """Hand-written backward of the ops ``corr_*_fwd{suffix}`` and ``corr_nll_loss{suffix}`` of
+    ``library`` (the CUDA emulator's tests register its copy, sketchcolor_emulated)."""
+    ops = getattr(torch.ops, library)
     triplet_bwd = getattr(ops, f"corr_triplet_bwd{suffix}")
 
     def triplet_setup(ctx, inputs, output):
@@ -310,8 +311,8 @@ def _register_autograd(suffix: str) -> _ForwardOps:
         ("corr_hardest_fwd", hardest_backward, hardest_setup),
         ("corr_nll_loss", nll_backward, nll_setup),
     ):
-        torch.library.register_autograd(f"sketchcolor::{name}{suffix}", backward, setup_context=setup)
-    torch.library.register_autograd(f"sketchcolor::corr_triplet_bwd{suffix}", double_backward)
+        torch.library.register_autograd(f"{library}::{name}{suffix}", backward, setup_context=setup)
+    torch.library.register_autograd(f"{library}::corr_triplet_bwd{suffix}", double_backward)
     return _ForwardOps(
         getattr(ops, f"corr_triplet_fwd{suffix}"), getattr(ops, f"corr_hardest_fwd{suffix}"), getattr(ops, f"corr_nll_loss{suffix}")
     )

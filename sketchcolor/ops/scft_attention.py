@@ -3,7 +3,7 @@
 The fused backends expose two torch.library ops over (B, H, N, D) tensors:
     sketchcolor::scft_attn_fwd(q, k, v, scale) -> (out, lse)
     sketchcolor::scft_attn_bwd(grad_out, q, k, v, out, lse, scale) -> (grad_q, grad_k, grad_v)
-(the C++ schemas are in csrc/ops.cpp; cpp and cuda are kernels of these ops, triton
+(the C++ schemas are in csrc/op_schemas.h; cpp and cuda are kernels of these ops, triton
 registers its own pair). This file gives them fake kernels and autograd, so opcheck and
 torch.compile see through them, and never lets an N x M tensor exist.
 """
@@ -90,24 +90,26 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _register_cpp_fakes() -> None:
-    """Shape-only kernels of the C++ ops, for torch.compile and opcheck."""
+def _register_cpp_fakes(library: str = "sketchcolor") -> None:
+    """Shape-only kernels of the C++ ops of ``library``, for torch.compile and opcheck."""
 
-    @torch.library.register_fake("sketchcolor::scft_attn_fwd")
+    @torch.library.register_fake(f"{library}::scft_attn_fwd")
     def _fwd_fake(q, k, v, scale):
         batch, heads, n, _ = q.shape
         out = q.new_empty((batch, heads, n, v.shape[-1]))
         return out, q.new_empty((batch, heads, n), dtype=lse_dtype(q.dtype))
 
-    @torch.library.register_fake("sketchcolor::scft_attn_bwd")
+    @torch.library.register_fake(f"{library}::scft_attn_bwd")
     def _bwd_fake(grad_out, q, k, v, out, lse, scale):
         # The kernels return contiguous gradients whatever the inputs' strides.
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _register_autograd(fwd_name: str, bwd_name: str):
-    """Hand-written backward for a (fwd, bwd) op pair; lse is an output without gradient."""
-    bwd = getattr(torch.ops.sketchcolor, bwd_name)
+def _register_autograd(fwd_name: str, bwd_name: str, library: str = "sketchcolor"):
+    """Hand-written backward for a (fwd, bwd) op pair of ``library`` (the CUDA emulator's tests
+    register its copy, sketchcolor_emulated); lse is an output without gradient."""
+    ops = getattr(torch.ops, library)
+    bwd = getattr(ops, bwd_name)
 
     def setup_context(ctx, inputs, output):
         q, k, v, scale = inputs
@@ -127,9 +129,9 @@ def _register_autograd(fwd_name: str, bwd_name: str):
     def double_backward(ctx, *grads):
         raise RuntimeError("scft_attention: double backward (gradients of gradients) is not supported")
 
-    torch.library.register_autograd(f"sketchcolor::{fwd_name}", backward, setup_context=setup_context)
-    torch.library.register_autograd(f"sketchcolor::{bwd_name}", double_backward)
-    return getattr(torch.ops.sketchcolor, fwd_name)
+    torch.library.register_autograd(f"{library}::{fwd_name}", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"{library}::{bwd_name}", double_backward)
+    return getattr(ops, fwd_name)
 
 
 if _backends.unavailable_reason("cpp", torch.device("cpu"), FWD_OP) is None:
