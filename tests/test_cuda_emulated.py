@@ -194,6 +194,17 @@ def check_against_reference(emulator, family, q, k, v, scale=None):
     return emulated
 
 
+def test_emulator_reports_accesses_past_a_buffers_end(emulator):
+    # Device buffers end (rounded up to 16 bytes) at an inaccessible page: a kernel's plain load or
+    # store past the end is the launch's error, naming the access and the buffer.
+    t = torch.empty(40, dtype=torch.uint8)
+    assert emulator.access_byte(t, 39, True) == "" and emulator.access_byte(t, 47, False) == ""
+    for store, kind in ((True, "store"), (False, "load")):
+        error = emulator.access_byte(t, 48, store)
+        assert f"global {kind} at" in error and "8 bytes past the end of a 40-byte buffer" in error, error
+    assert torch.isnan(torch.empty(3, dtype=torch.bfloat16)).all()   # fresh device memory is NaN
+
+
 # (B, H, N, M, D, Dv): N != M, odd sizes, D = Dv = 992 (two 512-wide output slices), D and Dv not
 # multiples of 16 (100, 36, 24), Dv = 200 (the 256-wide slice), batch and heads.
 SHAPES = [

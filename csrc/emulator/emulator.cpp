@@ -4,7 +4,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -90,10 +93,18 @@ struct WarpgroupState {
   std::vector<std::vector<PendingWgmma>> committed;
 };
 
+// A device_malloc buffer: `bytes` at its start address, ending (rounded up to 16 bytes) right before
+// an inaccessible guard page, in a mapping of its own.
+struct Buffer {
+  size_t bytes;
+  unsigned char* mapping;
+  size_t mapping_bytes;
+};
+
 struct State {
   DeviceModel device;
   Schedule schedule;
-  std::map<const unsigned char*, size_t> globals;   // base -> bytes
+  std::map<const unsigned char*, Buffer> globals;   // device_malloc's buffers by start address
   std::map<const void*, int> max_dynamic_smem;   // cudaFuncAttributeMaxDynamicSharedMemorySize
   cudaError_t last_error = cudaSuccess;
   std::string error;
@@ -204,8 +215,8 @@ bool in_registered_buffer(const unsigned char* ptr, size_t bytes) {
   if (s.globals.empty()) return true;
   const auto after = s.globals.upper_bound(ptr);   // the first buffer starting past ptr
   if (after == s.globals.begin()) return false;
-  const auto& [base, size] = *std::prev(after);
-  return ptr + bytes <= base + size;
+  const auto& [base, buffer] = *std::prev(after);
+  return ptr + bytes <= base + buffer.bytes;
 }
 
 void check_global_range(const unsigned char* ptr, size_t bytes, const char* what) {
@@ -280,6 +291,58 @@ std::string deadlock_report() {
 }
 
 // Runs one block to completion; false after an error (state().error says which).
+// A fault while a kernel runs (a plain global load or store into a buffer's guard page, or outside
+// every buffer) becomes that launch's error, naming the access; a fault anywhere else goes to the
+// handler installed before the launch.
+struct sigaction previous_segv;
+
+void on_segv(int, siginfo_t* info, void* context) {
+  State& s = state();
+  if (s.current == nullptr) {
+    sigaction(SIGSEGV, &previous_segv, nullptr);   // the faulting instruction runs again under it
+    return;
+  }
+  const auto* addr = static_cast<const unsigned char*>(info->si_addr);
+  std::ostringstream out;
+#if defined(__x86_64__)
+  // Bit 1 of the x86-64 page-fault error code: the access was a write.
+  const bool store = (static_cast<ucontext_t*>(context)->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+  out << "global " << (store ? "store" : "load") << " at " << static_cast<const void*>(addr);
+#else
+  (void)context;
+  out << "global access at " << static_cast<const void*>(addr);
+#endif
+  bool described = false;
+  {
+    // try_lock: the faulting fiber cannot hold the lock, but a signal handler must never wait.
+    const std::unique_lock<std::mutex> lock(globals_mutex(), std::try_to_lock);
+    const auto after = lock.owns_lock() ? s.globals.upper_bound(addr) : s.globals.end();
+    if (lock.owns_lock() && after != s.globals.begin()) {
+      const auto& [base, buffer] = *std::prev(after);
+      if (addr >= base + buffer.bytes && addr < buffer.mapping + buffer.mapping_bytes) {
+        out << ": " << (addr - base - buffer.bytes) << " bytes past the end of a " << buffer.bytes
+            << "-byte buffer";
+        described = true;
+      }
+    }
+  }
+  if (!described) out << ": in no device buffer";
+  fail(out.str());
+  abandon();   // leaves the handler for the scheduler, which ends the launch
+}
+
+// Routes SIGSEGV to on_segv for the lifetime of a launch.
+struct FaultsReported {
+  FaultsReported() {
+    struct sigaction action {};
+    action.sa_sigaction = on_segv;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &previous_segv);
+  }
+  ~FaultsReported() { sigaction(SIGSEGV, &previous_segv, nullptr); }
+};
+
 bool run_block() {
   State& s = state();
   const int n = int(s.block.x * s.block.y * s.block.z);
@@ -334,14 +397,36 @@ bool run_block() {
 void set_device(const DeviceModel& device) { state().device = device; }
 const DeviceModel& device() { return state().device; }
 void set_schedule(const Schedule& schedule) { state().schedule = schedule; }
-void register_global(const void* ptr, size_t bytes) {
+void* device_malloc(size_t bytes) {
+  if (bytes == 0) return nullptr;
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  const size_t data_bytes = (bytes + 15) / 16 * 16;
+  const size_t mapping_bytes = (data_bytes + page - 1) / page * page + page;
+  void* mapping = mmap(nullptr, mapping_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mapping == MAP_FAILED) return nullptr;
+  auto* base = static_cast<unsigned char*>(mapping);
+  mprotect(base + mapping_bytes - page, page, PROT_NONE);
+  unsigned char* data = base + mapping_bytes - page - data_bytes;
+  static constexpr unsigned char kPattern[4] = {0xff, 0xff, 0xff, 0x7f};
+  for (size_t i = 0; i < data_bytes; ++i) data[i] = kPattern[i % 4];
   const std::lock_guard<std::mutex> lock(globals_mutex());
-  state().globals[static_cast<const unsigned char*>(ptr)] = bytes;
+  state().globals[data] = Buffer{bytes, base, mapping_bytes};
+  return data;
 }
-void unregister_global(const void* ptr) {
-  const std::lock_guard<std::mutex> lock(globals_mutex());
-  state().globals.erase(static_cast<const unsigned char*>(ptr));
+
+void device_free(void* ptr) {
+  if (ptr == nullptr) return;
+  Buffer buffer{};
+  {
+    const std::lock_guard<std::mutex> lock(globals_mutex());
+    const auto it = state().globals.find(static_cast<const unsigned char*>(ptr));
+    if (it == state().globals.end()) return;
+    buffer = it->second;
+    state().globals.erase(it);
+  }
+  munmap(buffer.mapping, buffer.mapping_bytes);
 }
+
 std::string take_error() {
   std::string e = std::move(state().error);
   state().error.clear();
@@ -696,6 +781,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
   s.wgmma_state.assign(s.warpgroups.size(), WarpgroupState{});
   s.body = &body;
   s.failed = false;
+  const FaultsReported faults_reported;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {

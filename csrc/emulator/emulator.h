@@ -22,14 +22,18 @@
 //     wait is caught.
 //   - Shared memory starts as 0xFF bytes (NaN in fp16, bf16 and fp32) in every block; every shared
 //     address an instruction takes is checked against the launch's dynamic shared memory, and every
-//     cp.async source (with bytes to copy) against the registered global buffers (register_global).
-//     Global memory is the host's: the torch bindings (common/cuda_binding.h) run on CPU tensors.
+//     cp.async source (with bytes to copy) against the device_malloc buffers.
+//   - Global memory is the host's: the torch bindings (common/cuda_binding.h) run on CPU tensors,
+//     allocated with device_malloc. Each buffer ends at an inaccessible page, so a plain load or
+//     store running past its end faults; a fault while a kernel runs is reported as the launch's
+//     error (load or store, how far past which buffer).
 //   - mma.sync and wgmma multiply 16-bit operands exactly and accumulate in double, rounding to fp32
 //     once per instruction (the tensor cores round at least as often; tests allow for it).
 //   - The device (compute capability, SM count, shared memory limits) is a DeviceModel the caller
 //     sets; cudaFuncSetAttribute and launches enforce its shared-memory limits as the runtime does.
-// Not emulated: timing, memory coalescing or bank conflicts, plain global loads and stores out of
-// bounds (they touch host memory), and the async proxy's ordering (fence.proxy.async is a no-op).
+// Not emulated: timing, memory coalescing or bank conflicts, plain global loads and stores before a
+// buffer's start or past its end by less than its 16-byte rounding, and the async proxy's ordering
+// (fence.proxy.async is a no-op).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -60,10 +64,13 @@ struct Schedule {
 };
 void set_schedule(const Schedule& schedule);
 
-// Global buffers that cp.async may read (emulator_binding.cpp registers every CPU allocation made
-// while its device allocator is on); none registered means sources are not checked.
-void register_global(const void* ptr, size_t bytes);
-void unregister_global(const void* ptr);
+// Device memory (emulator_binding.cpp allocates every CPU tensor from it while its allocator is
+// on): `bytes` filled with ff ff ff 7f (NaN in every float dtype, out of range as int32 and
+// int64), 16-byte aligned, ending (rounded up to 16 bytes) right before an inaccessible page. Its
+// buffers are the global memory cp.async may read (with none allocated, sources are not checked),
+// and a kernel's plain load or store past a buffer's end is a launch error naming it.
+void* device_malloc(size_t bytes);
+void device_free(void* ptr);
 
 // The error of the last failed launch ("" if none), and clears it.
 std::string take_error();

@@ -6,18 +6,17 @@
 // sketchcolor schemas (op_schemas.h): torch.ops.sketchcolor_emulated.<op> runs a CUDA binding's op
 // on CPU tensors, from its input checks through its ATen glue to the kernels, on the emulated
 // device this module describes. While the device allocator is on, every CPU allocation (the test's
-// inputs, the bindings' outputs and workspaces) is memory of that device: it starts as NaN and is
-// a buffer cp.async may read.
+// inputs, the bindings' outputs and workspaces) is memory of that device (emu::device_malloc): it
+// starts as NaN, cp.async may read it, and a kernel running past its end is a launch error.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <c10/core/CPUAllocator.h>
 
 #include <cstring>
+#include <functional>
 #include <map>
-#include <mutex>
 #include <string>
-#include <unordered_map>
 
 #include "common/cuda_binding.h"
 #include "emulator/emulator.h"
@@ -55,61 +54,44 @@ std::map<std::string, int64_t> stats() {
   return {{"blocks", s.blocks}, {"switches", s.switches}, {"mma_sync", s.mma_sync}, {"wgmma", s.wgmma}};
 }
 
-// The emulated device's memory: the default CPU allocator's, filled with a pattern that reads as NaN
-// in every floating dtype and as an out-of-range index in int32 and int64 (bytes ff ff ff 7f: fp32
-// 0x7fffffff, fp16 / bf16 0xffff and 0x7fff, int64 0x7fffffff7fffffff), and registered with the
-// emulator for as long as it lives.
+// CPU tensors as the emulated device's memory (emu::device_malloc: NaN-filled, bounded by a guard
+// page, readable by cp.async).
 class DeviceAllocator final : public c10::Allocator {
  public:
-  // The pointer is its own context and release its raw deleter, as in the default allocator: oneDNN's
-  // matmul allocates through raw_allocate and raw_deallocate, which need both.
+  // The pointer is its own context and device_free the raw deleter, as in the default allocator:
+  // oneDNN's matmul allocates through raw_allocate and raw_deallocate, which need both.
   c10::DataPtr allocate(size_t bytes) override {
-    c10::DataPtr block = c10::GetDefaultCPUAllocator()->allocate(bytes);
-    void* data = block.get();
-    if (bytes == 0 || data == nullptr) return block;
-    static constexpr unsigned char kPattern[4] = {0xff, 0xff, 0xff, 0x7f};
-    auto* p = static_cast<unsigned char*>(data);
-    for (size_t i = 0; i < bytes; ++i) p[i] = kPattern[i % 4];
-    {
-      const std::lock_guard<std::mutex> lock(mutex());
-      blocks().emplace(data, std::move(block));
-    }
-    emu::register_global(data, bytes);
-    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+    void* data = emu::device_malloc(bytes);
+    TORCH_CHECK(bytes == 0 || data != nullptr, "emulated device: out of memory allocating ", bytes, " bytes");
+    return {data, data, &emu::device_free, c10::Device(c10::DeviceType::CPU)};
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  c10::DeleterFnPtr raw_deleter() const override { return &emu::device_free; }
 
   void copy_data(void* dest, const void* src, size_t count) const override { std::memcpy(dest, src, count); }
-
- private:
-  // The default allocator's blocks, owned until their tensors free them.
-  static std::unordered_map<void*, c10::DataPtr>& blocks() {
-    static std::unordered_map<void*, c10::DataPtr> live;
-    return live;
-  }
-  static std::mutex& mutex() {
-    static std::mutex m;
-    return m;
-  }
-  static void release(void* data) {
-    emu::unregister_global(data);
-    c10::DataPtr block;
-    {
-      const std::lock_guard<std::mutex> lock(mutex());
-      auto it = blocks().find(data);
-      block = std::move(it->second);
-      blocks().erase(it);
-    }
-  }   // block frees the memory here, outside the lock
 };
 
 DeviceAllocator device_allocator;
 
 // on: CPU tensors allocated from now on are the emulated device's memory; off: the default allocator
-// again (tensors already allocated keep their memory and stay registered until freed).
+// again (tensors already allocated keep their device memory until freed).
 void use_device_allocator(bool on) {
   c10::SetCPUAllocator(on ? static_cast<c10::Allocator*>(&device_allocator) : c10::GetDefaultCPUAllocator());
+}
+
+// One emulated thread loads or stores the byte `offset` bytes from t's data; returns the launch's
+// error ("" for none). The tests' check that an access past a buffer's end is reported.
+std::string access_byte(const at::Tensor& t, int64_t offset, bool store) {
+  volatile unsigned char* byte = static_cast<unsigned char*>(t.data_ptr()) + offset;
+  const std::function<void()> body = [&] {
+    if (store) {
+      *byte = 0;
+    } else {
+      (void)*byte;
+    }
+  };
+  const cudaError_t err = emu::launch(reinterpret_cast<const void*>(&access_byte), dim3(1), dim3(1), 0, body);
+  return err == cudaSuccess ? std::string() : emu::take_error();
 }
 
 }  // namespace
@@ -123,7 +105,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_binding_options", &sketchcolor::set_binding_options,
         "the bindings' view of the stream (capturing) and a cap on the backward's key chunk (0: none)");
   m.def("use_device_allocator", &sketchcolor::use_device_allocator,
-        "CPU allocations as emulated device memory: NaN-filled, registered for cp.async");
+        "CPU allocations as emulated device memory: NaN-filled, guard-paged, readable by cp.async");
+  m.def("access_byte", &sketchcolor::access_byte, "one emulated thread loads or stores a byte of a tensor");
   m.def("stats", &sketchcolor::stats, "counters since the last reset: blocks, switches, mma_sync, wgmma");
   m.def("reset_stats", &sketchcolor::emu::reset_stats);
 }
