@@ -129,8 +129,8 @@ State& state() {
   return s;
 }
 
-// Guards State::globals: buffers are registered and unregistered by whichever thread allocates or
-// frees them (emulator_binding.cpp's allocator), not only by the one running kernels.
+// Guards State::globals: device_malloc and device_free run on whichever thread allocates or frees
+// a tensor (emulator_binding.cpp's allocator), not only on the one running kernels.
 std::mutex& globals_mutex() {
   static std::mutex m;
   return m;
@@ -209,7 +209,7 @@ void check_smem_range(uint32_t addr, uint32_t bytes, const char* what) {
   }
 }
 
-bool in_registered_buffer(const unsigned char* ptr, size_t bytes) {
+bool in_device_buffer(const unsigned char* ptr, size_t bytes) {
   State& s = state();
   const std::lock_guard<std::mutex> lock(globals_mutex());
   if (s.globals.empty()) return true;
@@ -220,10 +220,10 @@ bool in_registered_buffer(const unsigned char* ptr, size_t bytes) {
 }
 
 void check_global_range(const unsigned char* ptr, size_t bytes, const char* what) {
-  if (in_registered_buffer(ptr, bytes)) return;
+  if (in_device_buffer(ptr, bytes)) return;
   std::ostringstream out;
   out << what << ": global address " << static_cast<const void*>(ptr) << " + " << bytes
-      << " bytes is in no registered buffer";
+      << " bytes is in no device buffer";
   fail(out.str());
   abandon();
 }
