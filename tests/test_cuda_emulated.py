@@ -503,3 +503,46 @@ def test_emulated_cuda_index_checks_on_the_host_and_under_graph_capture(emulator
         ops.corr_hardest_fwd(q, k, pos, 5, 3, 1, 0.3, 2.0)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         ops.corr_nll_loss(q.float(), k.float(), pos, 0.3, False)
+
+
+def host_reads(run):
+    """The values run() copies to the host (aten::_local_scalar_dense, what .item() runs), other than
+    those of aten::_assert_async, which on a GPU stays on the device (on the CPU it reads at once)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    reads = []
+    for event in profile.events():
+        callers, parent = [], event.cpu_parent
+        while parent is not None:
+            callers.append(parent.name)
+            parent = parent.cpu_parent
+        if event.name == "aten::_local_scalar_dense" and "aten::_assert_async" not in callers:
+            reads.append(callers)
+    return reads
+
+
+def test_emulated_cuda_ops_never_read_values_on_the_host_while_capturing(emulator):
+    # A copy to the host would end a CUDA graph capture: while the stream is captured, no op of the
+    # bindings may make one. Outside a capture the correspondence ops check their index range on
+    # the host, which shows the profile sees reads made inside the ops.
+    q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.bfloat16, **MODES["triplet_t4"])
+    q, k, neg, ops = q.detach(), k.detach(), kwargs["neg"], torch.ops.sketchcolor_emulated
+    terms = ops.corr_triplet_fwd(q, k, pos, neg, 0.3, 2.0)
+    correspondence_calls = [
+        lambda: ops.corr_triplet_fwd(q, k, pos, neg, 0.3, 2.0),
+        lambda: ops.corr_triplet_bwd(torch.ones_like(terms), q, k, pos, neg, terms, 0.3),
+        lambda: ops.corr_hardest_fwd(q, k, pos, 3, 4, 1, 0.3, 2.0),
+        lambda: ops.corr_nll_loss(q, k, pos, 0.3, True),
+        lambda: ops.corr_nll_loss(q, k, pos, 0.3, False),
+    ]
+    qa, ka, va = (t.detach() for t in make_inputs(1, 2, 33, 40, 24, 16, torch.bfloat16))
+    out, lse = ops.scft_attn_fwd(qa, ka, va, 0.3)
+    attention_calls = [
+        lambda: ops.scft_attn_fwd(qa, ka, va, 0.3),
+        lambda: ops.scft_attn_bwd(torch.ones_like(out), qa, ka, va, out, lse, 0.3),
+    ]
+    for call in correspondence_calls:
+        assert host_reads(call), "outside a capture the index range is read on the host"
+    emulator.set_binding_options(True, 0)
+    for call in correspondence_calls + attention_calls:
+        assert host_reads(call) == []
