@@ -31,6 +31,7 @@ import glob
 import importlib
 import math
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -88,11 +89,12 @@ class Emulator:
         return getattr(self.module, name)
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def load_emulator(build) -> Emulator:
+    """Builds the emulator in the directory ``build`` (cached there) and registers the package's
+    own fake kernels and hand-written backward on the emulated library's ops."""
     from torch.utils import cpp_extension
 
-    build = tmp_path_factory.mktemp("cuda_emulator")
+    build = pathlib.Path(build)
     # Each kernel file is its own translation unit, as under nvcc (their kernels and helpers live in
     # anonymous namespaces).
     units = []
@@ -113,7 +115,6 @@ def emulator(tmp_path_factory):
         ],
         build_directory=str(build),
     )
-    # The package's own fake kernels and hand-written backward, on the emulated library's ops.
     attention_module._register_cpp_fakes(LIBRARY)
     correspondence_module._register_cpp_fakes(LIBRARY)
     return Emulator(
@@ -123,12 +124,26 @@ def emulator(tmp_path_factory):
     )
 
 
+def binding_peak_bytes(emulator, call) -> int:
+    """The most device memory call() holds at once beyond what was live before it: the binding's
+    outputs, workspaces and layout copies (what it returns is dropped before measuring)."""
+    emulator.reset_stats()
+    before = emulator.stats()["device_bytes"]
+    call()
+    return emulator.stats()["device_bytes_peak"] - before
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    return load_emulator(tmp_path_factory.mktemp("cuda_emulator"))
+
+
 @pytest.fixture(autouse=True)
 def emulated_cuda_backend(emulator, monkeypatch):
     """impl="cuda" runs the emulated bindings on CPU tensors, on an emulated A100 unless the test
     picks another device; every allocation of the test is emulated device memory."""
     emulator.set_device(*DEVICES["A100"])
-    emulator.set_schedule(False, False)
+    emulator.set_schedule(False, False, True)
     emulator.set_binding_options(False, 0)
     resolve = _backends.resolve
 
@@ -272,7 +287,7 @@ def test_emulated_cuda_results_do_not_depend_on_thread_order_or_copy_timing(path
     inputs = make_inputs(1, 1, 130, 200, 136, 264, torch.bfloat16)
     grad_out = torch.randn(1, 1, 130, 264, dtype=torch.bfloat16)
     baseline = forward_backward(emulated_attention(), *inputs, grad_out)
-    emulator.set_schedule(reverse_threads, copies_at_issue)
+    emulator.set_schedule(reverse_threads, copies_at_issue, True)
     varied = forward_backward(emulated_attention(), *inputs, grad_out)
     for a, b in zip(baseline, varied):
         assert torch.equal(a, b)
@@ -546,3 +561,39 @@ def test_emulated_cuda_ops_never_read_values_on_the_host_while_capturing(emulato
     emulator.set_binding_options(True, 0)
     for call in correspondence_calls + attention_calls:
         assert host_reads(call) == []
+
+
+def memory_cases(n, head_dim=992, dtype=torch.bfloat16):
+    """name -> a call of the cuda bindings at N = M = n (B = H = 1, D = Dv = head_dim): attention
+    forward+backward, and each correspondence-loss op the loss runs (T = 4 sampled negatives)."""
+    ops = torch.ops.sketchcolor_emulated
+    q, k, v = (torch.randn(1, 1, n, head_dim, dtype=dtype) for _ in range(3))
+    grad_out = torch.randn_like(q)
+    pos = torch.randint(-1, n, (1, n))
+    neg = torch.randint(-1, n, (1, n, 4))
+    terms = torch.ones(1, n, 4)
+    grid = (n // 128, 128)   # n a multiple of 128
+
+    def attention():
+        out, lse = ops.scft_attn_fwd(q, k, v, head_dim ** -0.5)
+        ops.scft_attn_bwd(grad_out, q, k, v, out, lse, head_dim ** -0.5)
+
+    q3, k3 = q[:, 0], k[:, 0]
+    return {
+        "attention fwd+bwd": attention,
+        "correspondence triplet (fwd, bwd)": lambda: (ops.corr_triplet_fwd(q3, k3, pos, neg, 0.03, 12.0),
+                                                      ops.corr_triplet_bwd(terms, q3, k3, pos, neg, terms, 0.03)),
+        "correspondence hardest (search)": lambda: ops.corr_hardest_fwd(q3, k3, pos, *grid, 1, 0.03, 12.0),
+        "correspondence nll (loss and gradients)": lambda: ops.corr_nll_loss(q3, k3, pos, 0.03, True),
+    }
+
+
+def test_emulated_cuda_memory_grows_linearly_with_n(emulator):
+    # The bindings' allocations at the target size, the kernels not run (run_blocks = False): twice
+    # the tokens must cost at most about twice the memory (O(N * D)), never the 4x of an N x M matrix.
+    emulator.set_device(*DEVICES["H100"])
+    emulator.set_schedule(False, False, False)
+    peaks = {n: {name: binding_peak_bytes(emulator, call) for name, call in memory_cases(n).items()}
+             for n in (8192, 16384)}
+    for name, small in peaks[8192].items():
+        assert peaks[16384][name] <= 2.2 * small, (name, peaks)

@@ -212,6 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
     }
     check_launch(corr::corr_nll_rows_cuda(p, kernel_dtype(q), stream), kOp);
   }
+  // Only the rows kernel reads the attention output: its (B, N, D) float32 go back to the allocator
+  // (reusable on this stream once the kernel has run) before the value gradient's workspace.
+  attn.reset();
   const at::Tensor valid = pos >= 0;
   const at::Tensor inv_count = valid.sum().clamp_min(1).to(at::kFloat).reciprocal();
   at::Tensor loss = terms.sum() * inv_count;

@@ -410,7 +410,10 @@ void* device_malloc(size_t bytes) {
   static constexpr unsigned char kPattern[4] = {0xff, 0xff, 0xff, 0x7f};
   for (size_t i = 0; i < data_bytes; ++i) data[i] = kPattern[i % 4];
   const std::lock_guard<std::mutex> lock(globals_mutex());
-  state().globals[data] = Buffer{bytes, base, mapping_bytes};
+  State& s = state();
+  s.globals[data] = Buffer{bytes, base, mapping_bytes};
+  s.stats.device_bytes += int64_t(bytes);
+  s.stats.device_bytes_peak = std::max(s.stats.device_bytes_peak, s.stats.device_bytes);
   return data;
 }
 
@@ -423,6 +426,7 @@ void device_free(void* ptr) {
     if (it == state().globals.end()) return;
     buffer = it->second;
     state().globals.erase(it);
+    state().stats.device_bytes -= int64_t(buffer.bytes);
   }
   munmap(buffer.mapping, buffer.mapping_bytes);
 }
@@ -432,8 +436,17 @@ std::string take_error() {
   state().error.clear();
   return e;
 }
-Stats stats() { return state().stats; }
-void reset_stats() { state().stats = Stats{}; }
+Stats stats() {
+  const std::lock_guard<std::mutex> lock(globals_mutex());
+  return state().stats;
+}
+void reset_stats() {
+  const std::lock_guard<std::mutex> lock(globals_mutex());
+  Stats& stats = state().stats;
+  const int64_t live = stats.device_bytes;
+  stats = Stats{};
+  stats.device_bytes = stats.device_bytes_peak = live;
+}
 
 const dim3& thread_idx() { return me().idx; }
 const dim3& block_idx() { return state().block_idx; }
@@ -757,6 +770,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
     s.last_error = err;
     return err;
   }
+  if (!s.schedule.run_blocks) return cudaSuccess;
   s.grid = grid;
   s.block = block;
   s.smem_bytes = smem_bytes;

@@ -61,6 +61,9 @@ enum class CopyLanding { kAtWait, kAtIssue };
 struct Schedule {
   bool reverse_threads = false;   // run ready fibers from the last thread of the block to the first
   CopyLanding copies = CopyLanding::kAtWait;
+  // false: launches are validated as usual and then return without running a block, so a
+  // binding's allocations can be measured at shapes too large to emulate (outputs stay NaN).
+  bool run_blocks = true;
 };
 void set_schedule(const Schedule& schedule);
 
@@ -75,13 +78,16 @@ void device_free(void* ptr);
 // The error of the last failed launch ("" if none), and clears it.
 std::string take_error();
 
-// Counters since the last reset: blocks run, fiber switches, and the warp-level mma.sync and
-// warpgroup-level wgmma instructions executed (tests check which family a launcher chose).
+// Counters since the last reset: blocks run, fiber switches, the warp-level mma.sync and
+// warpgroup-level wgmma instructions executed (tests check which family a launcher chose), and the
+// device memory in use (tests measure the bindings' peak).
 struct Stats {
   int64_t blocks = 0;
   int64_t switches = 0;
   int64_t mma_sync = 0;
   int64_t wgmma = 0;
+  int64_t device_bytes = 0;        // device_malloc bytes live now
+  int64_t device_bytes_peak = 0;   // the most live at once since the reset
 };
 Stats stats();
 void reset_stats();

@@ -35,10 +35,11 @@ void set_device(int major, int minor, int multiprocessors, int smem_per_block_op
   emu::set_device(d);
 }
 
-void set_schedule(bool reverse_threads, bool copies_at_issue) {
+void set_schedule(bool reverse_threads, bool copies_at_issue, bool run_blocks) {
   emu::Schedule s;
   s.reverse_threads = reverse_threads;
   s.copies = copies_at_issue ? emu::CopyLanding::kAtIssue : emu::CopyLanding::kAtWait;
+  s.run_blocks = run_blocks;
   emu::set_schedule(s);
 }
 
@@ -51,7 +52,12 @@ void set_binding_options(bool capturing, int64_t key_chunk_limit) {
 
 std::map<std::string, int64_t> stats() {
   const emu::Stats s = emu::stats();
-  return {{"blocks", s.blocks}, {"switches", s.switches}, {"mma_sync", s.mma_sync}, {"wgmma", s.wgmma}};
+  return {{"blocks", s.blocks},
+          {"switches", s.switches},
+          {"mma_sync", s.mma_sync},
+          {"wgmma", s.wgmma},
+          {"device_bytes", s.device_bytes},
+          {"device_bytes_peak", s.device_bytes_peak}};
 }
 
 // CPU tensors as the emulated device's memory (emu::device_malloc: NaN-filled, bounded by a guard
@@ -101,12 +107,13 @@ TORCH_LIBRARY(sketchcolor_emulated, m) { sketchcolor::define_ops(m); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_device", &sketchcolor::set_device, "the emulated GPU: compute capability, SMs, shared memory limits");
-  m.def("set_schedule", &sketchcolor::set_schedule, "fiber order and cp.async landing time");
+  m.def("set_schedule", &sketchcolor::set_schedule,
+        "fiber order, cp.async landing time, and whether launches run their blocks at all");
   m.def("set_binding_options", &sketchcolor::set_binding_options,
         "the bindings' view of the stream (capturing) and a cap on the backward's key chunk (0: none)");
   m.def("use_device_allocator", &sketchcolor::use_device_allocator,
         "CPU allocations as emulated device memory: NaN-filled, guard-paged, readable by cp.async");
   m.def("access_byte", &sketchcolor::access_byte, "one emulated thread loads or stores a byte of a tensor");
-  m.def("stats", &sketchcolor::stats, "counters since the last reset: blocks, switches, mma_sync, wgmma");
+  m.def("stats", &sketchcolor::stats, "counters since the last reset: blocks, switches, mma_sync, wgmma, device_bytes(_peak)");
   m.def("reset_stats", &sketchcolor::emu::reset_stats);
 }
