@@ -37,7 +37,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_close_to_reference
+from test_cuda_attention import check_against_reference as check_cuda_against_reference
+from test_cuda_attention import forward_backward
+from test_cuda_attention import make_inputs as make_cuda_inputs
 from test_cuda_compile import CSRC, CUDA_INCLUDE
 from test_correspondence_loss import (
     MODES,
@@ -55,7 +57,6 @@ from test_correspondence_loss import (
 )
 from sketchcolor import reference
 from sketchcolor.ops import _backends, correspondence_loss, scft_attention
-from sketchcolor.reference import scft_attention as ref_attention
 
 attention_module = importlib.import_module("sketchcolor.ops.scft_attention")
 correspondence_module = importlib.import_module("sketchcolor.ops.correspondence_loss")
@@ -168,17 +169,7 @@ def path(request, emulator, monkeypatch):
 
 
 def make_inputs(batch, heads, n, m, d, dv, dtype, transposed=False):
-    def make(rows, cols):
-        if transposed:  # (.., cols, rows) storage viewed as (.., rows, cols): last-dim stride != 1
-            return torch.randn(batch, heads, cols, rows, dtype=dtype).transpose(-1, -2).requires_grad_()
-        return torch.randn(batch, heads, rows, cols, dtype=dtype).requires_grad_()
-
-    return make(n, d), make(m, d), make(m, dv)
-
-
-def forward_backward(fn, q, k, v, grad_out):
-    out, lse = fn(q, k, v)
-    return (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
+    return make_cuda_inputs(batch, heads, n, m, d, dv, dtype, transposed, device="cpu")
 
 
 def emulated_attention(scale=None):
@@ -194,19 +185,11 @@ def check_family(emulator, family):
 
 
 def check_against_reference(emulator, family, q, k, v, scale=None):
-    """out, lse and gradients of impl="cuda" (emulated) vs the float64 reference (2x rule), and that
+    """The GPU tests' comparison of impl="cuda" (here emulated) with the float64 reference, and that
     the expected instruction family did the products."""
-    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
     emulator.reset_stats()
-    emulated = forward_backward(emulated_attention(scale), q, k, v, grad_out)
+    check_cuda_against_reference(q, k, v, scale)
     check_family(emulator, family)
-    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    exact = forward_backward(lambda *t: ref_attention(*t, scale=scale, return_lse=True), *exact_inputs, grad_out.double())
-    same = forward_backward(lambda *t: ref_attention(*t, scale=scale, return_lse=True), q, k, v, grad_out)
-    for name, a, e, s in zip(("out", "lse", "grad_q", "grad_k", "grad_v"), emulated, exact, same):
-        assert a.dtype == s.dtype, f"{name}: dtype {a.dtype}, reference gives {s.dtype}"
-        assert_close_to_reference(name, a, e, s)
-    return emulated
 
 
 def test_emulator_reports_accesses_past_a_buffers_end(emulator):
