@@ -91,9 +91,10 @@ inline void cp_async_wait() {
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { emu::ldmatrix_x4(r, addr, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { emu::ldmatrix_x4(r, addr, true); }
 
-// Register and proxy fences order nothing in the emulator: every access is in program order.
+// Register fences order nothing in the emulator: every access is in program order. The proxy
+// fence publishes shared memory to the async proxy that wgmma reads (emulator.h).
 inline void wgmma_fence() {}
-inline void fence_proxy_async_smem() {}
+inline void fence_proxy_async_smem() { emu::fence_proxy_async(); }
 template <int kRegs>
 inline void fence_registers(float (&)[kRegs]) {}
 inline void wgmma_commit() { emu::wgmma_commit(); }

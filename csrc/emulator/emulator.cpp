@@ -75,6 +75,7 @@ struct Thread {
   int linear = 0;
   bool done = false;
   bool blocked = false;
+  bool proxy_fenced = false;   // fence.proxy.async since the block's view last caught up
   Op waiting = Op::kNone;
   std::vector<Copy> open_copies;                   // cp.async since the last commit
   std::vector<std::vector<Copy>> committed;        // committed groups, oldest first
@@ -114,6 +115,10 @@ struct State {
   dim3 grid, block, block_idx;
   std::vector<std::unique_ptr<Thread>> threads;
   std::vector<unsigned char> smem;
+  // Shared memory as the async proxy (wgmma) sees it: smem as it was when every live thread of the
+  // block had last executed fence.proxy.async.
+  std::vector<unsigned char> async_smem;
+  int proxy_fenced = 0;   // live threads fenced since async_smem caught up
   size_t smem_bytes = 0;
   std::vector<Group> warps, warpgroups;
   Group barrier;
@@ -347,9 +352,11 @@ bool run_block() {
   State& s = state();
   const int n = int(s.block.x * s.block.y * s.block.z);
   std::fill(s.smem.begin(), s.smem.end(), 0xFF);
+  s.async_smem = s.smem;
+  s.proxy_fenced = 0;
   for (int i = 0; i < n; ++i) {
     Thread& t = *s.threads[i];
-    t.done = t.blocked = false;
+    t.done = t.blocked = t.proxy_fenced = false;
     t.waiting = Op::kNone;
     t.open_copies.clear();
     t.committed.clear();
@@ -651,21 +658,32 @@ Descriptor decode(uint64_t desc, const char* which) {
                     uint32_t((desc >> 32) & 0x3FFF) << 4};
 }
 
+// A 16-bit wgmma operand element as the async proxy reads it. Shared memory that generic-proxy
+// writes (st.shared, cp.async) changed after the block's last fence.proxy.async is an error: the
+// fence is missing, or a copy still in flight overwrites what the tensor cores read.
+uint16_t async_smem_u16(uint32_t addr, const char* what) {
+  State& s = state();
+  check_smem_range(addr, 2, what);
+  uint16_t seen;
+  std::memcpy(&seen, s.async_smem.data() + addr, 2);
+  if (seen != smem_u16(addr)) {
+    fail(std::string(what) + ": shared address " + std::to_string(addr) +
+         " changed since the block's last fence.proxy.async (an unfenced generic-proxy write, or a "
+         "copy racing with the product)");
+    abandon();
+  }
+  return seen;
+}
+
 void perform_wgmma(const PendingWgmma& op) {
   const Descriptor da = decode(op.desc_a, "A"), db = decode(op.desc_b, "B");
   std::vector<double> A(64 * 16), B(size_t(op.n) * 16);
   for (int m = 0; m < 64; ++m)
-    for (int k = 0; k < 16; ++k) {
-      const uint32_t addr = da.address(m, k, op.trans_a);
-      check_smem_range(addr, 2, "wgmma A");
-      A[m * 16 + k] = to_float(smem_u16(addr), op.type);
-    }
+    for (int k = 0; k < 16; ++k)
+      A[m * 16 + k] = to_float(async_smem_u16(da.address(m, k, op.trans_a), "wgmma A"), op.type);
   for (int n = 0; n < op.n; ++n)
-    for (int k = 0; k < 16; ++k) {
-      const uint32_t addr = db.address(n, k, op.trans_b);
-      check_smem_range(addr, 2, "wgmma B");
-      B[size_t(n) * 16 + k] = to_float(smem_u16(addr), op.type);
-    }
+    for (int k = 0; k < 16; ++k)
+      B[size_t(n) * 16 + k] = to_float(async_smem_u16(db.address(n, k, op.trans_b), "wgmma B"), op.type);
   // Thread (warp w, lane l) of the warpgroup holds, for n8 block j, D[16 w + l / 4 (+ 8)][8 j + 2 (l % 4) + {0, 1}].
   for (int thread = 0; thread < kWarpgroupSize; ++thread) {
     const int w = thread / kWarpSize, l = thread % kWarpSize;
@@ -720,6 +738,22 @@ void wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool trans_a, bool
     ++state().stats.wgmma;
     state().wgmma_state[group_id].open.push_back(op);
   });
+}
+
+void fence_proxy_async() {
+  State& s = state();
+  Thread& t = me();
+  if (!t.proxy_fenced) {
+    t.proxy_fenced = true;
+    ++s.proxy_fenced;
+  }
+  int live = 0;
+  for (const auto& other : s.threads) live += other->done ? 0 : 1;
+  if (s.proxy_fenced < live) return;
+  // Every live thread has fenced its generic writes: the async proxy sees shared memory as it is.
+  s.async_smem = s.smem;
+  s.proxy_fenced = 0;
+  for (const auto& other : s.threads) other->proxy_fenced = false;
 }
 
 void wgmma_commit() {

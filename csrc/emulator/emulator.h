@@ -19,7 +19,10 @@
 //     stage other warps still read, gives wrong results in one of the two.
 //   - wgmma.mma_async reads shared memory and writes the accumulators at wgmma.wait_group, the
 //     latest moment allowed, so overwriting an operand tile or reading an accumulator before the
-//     wait is caught.
+//     wait is caught. It reads through the async proxy: shared memory as it was when every live
+//     thread of the block last executed fence.proxy.async. An operand byte that differs from the
+//     live shared memory is an error (a generic-proxy write, st.shared or cp.async, not fenced, or
+//     a copy racing with the product).
 //   - Shared memory starts as 0xFF bytes (NaN in fp16, bf16 and fp32) in every block; every shared
 //     address an instruction takes is checked against the launch's dynamic shared memory, and every
 //     cp.async source (with bytes to copy) against the device_malloc buffers.
@@ -32,8 +35,8 @@
 //   - The device (compute capability, SM count, shared memory limits) is a DeviceModel the caller
 //     sets; cudaFuncSetAttribute and launches enforce its shared-memory limits as the runtime does.
 // Not emulated: timing, memory coalescing or bank conflicts, plain global loads and stores before a
-// buffer's start or past its end by less than its 16-byte rounding, and the async proxy's ordering
-// (fence.proxy.async is a no-op).
+// buffer's start or past its end by less than its 16-byte rounding, and per-thread proxy fences
+// (shared memory is published to the async proxy once every live thread has fenced).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -110,6 +113,7 @@ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans);
 enum class Operand { kBFloat16, kFloat16 };
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, Operand type);
 void wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool trans_a, bool trans_b, Operand type);
+void fence_proxy_async();
 void wgmma_commit();
 void wgmma_wait(int pending);
 
