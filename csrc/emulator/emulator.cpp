@@ -66,6 +66,9 @@ struct PendingWgmma {
   bool trans_a, trans_b;
   Operand type;
   float* d[kWarpgroupSize];
+  // The accumulators (n / 2 per thread, thread-major) as this product must find them: their values
+  // at issue, updated as earlier products on the same accumulators complete.
+  std::vector<float> expected;
 };
 
 struct Thread {
@@ -658,6 +661,18 @@ Descriptor decode(uint64_t desc, const char* which) {
                     uint32_t((desc >> 32) & 0x3FFF) << 4};
 }
 
+// The thread must not write accumulators while a product on them is in flight: their values when
+// it completes must be those it was issued with (or the previous product's results).
+void check_accumulators_untouched(const PendingWgmma& op) {
+  const int regs = op.n / 2;
+  for (int i = 0; i < kWarpgroupSize; ++i)
+    if (std::memcmp(&op.expected[size_t(i) * regs], op.d[i], sizeof(float) * regs) != 0) {
+      fail("wgmma: thread " + std::to_string(i) + " of the warpgroup wrote its accumulators while a product on them "
+           "was in flight (before wgmma.wait_group)");
+      abandon();
+    }
+}
+
 // A 16-bit wgmma operand element as the async proxy reads it. Shared memory that generic-proxy
 // writes (st.shared, cp.async) changed after the block's last fence.proxy.async is an error: the
 // fence is missing, or a copy still in flight overwrites what the tensor cores read.
@@ -735,6 +750,9 @@ void wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool trans_a, bool
     op.trans_b = (slots[0].arg2 >> 17) & 1;
     op.type = Operand((slots[0].arg2 >> 18) & 1);
     for (int i = 0; i < kWarpgroupSize; ++i) op.d[i] = static_cast<float*>(slots[i].out);
+    const int regs = op.n / 2;
+    op.expected.resize(size_t(kWarpgroupSize) * regs);
+    for (int i = 0; i < kWarpgroupSize; ++i) std::memcpy(&op.expected[size_t(i) * regs], op.d[i], sizeof(float) * regs);
     ++state().stats.wgmma;
     state().wgmma_state[group_id].open.push_back(op);
   });
@@ -783,7 +801,17 @@ void wgmma_wait(int pending) {
       abandon();
     }
     while (int(w.committed.size()) > pending) {
-      for (const PendingWgmma& op : w.committed.front()) perform_wgmma(op);
+      for (const PendingWgmma& op : w.committed.front()) {
+        check_accumulators_untouched(op);
+        perform_wgmma(op);
+        // Later products on these accumulators now expect this one's results.
+        const int regs = op.n / 2;
+        for (auto& group : w.committed)
+          for (PendingWgmma& later : group)
+            if (&later != &op && later.d[0] == op.d[0] && later.n == op.n)
+              for (int i = 0; i < kWarpgroupSize; ++i)
+                std::memcpy(&later.expected[size_t(i) * regs], op.d[i], sizeof(float) * regs);
+      }
       w.committed.erase(w.committed.begin());
     }
   });

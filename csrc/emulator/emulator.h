@@ -22,7 +22,8 @@
 //     wait is caught. It reads through the async proxy: shared memory as it was when every live
 //     thread of the block last executed fence.proxy.async. An operand byte that differs from the
 //     live shared memory is an error (a generic-proxy write, st.shared or cp.async, not fenced, or
-//     a copy racing with the product).
+//     a copy racing with the product), and so is a thread writing accumulators of a product still
+//     in flight.
 //   - Shared memory starts as 0xFF bytes (NaN in fp16, bf16 and fp32) in every block; every shared
 //     address an instruction takes is checked against the launch's dynamic shared memory, and every
 //     cp.async source (with bytes to copy) against the device_malloc buffers.
