@@ -49,7 +49,7 @@ def main() -> int:
         print("building the CUDA emulator (about a minute)", flush=True)
         emulator = load_emulator(build)
         emulator.set_device(*DEVICES["H100"])
-        emulator.set_schedule(False, False, False)   # launches validated, not run
+        emulator.set_schedule(run_blocks=False)   # launches validated, not run
         emulator.set_binding_options(False, 0)
         emulator.use_device_allocator(True)
         try:

@@ -144,7 +144,7 @@ def emulated_cuda_backend(emulator, monkeypatch):
     """impl="cuda" runs the emulated bindings on CPU tensors, on an emulated A100 unless the test
     picks another device; every allocation of the test is emulated device memory."""
     emulator.set_device(*DEVICES["A100"])
-    emulator.set_schedule(False, False, True)
+    emulator.set_schedule()
     emulator.set_binding_options(False, 0)
     resolve = _backends.resolve
 
@@ -261,16 +261,21 @@ def test_emulated_cuda_uniform_attention_is_exact(path, emulator, m):
     torch.testing.assert_close(out.float(), v.float().mean(-2, keepdim=True).expand_as(out), atol=1e-3, rtol=1e-2)
 
 
-@pytest.mark.parametrize("reverse_threads, copies_at_issue", [(True, False), (False, True), (True, True)])
-def test_emulated_cuda_results_do_not_depend_on_thread_order_or_copy_timing(path, emulator, reverse_threads,
-                                                                             copies_at_issue):
+@pytest.mark.parametrize(
+    "schedule",
+    [dict(reverse_threads=True), dict(copies_at_issue=True), dict(reverse_blocks=True),
+     dict(reverse_threads=True, reverse_blocks=True, copies_at_issue=True)],
+    ids=lambda s: "+".join(s),
+)
+def test_emulated_cuda_results_do_not_depend_on_thread_or_block_order_or_copy_timing(path, emulator, schedule):
     # A missing barrier or cp.async wait shows as a result that changes with the order fibers run in
-    # between barriers, or with when copies land (at issue, or at the wait).
+    # between barriers, or with when copies land (at issue, or at the wait); blocks writing the same
+    # output, or relying on an order among themselves, as one that changes with the block order.
     emulator.set_binding_options(False, 128)
     inputs = make_inputs(1, 1, 130, 200, 136, 264, torch.bfloat16)
     grad_out = torch.randn(1, 1, 130, 264, dtype=torch.bfloat16)
     baseline = forward_backward(emulated_attention(), *inputs, grad_out)
-    emulator.set_schedule(reverse_threads, copies_at_issue, True)
+    emulator.set_schedule(**schedule)
     varied = forward_backward(emulated_attention(), *inputs, grad_out)
     for a, b in zip(baseline, varied):
         assert torch.equal(a, b)
@@ -575,7 +580,7 @@ def test_emulated_cuda_memory_grows_linearly_with_n(emulator):
     # The bindings' allocations at the target size, the kernels not run (run_blocks = False): twice
     # the tokens must cost at most about twice the memory (O(N * D)), never the 4x of an N x M matrix.
     emulator.set_device(*DEVICES["H100"])
-    emulator.set_schedule(False, False, False)
+    emulator.set_schedule(run_blocks=False)
     peaks = {n: {name: binding_peak_bytes(emulator, call) for name, call in memory_cases(n).items()}
              for n in (8192, 16384)}
     for name, small in peaks[8192].items():

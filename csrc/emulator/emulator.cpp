@@ -858,16 +858,16 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
   s.body = &body;
   s.failed = false;
   const FaultsReported faults_reported;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        s.block_idx = dim3(x, y, z);
-        if (!run_block()) {
-          s.body = nullptr;
-          s.last_error = cudaErrorLaunchFailure;
-          return cudaErrorLaunchFailure;
-        }
-      }
+  const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t b = s.schedule.reverse_blocks ? blocks - 1 - i : i;
+    s.block_idx = dim3(unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / (int64_t(grid.x) * grid.y)));
+    if (!run_block()) {
+      s.body = nullptr;
+      s.last_error = cudaErrorLaunchFailure;
+      return cudaErrorLaunchFailure;
+    }
+  }
   s.body = nullptr;
   return cudaSuccess;
 }

@@ -13,7 +13,9 @@
 //     at it, and must be the same instruction in every lane (else: a divergence error). A block in
 //     which no fiber can move is a deadlock, reported as an error.
 //   - The order in which fibers run between synchronization points is forward or reverse thread
-//     order (Schedule), so a result that depends on it exposes a missing barrier.
+//     order (Schedule), so a result that depends on it exposes a missing barrier; blocks run in
+//     forward or reverse grid order, so blocks writing the same output, or relying on an order,
+//     show too.
 //   - cp.async copies land at cp.async.wait_group (the latest moment the hardware allows) or at
 //     issue (the earliest), by Schedule: reading a stage before waiting for it, or refilling a
 //     stage other warps still read, gives wrong results in one of the two.
@@ -64,6 +66,7 @@ const DeviceModel& device();
 enum class CopyLanding { kAtWait, kAtIssue };
 struct Schedule {
   bool reverse_threads = false;   // run ready fibers from the last thread of the block to the first
+  bool reverse_blocks = false;    // run a grid's blocks from the last to the first
   CopyLanding copies = CopyLanding::kAtWait;
   // false: launches are validated as usual and then return without running a block, so a
   // binding's allocations can be measured at shapes too large to emulate (outputs stay NaN).
