@@ -126,8 +126,8 @@ def load_emulator(build) -> Emulator:
 
 
 def binding_peak_bytes(emulator, call) -> int:
-    """The most device memory call() holds at once beyond what was live before it: the binding's
-    outputs, workspaces and layout copies (what it returns is dropped before measuring)."""
+    """The most device memory call() holds at once beyond what was live before it: the bindings'
+    outputs, workspaces and layout copies (its results are freed as it returns)."""
     emulator.reset_stats()
     before = emulator.stats()["device_bytes"]
     call()
