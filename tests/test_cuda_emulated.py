@@ -462,9 +462,12 @@ def test_emulated_cuda_queries_without_candidates_and_missing_negatives():
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_emulated_cuda_correspondence_loss_is_deterministic(mode):
+def test_emulated_cuda_correspondence_loss_is_deterministic(emulator, mode):
     # Many queries share one key: the key-gradient scatter (sort, then one ordered sum per key).
-    check_deterministic(*make_case(1, None, 300, 70, (7, 10), 32, torch.bfloat16, **MODES[mode]), impl="cuda")
+    # The second run has threads and blocks in reverse order and copies landing at issue.
+    case = make_case(1, None, 300, 70, (7, 10), 32, torch.bfloat16, **MODES[mode])
+    reorder = lambda: emulator.set_schedule(reverse_threads=True, reverse_blocks=True, copies_at_issue=True)  # noqa: E731
+    check_deterministic(*case, impl="cuda", between=reorder)
 
 
 def test_emulated_cuda_triplet_backward_ignores_missing_keys_given_any_terms():
