@@ -37,6 +37,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import assert_close_to_reference
 from test_cuda_attention import check_against_reference as check_cuda_against_reference
 from test_cuda_attention import forward_backward
 from test_cuda_attention import make_inputs as make_cuda_inputs
@@ -588,3 +589,32 @@ def test_emulated_cuda_memory_grows_linearly_with_n(emulator):
              for n in (8192, 16384)}
     for name, small in peaks[8192].items():
         assert peaks[16384][name] <= 2.2 * small, (name, peaks)
+
+
+def test_emulated_cuda_inside_the_scft_module_under_bf16_autocast():
+    # How training uses the op on a GPU: SCFT's projections under bf16 autocast hand the attention
+    # bf16 q, k and v from transposed feature maps. Output and the gradients of the inputs and
+    # projection weights against the float64 module, by the 2x rule, with the same module on the
+    # materialized reference under the same autocast as the same-precision reference.
+    import copy
+
+    from sketchcolor.models.scft import SCFT
+
+    dim = 40
+    fused = SCFT(dim, attn_impl="cuda")
+    same, exact = copy.deepcopy(fused), copy.deepcopy(fused).double()
+    same.attn_impl = exact.attn_impl = "reference"
+    sketch, reference_map = torch.randn(2, dim, 5, 7), torch.randn(2, dim, 6, 4)
+    upstream = torch.randn(2, dim, 5, 7)
+
+    def run(module, dtype, autocast):
+        s, r = (t.to(dtype).requires_grad_() for t in (sketch, reference_map))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            features = module(s, r).features
+        weights = (module.query.weight, module.key.weight, module.value.weight)
+        return (features, *torch.autograd.grad(features, (s, r, *weights), upstream.to(features.dtype)))
+
+    results = run(fused, torch.float32, True), run(exact, torch.float64, False), run(same, torch.float32, True)
+    names = ("features", "grad_sketch", "grad_reference", "grad_query_weight", "grad_key_weight", "grad_value_weight")
+    for name, a, e, s in zip(names, *results):
+        assert_close_to_reference(name, a, e, s)
