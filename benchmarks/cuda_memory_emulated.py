@@ -3,8 +3,8 @@
     python benchmarks/cuda_memory_emulated.py                          # N = M in {4096, 8192, 16384}
     python benchmarks/cuda_memory_emulated.py --sizes 4096 --results /tmp/RESULTS.md
 
-The torch bindings of the cuda backend run on an emulated H100 (tests/test_cuda_emulated.py builds
-it; it needs g++ and the CUDA toolkit's headers) with launches validated but not run, so the shapes
+The torch bindings of the cuda backend run on an emulated H100 (tests/cuda_emulator.py builds
+it; it needs g++, ninja and the CUDA toolkit's headers) with launches validated but not run, so the shapes
 can be the targets': bf16, B = H = 1, D = Dv = 992. Every allocation is counted, so the peak is
 exactly what the bindings hold at once beyond their inputs: outputs, workspaces (the backward's
 key-chunk buffers, the dQ accumulator, the hardest search's key splits, the loss's sort and scatter
@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_cuda_emulated import DEVICES, binding_peak_bytes, load_emulator, memory_cases  # noqa: E402
+from cuda_emulator import DEVICES, binding_peak_bytes, load_emulator, memory_cases, unavailable_reason  # noqa: E402
 
 from sketchcolor.benchmarking import machine  # noqa: E402
 from sketchcolor.benchmarking.options import size_list  # noqa: E402
@@ -45,22 +44,25 @@ def main() -> int:
     if any(n % 128 for n in args.sizes):
         parser.error("--sizes: every N must be a multiple of 128 (the hardest mode's key grid is (N / 128, 128))")
 
-    with tempfile.TemporaryDirectory() as build:
-        print("building the CUDA emulator (about a minute)", flush=True)
-        emulator = load_emulator(build)
-        emulator.set_device(*DEVICES["H100"])
-        emulator.set_schedule(run_blocks=False)   # launches validated, not run
-        emulator.set_binding_options(False, 0)
-        emulator.use_device_allocator(True)
-        try:
-            rows = []
-            for n in args.sizes:
-                for name, call in memory_cases(n, HEAD_DIM).items():
-                    peak = binding_peak_bytes(emulator, call)
-                    rows.append([name, str(n), f"{peak / MIB:.1f}", f"{peak / (n * HEAD_DIM * 2):.1f}",
-                                 f"{peak / (n * n * 4):.3f}x"])
-        finally:
-            emulator.use_device_allocator(False)
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"cannot build the CUDA emulator: {reason}", file=sys.stderr)
+        return 1
+    print("building the CUDA emulator (about a minute; cached afterwards)", flush=True)
+    emulator = load_emulator()
+    emulator.set_device(*DEVICES["H100"])
+    emulator.set_schedule(run_blocks=False)   # launches validated, not run
+    emulator.set_binding_options(False, 0)
+    emulator.use_device_allocator(True)
+    try:
+        rows = []
+        for n in args.sizes:
+            for name, call in memory_cases(n, HEAD_DIM).items():
+                peak = binding_peak_bytes(emulator, call)
+                rows.append([name, str(n), f"{peak / MIB:.1f}", f"{peak / (n * HEAD_DIM * 2):.1f}",
+                             f"{peak / (n * n * 4):.3f}x"])
+    finally:
+        emulator.use_device_allocator(False)
 
     headers = ["op", "N = M", "peak MiB", "/ (N * D * 2 bytes)", "vs one fp32 N x M"]
     print(format_table(headers, rows))

@@ -2,6 +2,7 @@
 sketchcolor.testing."""
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -10,6 +11,22 @@ import torch
 # Re-exported for the test modules (``from conftest import assert_close_to_reference``): the
 # rule is defined once, in the package, so that ``sketchcolor verify`` applies the same one.
 from sketchcolor.testing import assert_close_to_reference, low_precision_tolerance  # noqa: F401
+
+
+def pytest_configure(config):
+    """SKETCHCOLOR_GUARD_CPU_MEMORY=1: every CPU tensor of the session is allocated in the CUDA
+    emulator's device memory (tests/cuda_emulator.py): NaN-filled and ending at an inaccessible
+    page, so a kernel that reads or writes past a tensor's storage faults at once instead of
+    touching its neighbour. Triton's interpreter runs the kernels on these tensors' memory;
+    .ci/run sets it for the Triton tests' second run. Slows allocation: not for the whole suite."""
+    if os.environ.get("SKETCHCOLOR_GUARD_CPU_MEMORY") != "1":
+        return
+    from cuda_emulator import load_emulator, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        raise pytest.UsageError(f"SKETCHCOLOR_GUARD_CPU_MEMORY=1, but {reason}")
+    load_emulator().use_device_allocator(True)
 
 
 @pytest.fixture(autouse=True)

@@ -21,27 +21,23 @@ comparison; shared memory starts as 0xFF bytes (NaN); cp.async sources must lie 
 buffers. Rule: max |emulated - float64 reference| <= 2 * max |reference in the same low precision -
 float64 reference| + atol (sketchcolor/testing.py).
 
-Skips only where g++ or the CUDA toolkit's headers (cuda_runtime.h, cuda_fp16.h) are missing.
+Skips only where g++, ninja or the CUDA toolkit's headers (cuda_runtime.h, cuda_fp16.h) are missing
+(tests/cuda_emulator.py builds the emulator).
 Run: PYTHONPATH=. pytest tests/test_cuda_emulated.py -q  (builds the emulator first, about a minute).
 """
 from __future__ import annotations
 
-import dataclasses
-import glob
 import importlib
 import math
-import os
-import pathlib
-import shutil
 
 import pytest
 import torch
 
 from conftest import assert_close_to_reference
+from cuda_emulator import DEVICES, binding_peak_bytes, load_emulator, memory_cases, unavailable_reason
 from test_cuda_attention import check_against_reference as check_cuda_against_reference
 from test_cuda_attention import forward_backward
 from test_cuda_attention import make_inputs as make_cuda_inputs
-from test_cuda_compile import CSRC, CUDA_INCLUDE
 from test_correspondence_loss import (
     MODES,
     check_all_invalid,
@@ -62,82 +58,16 @@ from sketchcolor.ops import _backends, correspondence_loss, scft_attention
 attention_module = importlib.import_module("sketchcolor.ops.scft_attention")
 correspondence_module = importlib.import_module("sketchcolor.ops.correspondence_loss")
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("g++") is None or CUDA_INCLUDE is None,
-    reason="the emulator needs g++ and the CUDA toolkit's headers (cuda_runtime.h)",
-)
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
-LIBRARY = "sketchcolor_emulated"
-# Emulated GPUs: (compute capability major, minor, SMs, shared memory per block (opt-in), per SM).
-DEVICES = {
-    "A100": (8, 0, 108, 163 * 1024, 164 * 1024),
-    "H100": (9, 0, 132, 227 * 1024, 228 * 1024),
-    "RTX4090": (8, 9, 128, 99 * 1024, 100 * 1024),
-}
 # (device, SKETCHCOLOR_CUDA_MMA, the instruction family that must run).
 PATHS = [("A100", "auto", "mma_sync"), ("H100", "auto", "wgmma"), ("H100", "mma_sync", "mma_sync")]
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-@dataclasses.dataclass
-class Emulator:
-    """The built emulator module and the emulated library's forward ops, autograd registered."""
-
-    module: object
-    attention_fwd: object
-    correspondence_ops: object
-
-    def __getattr__(self, name):
-        return getattr(self.module, name)
-
-
-def load_emulator(build) -> Emulator:
-    """Builds the emulator in the directory ``build`` (cached there) and registers the package's
-    own fake kernels and hand-written backward on the emulated library's ops."""
-    from torch.utils import cpp_extension
-
-    build = pathlib.Path(build)
-    # Each kernel file is its own translation unit, as under nvcc (their kernels and helpers live in
-    # anonymous namespaces).
-    units = []
-    for cu in sorted(glob.glob(os.path.join(CSRC, "*", "*_kernel.cu"))):
-        unit = build / ("emulated_" + os.path.basename(cu).replace(".cu", ".cpp"))
-        unit.write_text(f'#include "{os.path.relpath(cu, CSRC)}"\n')
-        units.append(str(unit))
-    bindings = sorted(glob.glob(os.path.join(CSRC, "*", "*_cuda.cpp")))
-    module = cpp_extension.load(
-        "sketchcolor_cuda_emulator",
-        [os.path.join(CSRC, "emulator", "emulator.cpp"), os.path.join(CSRC, "emulator", "emulator_binding.cpp"),
-         *units, *bindings],
-        extra_cflags=[
-            "-O2", "-DSKETCHCOLOR_CUDA_EMULATOR",
-            # The CPU wheel of torch ships c10/cuda headers but not the CMake-generated cuda_cmake_macros.h.
-            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-            "-Wno-attributes", "-Wno-unknown-pragmas", f"-I{CSRC}", f"-I{CUDA_INCLUDE}",
-        ],
-        build_directory=str(build),
-    )
-    attention_module._register_cpp_fakes(LIBRARY)
-    correspondence_module._register_cpp_fakes(LIBRARY)
-    return Emulator(
-        module,
-        attention_module._register_autograd("scft_attn_fwd", "scft_attn_bwd", library=LIBRARY),
-        correspondence_module._register_autograd("", library=LIBRARY),
-    )
-
-
-def binding_peak_bytes(emulator, call) -> int:
-    """The most device memory call() holds at once beyond what was live before it: the bindings'
-    outputs, workspaces and layout copies (its results are freed as it returns)."""
-    emulator.reset_stats()
-    before = emulator.stats()["device_bytes"]
-    call()
-    return emulator.stats()["device_bytes_peak"] - before
-
-
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    return load_emulator(tmp_path_factory.mktemp("cuda_emulator"))
+def emulator():
+    return load_emulator()
 
 
 @pytest.fixture(autouse=True)
@@ -155,9 +85,9 @@ def emulated_cuda_backend(emulator, monkeypatch):
     monkeypatch.setattr(_backends, "resolve", resolve_cuda_to_emulator)
     monkeypatch.setitem(attention_module._FORWARD_OPS, "extension", emulator.attention_fwd)
     monkeypatch.setitem(correspondence_module._FORWARD_OPS, "extension", emulator.correspondence_ops)
-    emulator.use_device_allocator(True)
+    was_on = emulator.use_device_allocator(True)
     yield
-    emulator.use_device_allocator(False)
+    emulator.use_device_allocator(was_on)
 
 
 @pytest.fixture(params=PATHS, ids=lambda p: f"{p[0]}-{p[2]}")
@@ -553,31 +483,6 @@ def test_emulated_cuda_ops_never_read_values_on_the_host_while_capturing(emulato
     emulator.set_binding_options(True, 0)
     for call in correspondence_calls + attention_calls:
         assert host_reads(call) == []
-
-
-def memory_cases(n, head_dim=992, dtype=torch.bfloat16):
-    """name -> a call of the cuda bindings at N = M = n (B = H = 1, D = Dv = head_dim): attention
-    forward+backward, and each correspondence-loss op the loss runs (T = 4 sampled negatives)."""
-    ops = torch.ops.sketchcolor_emulated
-    q, k, v = (torch.randn(1, 1, n, head_dim, dtype=dtype) for _ in range(3))
-    grad_out = torch.randn_like(q)
-    pos = torch.randint(-1, n, (1, n))
-    neg = torch.randint(-1, n, (1, n, 4))
-    terms = torch.ones(1, n, 4)
-    grid = (n // 128, 128)   # n a multiple of 128
-
-    def attention():
-        out, lse = ops.scft_attn_fwd(q, k, v, head_dim ** -0.5)
-        ops.scft_attn_bwd(grad_out, q, k, v, out, lse, head_dim ** -0.5)
-
-    q3, k3 = q[:, 0], k[:, 0]
-    return {
-        "attention fwd+bwd": attention,
-        "correspondence triplet (fwd, bwd)": lambda: (ops.corr_triplet_fwd(q3, k3, pos, neg, 0.03, 12.0),
-                                                      ops.corr_triplet_bwd(terms, q3, k3, pos, neg, terms, 0.03)),
-        "correspondence hardest (search)": lambda: ops.corr_hardest_fwd(q3, k3, pos, *grid, 1, 0.03, 12.0),
-        "correspondence nll (loss and gradients)": lambda: ops.corr_nll_loss(q3, k3, pos, 0.03, True),
-    }
 
 
 def test_emulated_cuda_memory_grows_linearly_with_n(emulator):

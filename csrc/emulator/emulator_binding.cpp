@@ -81,9 +81,11 @@ class DeviceAllocator final : public c10::Allocator {
 DeviceAllocator device_allocator;
 
 // on: CPU tensors allocated from now on are the emulated device's memory; off: the default allocator
-// again (tensors already allocated keep their device memory until freed).
-void use_device_allocator(bool on) {
+// again (tensors already allocated keep their device memory until freed). Returns whether it was on.
+bool use_device_allocator(bool on) {
+  const bool was_on = c10::GetCPUAllocator() == &device_allocator;
   c10::SetCPUAllocator(on ? static_cast<c10::Allocator*>(&device_allocator) : c10::GetDefaultCPUAllocator());
+  return was_on;
 }
 
 // One emulated thread loads or stores the byte `offset` bytes from t's data; returns the launch's
@@ -115,7 +117,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_binding_options", &sketchcolor::set_binding_options,
         "the bindings' view of the stream (capturing) and a cap on the backward's key chunk (0: none)");
   m.def("use_device_allocator", &sketchcolor::use_device_allocator,
-        "CPU allocations as emulated device memory: NaN-filled, guard-paged, readable by cp.async");
+        "CPU allocations as emulated device memory (NaN-filled, guard-paged, readable by cp.async) or "
+        "not; returns whether they were");
   m.def("access_byte", &sketchcolor::access_byte, "one emulated thread loads or stores a byte of a tensor");
   m.def("stats", &sketchcolor::stats, "counters since the last reset: blocks, switches, mma_sync, wgmma, device_bytes(_peak)");
   m.def("reset_stats", &sketchcolor::emu::reset_stats);
