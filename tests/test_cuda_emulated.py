@@ -27,6 +27,7 @@ Run: PYTHONPATH=. pytest tests/test_cuda_emulated.py -q  (builds the emulator fi
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -523,3 +524,27 @@ def test_emulated_cuda_inside_the_scft_module_under_bf16_autocast():
     names = ("features", "grad_sketch", "grad_reference", "grad_query_weight", "grad_key_weight", "grad_value_weight")
     for name, a, e, s in zip(names, *results):
         assert_close_to_reference(name, a, e, s)
+
+
+@pytest.mark.parametrize("device, dtype", [("A100", torch.float16), ("H100", torch.bfloat16)], ids=str)
+def test_emulated_cuda_runs_the_gpu_smoke_script_cases(emulator, device, dtype):
+    # benchmarks/cuda_smoke.py gives compute-sanitizer every cuda kernel once on a lent GPU. Its
+    # cases run here first, through the benchmarks' own workload code on the emulated device, so
+    # a GPU's few minutes are not lost to a broken script.
+    import importlib.util
+    import pathlib
+
+    from sketchcolor.benchmarking.cases import make_inputs as make_case_inputs
+    from sketchcolor.benchmarking.cases import workload
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_smoke.py"
+    spec = importlib.util.spec_from_file_location("cuda_smoke", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    emulator.set_device(*DEVICES[device])
+    for case in smoke.cases(dtype):
+        case = dataclasses.replace(case, device="cpu")
+        emulator.reset_stats()
+        outputs = workload(case, make_case_inputs(case), "fwd+bwd")()
+        assert emulator.stats()["blocks"] > 0, case
+        assert all(torch.isfinite(t).all() for t in outputs if isinstance(t, torch.Tensor)), case
