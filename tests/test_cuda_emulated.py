@@ -548,3 +548,15 @@ def test_emulated_cuda_runs_the_gpu_smoke_script_cases(emulator, device, dtype):
         outputs = workload(case, make_case_inputs(case), "fwd+bwd")()
         assert emulator.stats()["blocks"] > 0, case
         assert all(torch.isfinite(t).all() for t in outputs if isinstance(t, torch.Tensor)), case
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_cuda_passes_sketchcolor_verify_quick(emulator, dtype):
+    # The cuda rows of `sketchcolor verify --quick`, the user's check on a GPU (run_on_gpu.sh runs
+    # it): verify's own cases, kink clearing and comparison rules, on the emulated device.
+    from sketchcolor import verify
+
+    rows = [verify.check_case(case, seed=0) for op in ("attention", "correspondence")
+            for case in verify._sweep(op, "cuda", dtype, "cpu", quick=True)]
+    failed = [(row.op, row.shape, row.note) for row in rows if row.result != "PASS"]
+    assert len(rows) == 8 and not failed, failed
