@@ -52,7 +52,7 @@ def main() -> int:
     emulator = load_emulator()
     emulator.set_device(*DEVICES["H100"])
     emulator.set_schedule(run_blocks=False)   # launches validated, not run
-    emulator.set_binding_options(False, 0)
+    emulator.set_binding_options()
     emulator.use_device_allocator(True)
     try:
         rows = []

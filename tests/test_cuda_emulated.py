@@ -77,7 +77,7 @@ def emulated_cuda_backend(emulator, monkeypatch):
     picks another device; every allocation of the test is emulated device memory."""
     emulator.set_device(*DEVICES["A100"])
     emulator.set_schedule()
-    emulator.set_binding_options(False, 0)
+    emulator.set_binding_options()
     resolve = _backends.resolve
 
     def resolve_cuda_to_emulator(impl, device, op_name, dtype=None):
@@ -128,9 +128,9 @@ def test_emulator_reports_accesses_past_a_buffers_end(emulator):
     # Device buffers end (rounded up to 16 bytes) at an inaccessible page: a kernel's plain load or
     # store past the end is the launch's error, naming the access and the buffer.
     t = torch.empty(40, dtype=torch.uint8)
-    assert emulator.access_byte(t, 39, True) == "" and emulator.access_byte(t, 47, False) == ""
+    assert emulator.access_byte(t, 39, store=True) == "" and emulator.access_byte(t, 47, store=False) == ""
     for store, kind in ((True, "store"), (False, "load")):
-        error = emulator.access_byte(t, 48, store)
+        error = emulator.access_byte(t, 48, store=store)
         assert f"global {kind} at" in error and "8 bytes past the end of a 40-byte buffer" in error, error
     assert torch.isnan(torch.empty(3, dtype=torch.bfloat16)).all()   # fresh device memory is NaN
 
@@ -170,7 +170,7 @@ def test_emulated_cuda_heads_from_batch_seq_heads_layout(path, emulator):
 @pytest.mark.parametrize("key_chunk", [128, 256])
 def test_emulated_cuda_backward_over_several_key_chunks(path, emulator, key_chunk):
     # M = 300 in chunks of 128: three chunks, the middle one reads and writes the float32 dQ accumulator.
-    emulator.set_binding_options(False, key_chunk)
+    emulator.set_binding_options(key_chunk_limit=key_chunk)
     check_against_reference(emulator, path, *make_inputs(2, 1, 97, 300, 72, 40, torch.bfloat16))
 
 
@@ -203,7 +203,7 @@ def test_emulated_cuda_results_do_not_depend_on_thread_or_block_order_or_copy_ti
     # A missing barrier or cp.async wait shows as a result that changes with the order fibers run in
     # between barriers, or with when copies land (at issue, or at the wait); blocks writing the same
     # output, or relying on an order among themselves, as one that changes with the block order.
-    emulator.set_binding_options(False, 128)
+    emulator.set_binding_options(key_chunk_limit=128)
     inputs = make_inputs(1, 1, 130, 200, 136, 264, torch.bfloat16)
     grad_out = torch.randn(1, 1, 130, 264, dtype=torch.bfloat16)
     baseline = forward_backward(emulated_attention(), *inputs, grad_out)
@@ -357,7 +357,7 @@ def test_emulated_cuda_nll_loss_on_each_path(path, emulator):
 
 def test_emulated_cuda_nll_value_gradient_over_several_key_chunks(emulator):
     # M = 300 in chunks of 128: P^T q of each chunk goes to its own rows of grad_k.
-    emulator.set_binding_options(False, 128)
+    emulator.set_binding_options(key_chunk_limit=128)
     q, k, pos, kwargs = make_case(1, None, 97, 300, (15, 20), 24, torch.bfloat16, **MODES["nll"])
     compare_with_reference(q, k, pos, kwargs, impl="cuda")
 
@@ -430,7 +430,7 @@ def test_emulated_cuda_index_checks_on_the_host_and_under_graph_capture(emulator
     with pytest.raises(RuntimeError, match=r"neg values must be in \[-1, M\) = \[-1, 12\), got values in \[19, "):
         ops.corr_triplet_fwd(q, k, pos, neg + 20, 0.3, 2.0)
     host = ops.corr_triplet_fwd(q, k, pos, neg, 0.3, 2.0)
-    emulator.set_binding_options(True, 0)
+    emulator.set_binding_options(capturing=True)
     assert torch.equal(ops.corr_triplet_fwd(q, k, pos, neg, 0.3, 2.0), host)
     with pytest.raises(RuntimeError, match=r"neg values must be in \[-1, M\) = \[-1, 12\)") as device_side:
         ops.corr_triplet_fwd(q, k, pos, neg + 20, 0.3, 2.0)
@@ -481,7 +481,7 @@ def test_emulated_cuda_ops_never_read_values_on_the_host_while_capturing(emulato
     ]
     for call in correspondence_calls:
         assert host_reads(call), "outside a capture the index range is read on the host"
-    emulator.set_binding_options(True, 0)
+    emulator.set_binding_options(capturing=True)
     for call in correspondence_calls + attention_calls:
         assert host_reads(call) == []
 

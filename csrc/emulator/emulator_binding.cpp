@@ -115,11 +115,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("reverse_threads") = false, py::arg("reverse_blocks") = false, py::arg("copies_at_issue") = false,
         py::arg("run_blocks") = true);
   m.def("set_binding_options", &sketchcolor::set_binding_options,
-        "the bindings' view of the stream (capturing) and a cap on the backward's key chunk (0: none)");
+        "the bindings' view of the stream (capturing) and a cap on the backward's key chunk (0: none)",
+        py::arg("capturing") = false, py::arg("key_chunk_limit") = 0);
   m.def("use_device_allocator", &sketchcolor::use_device_allocator,
         "CPU allocations as emulated device memory (NaN-filled, guard-paged, readable by cp.async) or "
         "not; returns whether they were");
-  m.def("access_byte", &sketchcolor::access_byte, "one emulated thread loads or stores a byte of a tensor");
+  m.def("access_byte", &sketchcolor::access_byte, "one emulated thread loads or stores a byte of a tensor",
+        py::arg("tensor"), py::arg("offset"), py::arg("store"));
   m.def("stats", &sketchcolor::stats, "counters since the last reset: blocks, switches, mma_sync, wgmma, device_bytes(_peak)");
   m.def("reset_stats", &sketchcolor::emu::reset_stats);
 }
