@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -54,8 +55,12 @@ inline T max(T a, T b) {
   return a < b ? b : a;
 }
 
+// A GPU faults on a load not aligned to its size (up to 16 bytes); a CPU would not notice.
 template <typename T>
 inline T __ldg(const T* ptr) {
+  constexpr size_t kAlign = sizeof(T) < 16 ? sizeof(T) : 16;
+  if (reinterpret_cast<uintptr_t>(ptr) % kAlign != 0)
+    ::sketchcolor::emu::kernel_error("__ldg of " + std::to_string(sizeof(T)) + " bytes at a misaligned global address");
   return *ptr;
 }
 
