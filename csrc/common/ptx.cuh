@@ -1,6 +1,7 @@
 // Every PTX instruction the CUDA kernels issue by inline assembly, in one file: the mma.sync
 // tensor-core product, ldmatrix fragment loads, cp.async copies, the shared-memory window, the
-// kernel launch, and on sm_90a the warpgroup products (wgmma) with their fences.
+// kernel launch, and on sm_90a the warpgroup products (wgmma) with their fences; and the vector
+// loads and stores, whose alignment the hardware requires.
 //
 // Why one file: it is the whole boundary between the kernels and the hardware. The CUDA emulator
 // (csrc/emulator/, used by tests/test_cuda_emulated.py to run the kernels on a CPU) compiles the
@@ -42,6 +43,18 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 // and the wgmma descriptors take).
 __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// A vector load or store (4 to 16 bytes) through a generic pointer, global or shared. The hardware
+// faults unless the address is aligned to the vector's size; a CPU does not, so the emulator's
+// versions check it.
+template <typename V>
+__device__ __forceinline__ V load_vector(const V* ptr) {
+  return *ptr;
+}
+template <typename V>
+__device__ __forceinline__ void store_vector(V* ptr, const V& value) {
+  *ptr = value;
 }
 
 // d (16x8 fp32) += a (16x16, row-major fragment) * b (16x8, column-major fragment), bf16 or fp16.

@@ -227,7 +227,7 @@ __device__ __forceinline__ void zero_acc(float (&acc)[kMt][kNt][4]) {
 template <typename T>
 __device__ __forceinline__ void store_pair(uint16_t* row_ptr, int col, int col_limit, bool pairs, float v0, float v1) {
   if (pairs && col + 1 < col_limit) {
-    *reinterpret_cast<uint32_t*>(row_ptr + col) = Elem<T>::pack(v0, v1);
+    store_vector(reinterpret_cast<uint32_t*>(row_ptr + col), Elem<T>::pack(v0, v1));
   } else {
     if (col < col_limit) row_ptr[col] = Elem<T>::from_float(v0);
     if (col + 1 < col_limit) row_ptr[col + 1] = Elem<T>::from_float(v1);

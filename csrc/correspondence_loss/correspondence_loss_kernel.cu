@@ -62,7 +62,7 @@ __device__ __forceinline__ void store_piece(uint16_t* row, int c, int n, bool al
     v.y = Elem<T>::pack(x[2], x[3]);
     v.z = Elem<T>::pack(x[4], x[5]);
     v.w = Elem<T>::pack(x[6], x[7]);
-    *reinterpret_cast<uint4*>(row + c) = v;
+    store_vector(reinterpret_cast<uint4*>(row + c), v);
   } else {
 #pragma unroll
     for (int i = 0; i < kPiece; ++i)

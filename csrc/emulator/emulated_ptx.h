@@ -76,6 +76,23 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
                      [&] { std::apply(kernel, params); });
 }
 
+template <typename V>
+inline void check_vector_alignment(const V* ptr, const char* what) {
+  static_assert(sizeof(V) >= 4 && sizeof(V) <= 16 && (sizeof(V) & (sizeof(V) - 1)) == 0, "4- to 16-byte vectors");
+  if (reinterpret_cast<uintptr_t>(ptr) % sizeof(V) != 0)
+    emu::kernel_error(std::string(what) + " of " + std::to_string(sizeof(V)) + " bytes at a misaligned address");
+}
+template <typename V>
+inline V load_vector(const V* ptr) {
+  check_vector_alignment(ptr, "vector load");
+  return *ptr;
+}
+template <typename V>
+inline void store_vector(V* ptr, const V& value) {
+  check_vector_alignment(ptr, "vector store");
+  *ptr = value;
+}
+
 inline unsigned char* dynamic_smem() { return emu::dynamic_smem(); }
 inline uint32_t smem_addr(const void* ptr) { return emu::smem_offset(ptr); }
 

@@ -32,8 +32,8 @@
 //   - Global memory is the host's: the torch bindings (common/cuda_binding.h) run on CPU tensors,
 //     allocated with device_malloc. Each buffer ends at an inaccessible page, so a plain load or
 //     store running past its end faults; a fault while a kernel runs is reported as the launch's
-//     error (load or store, how far past which buffer). __ldg checks its alignment, which a GPU
-//     requires and a CPU does not.
+//     error (load or store, how far past which buffer). __ldg and the vector loads and stores of
+//     common/ptx.cuh check their alignment, which a GPU requires and a CPU does not.
 //   - mma.sync and wgmma multiply 16-bit operands exactly and accumulate in double, rounding to fp32
 //     once per instruction (the tensor cores round at least as often; tests allow for it).
 //   - The device (compute capability, SM count, shared memory limits) is a DeviceModel the caller

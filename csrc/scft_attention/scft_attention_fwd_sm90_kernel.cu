@@ -155,8 +155,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_sm90_kernel(co
           const float p0 = exp2f(acc_s[4 * j + 2 * half] - row_max[half]);
           const float p1 = exp2f(acc_s[4 * j + 2 * half + 1] - row_max[half]);
           row_sum[half] += p0 + p1;
-          *reinterpret_cast<uint32_t*>(p_tile_ptr + interleaved_offset<kBlockN>(row_of[half], col)) =
-              Elem<T>::pack(p0, p1);
+          store_vector(reinterpret_cast<uint32_t*>(p_tile_ptr + interleaved_offset<kBlockN>(row_of[half], col)),
+                       Elem<T>::pack(p0, p1));
         }
       }
     }

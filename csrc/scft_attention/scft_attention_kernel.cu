@@ -183,8 +183,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) scft_attn_fwd_kernel(const S
           row_sum[mt][1] += p2 + p3;
           const int row = warp_m * kWarpRows + mt * 16 + group;
           const int col = warp_n * kWarpKeys + nt * 8 + quad_lane * 2;
-          *reinterpret_cast<uint32_t*>(p_tile_ptr + row * Cfg::kPStride + col) = Elem<T>::pack(p0, p1);
-          *reinterpret_cast<uint32_t*>(p_tile_ptr + (row + 8) * Cfg::kPStride + col) = Elem<T>::pack(p2, p3);
+          store_vector(reinterpret_cast<uint32_t*>(p_tile_ptr + row * Cfg::kPStride + col), Elem<T>::pack(p0, p1));
+          store_vector(reinterpret_cast<uint32_t*>(p_tile_ptr + (row + 8) * Cfg::kPStride + col), Elem<T>::pack(p2, p3));
         }
     }
 

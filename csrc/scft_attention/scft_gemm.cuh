@@ -117,14 +117,14 @@ struct GemmOutput {
     const int64_t idx = row_offset + col;
     if (c_pairs && col + 1 < n) {
       if (c_in != nullptr) {
-        const float2 prev = *reinterpret_cast<const float2*>(c_in + idx);
+        const float2 prev = tiles::load_vector(reinterpret_cast<const float2*>(c_in + idx));
         v0 += prev.x;
         v1 += prev.y;
       }
       if (c_out_f32 != nullptr) {
-        *reinterpret_cast<float2*>(c_out_f32 + idx) = make_float2(v0, v1);
+        tiles::store_vector(reinterpret_cast<float2*>(c_out_f32 + idx), make_float2(v0, v1));
       } else {
-        *reinterpret_cast<uint32_t*>(c_out + idx) = tiles::Elem<T>::pack(v0, v1);
+        tiles::store_vector(reinterpret_cast<uint32_t*>(c_out + idx), tiles::Elem<T>::pack(v0, v1));
       }
     } else {
       if (col < n) {
