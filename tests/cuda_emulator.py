@@ -3,13 +3,14 @@ the cuda backend compiled as host C++ with SKETCHCOLOR_CUDA_EMULATOR, run on CPU
 
 Used by tests/test_cuda_emulated.py (the backend against the reference), by tests/conftest.py
 (SKETCHCOLOR_GUARD_CPU_MEMORY=1: every CPU tensor of a test session in the emulator's guard-paged
-memory) and by benchmarks/cuda_memory_emulated.py. The build is cached in one directory per torch
-version under the system's temporary directory, so the processes of one machine share it.
+memory) and by benchmarks/cuda_memory_emulated.py. The build is cached under the system's temporary
+directory, one per checkout and torch version, so the processes of one checkout share it.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import importlib
 import os
 import pathlib
@@ -62,7 +63,10 @@ def load_emulator() -> Emulator:
         return _LOADED[0]
     from torch.utils import cpp_extension
 
-    build = pathlib.Path(tempfile.gettempdir()) / f"sketchcolor-cuda-emulator-torch{torch.__version__}"
+    # One build per checkout and torch version: another checkout's build (its -I path differs)
+    # must not rewrite this one's build files while it runs.
+    checkout = hashlib.sha1(CSRC.encode()).hexdigest()[:10]
+    build = pathlib.Path(tempfile.gettempdir()) / f"sketchcolor-cuda-emulator-torch{torch.__version__}-{checkout}"
     build.mkdir(exist_ok=True)
     # Each kernel file is its own translation unit, as under nvcc (their kernels and helpers live in
     # anonymous namespaces).

@@ -196,9 +196,9 @@ def test_emulated_cuda_uniform_attention_is_exact(path, emulator, m):
 
 @pytest.mark.parametrize(
     "schedule",
-    [dict(reverse_threads=True), dict(copies_at_issue=True), dict(reverse_blocks=True),
+    [dict(reverse_threads=True), dict(shuffle_seed=20261207), dict(copies_at_issue=True), dict(reverse_blocks=True),
      dict(reverse_threads=True, reverse_blocks=True, copies_at_issue=True)],
-    ids=lambda s: "+".join(s),
+    ids=lambda s: "+".join(f"{k}={v}" if not isinstance(v, bool) else k for k, v in s.items()),
 )
 def test_emulated_cuda_results_do_not_depend_on_thread_or_block_order_or_copy_timing(path, emulator, schedule):
     # A missing barrier or cp.async wait shows as a result that changes with the order fibers run in

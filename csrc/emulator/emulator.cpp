@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <sstream>
 #include <vector>
 
@@ -379,10 +380,13 @@ bool run_block() {
     w.committed.clear();
   }
   ++s.stats.blocks;
+  std::vector<int> order(static_cast<size_t>(n));
+  for (int k = 0; k < n; ++k) order[size_t(k)] = s.schedule.reverse_threads ? n - 1 - k : k;
+  std::mt19937 rng(s.schedule.shuffle_seed ^ (s.block_idx.x + 65536u * (s.block_idx.y + 65536u * s.block_idx.z)));
   for (;;) {
     bool ran = false, all_done = true;
-    for (int k = 0; k < n; ++k) {
-      const int i = s.schedule.reverse_threads ? n - 1 - k : k;
+    if (s.schedule.shuffle_seed != 0) std::shuffle(order.begin(), order.end(), rng);
+    for (const int i : order) {
       Thread& t = *s.threads[i];
       if (t.done) continue;
       all_done = false;

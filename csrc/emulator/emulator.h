@@ -12,8 +12,8 @@
 //     collective (mma.sync, ldmatrix, shfl) executes when all 32 lanes of the warp have arrived
 //     at it, and must be the same instruction in every lane (else: a divergence error). A block in
 //     which no fiber can move is a deadlock, reported as an error.
-//   - The order in which fibers run between synchronization points is forward or reverse thread
-//     order (Schedule), so a result that depends on it exposes a missing barrier; blocks run in
+//   - The order in which fibers run between synchronization points is forward, reverse or
+//     shuffled thread order (Schedule), so a result that depends on it exposes a missing barrier; blocks run in
 //     forward or reverse grid order, so blocks writing the same output, or relying on an order,
 //     show too.
 //   - cp.async copies land at cp.async.wait_group (the latest moment the hardware allows) or at
@@ -67,6 +67,7 @@ const DeviceModel& device();
 enum class CopyLanding { kAtWait, kAtIssue };
 struct Schedule {
   bool reverse_threads = false;   // run ready fibers from the last thread of the block to the first
+  uint32_t shuffle_seed = 0;      // nonzero: each round runs the ready fibers in a fresh random order
   bool reverse_blocks = false;    // run a grid's blocks from the last to the first
   CopyLanding copies = CopyLanding::kAtWait;
   // false: launches are validated as usual and then return without running a block, so a

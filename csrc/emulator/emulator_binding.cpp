@@ -35,9 +35,11 @@ void set_device(int major, int minor, int multiprocessors, int smem_per_block_op
   emu::set_device(d);
 }
 
-void set_schedule(bool reverse_threads, bool reverse_blocks, bool copies_at_issue, bool run_blocks) {
+void set_schedule(bool reverse_threads, uint32_t shuffle_seed, bool reverse_blocks, bool copies_at_issue,
+                  bool run_blocks) {
   emu::Schedule s;
   s.reverse_threads = reverse_threads;
+  s.shuffle_seed = shuffle_seed;
   s.reverse_blocks = reverse_blocks;
   s.copies = copies_at_issue ? emu::CopyLanding::kAtIssue : emu::CopyLanding::kAtWait;
   s.run_blocks = run_blocks;
@@ -112,7 +114,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_device", &sketchcolor::set_device, "the emulated GPU: compute capability, SMs, shared memory limits");
   m.def("set_schedule", &sketchcolor::set_schedule,
         "thread and block order, cp.async landing time, and whether launches run their blocks at all",
-        py::arg("reverse_threads") = false, py::arg("reverse_blocks") = false, py::arg("copies_at_issue") = false,
+        py::arg("reverse_threads") = false, py::arg("shuffle_seed") = 0, py::arg("reverse_blocks") = false,
+        py::arg("copies_at_issue") = false,
         py::arg("run_blocks") = true);
   m.def("set_binding_options", &sketchcolor::set_binding_options,
         "the bindings' view of the stream (capturing) and a cap on the backward's key chunk (0: none)",
