@@ -154,6 +154,16 @@ def test_emulated_cuda_matches_reference(path, emulator, shape, dtype):
     check_against_reference(emulator, path, *make_inputs(*shape, dtype))
 
 
+# Shapes of the GPU tests past a thousand rows: 9 query tiles against 1 key tile with D = 992, the
+# reverse with Dv = 992 (two output slices), and 9 x 9 tiles.
+LONG_SHAPES = [(1, 1, 1025, 97, 992, 64), (1, 1, 97, 1025, 64, 992), (1, 1, 1025, 1025, 64, 64)]
+
+
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=str)
+def test_emulated_cuda_shapes_past_a_thousand_rows(path, emulator, shape):
+    check_against_reference(emulator, path, *make_inputs(*shape, torch.bfloat16))
+
+
 @pytest.mark.parametrize("shape", [(2, 2, 97, 130, 100, 36), (1, 1, 70, 97, 992, 992)], ids=str)
 def test_emulated_cuda_non_contiguous_inputs(path, emulator, shape):
     q, k, v = make_inputs(*shape, torch.bfloat16, transposed=True)
