@@ -55,12 +55,23 @@ inline T max(T a, T b) {
   return a < b ? b : a;
 }
 
-// A GPU faults on a load not aligned to its size (up to 16 bytes); a CPU would not notice.
+namespace sketchcolor {
+namespace emu {
+
+// A GPU faults on a load or store not aligned to its size (up to 16 bytes); a CPU would not notice.
 template <typename T>
-inline T __ldg(const T* ptr) {
+inline void check_alignment(const T* ptr, const char* what) {
   constexpr size_t kAlign = sizeof(T) < 16 ? sizeof(T) : 16;
   if (reinterpret_cast<uintptr_t>(ptr) % kAlign != 0)
-    ::sketchcolor::emu::kernel_error("__ldg of " + std::to_string(sizeof(T)) + " bytes at a misaligned global address");
+    kernel_error(std::string(what) + " of " + std::to_string(sizeof(T)) + " bytes at a misaligned address");
+}
+
+}  // namespace emu
+}  // namespace sketchcolor
+
+template <typename T>
+inline T __ldg(const T* ptr) {
+  ::sketchcolor::emu::check_alignment(ptr, "__ldg");
   return *ptr;
 }
 
@@ -77,19 +88,15 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
 }
 
 template <typename V>
-inline void check_vector_alignment(const V* ptr, const char* what) {
-  static_assert(sizeof(V) >= 4 && sizeof(V) <= 16 && (sizeof(V) & (sizeof(V) - 1)) == 0, "4- to 16-byte vectors");
-  if (reinterpret_cast<uintptr_t>(ptr) % sizeof(V) != 0)
-    emu::kernel_error(std::string(what) + " of " + std::to_string(sizeof(V)) + " bytes at a misaligned address");
-}
-template <typename V>
 inline V load_vector(const V* ptr) {
-  check_vector_alignment(ptr, "vector load");
+  static_assert(sizeof(V) >= 4 && sizeof(V) <= 16 && (sizeof(V) & (sizeof(V) - 1)) == 0, "4- to 16-byte vectors");
+  emu::check_alignment(ptr, "vector load");
   return *ptr;
 }
 template <typename V>
 inline void store_vector(V* ptr, const V& value) {
-  check_vector_alignment(ptr, "vector store");
+  static_assert(sizeof(V) >= 4 && sizeof(V) <= 16 && (sizeof(V) & (sizeof(V) - 1)) == 0, "4- to 16-byte vectors");
+  emu::check_alignment(ptr, "vector store");
   *ptr = value;
 }
 

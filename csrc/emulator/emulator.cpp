@@ -218,14 +218,19 @@ void check_smem_range(uint32_t addr, uint32_t bytes, const char* what) {
   }
 }
 
+// The device buffer starting at or before ptr (the only one ptr can be in or just past), or null;
+// the caller holds globals_mutex().
+const std::pair<const unsigned char* const, Buffer>* buffer_before(const unsigned char* ptr) {
+  const auto& globals = state().globals;
+  const auto after = globals.upper_bound(ptr);   // the first buffer starting past ptr
+  return after == globals.begin() ? nullptr : &*std::prev(after);
+}
+
 bool in_device_buffer(const unsigned char* ptr, size_t bytes) {
-  State& s = state();
   const std::lock_guard<std::mutex> lock(globals_mutex());
-  if (s.globals.empty()) return true;
-  const auto after = s.globals.upper_bound(ptr);   // the first buffer starting past ptr
-  if (after == s.globals.begin()) return false;
-  const auto& [base, buffer] = *std::prev(after);
-  return ptr + bytes <= base + buffer.bytes;
+  if (state().globals.empty()) return true;
+  const auto* entry = buffer_before(ptr);
+  return entry != nullptr && ptr + bytes <= entry->first + entry->second.bytes;
 }
 
 void check_global_range(const unsigned char* ptr, size_t bytes, const char* what) {
@@ -325,9 +330,9 @@ void on_segv(int, siginfo_t* info, void* context) {
   {
     // try_lock: the faulting fiber cannot hold the lock, but a signal handler must never wait.
     const std::unique_lock<std::mutex> lock(globals_mutex(), std::try_to_lock);
-    const auto after = lock.owns_lock() ? s.globals.upper_bound(addr) : s.globals.end();
-    if (lock.owns_lock() && after != s.globals.begin()) {
-      const auto& [base, buffer] = *std::prev(after);
+    const auto* entry = lock.owns_lock() ? buffer_before(addr) : nullptr;
+    if (entry != nullptr) {
+      const auto& [base, buffer] = *entry;
       if (addr >= base + buffer.bytes && addr < buffer.mapping + buffer.mapping_bytes) {
         out << ": " << (addr - base - buffer.bytes) << " bytes past the end of a " << buffer.bytes
             << "-byte buffer";

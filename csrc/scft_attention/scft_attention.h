@@ -309,9 +309,11 @@ struct ScftBwdWorkspacePlan {
   bool needs_grad_q_accum;  // num_chunks > 1: dQ is summed in a float32 (B, H, N, D) buffer
 };
 
+// max_key_chunk > 0 (a multiple of 128) caps the chosen chunk: the CUDA emulator's tests run the
+// several-chunk path on shapes small enough to emulate, which would fit one chunk.
 inline ScftBwdWorkspacePlan scft_bwd_workspace_plan(int64_t batch_heads, int64_t n_queries, int64_t n_keys,
                                                     int64_t head_dim, int64_t value_dim, ScftGemmOccupancy gemm,
-                                                    ScftBwdGemms gemms) {
+                                                    ScftBwdGemms gemms, int64_t max_key_chunk = 0) {
   const int64_t kChunkAlign = 128;
   const int64_t input_bytes =
       (batch_heads * (n_queries * (head_dim + 2 * value_dim) + n_keys * (head_dim + value_dim))) * kElemBytes;
@@ -337,6 +339,7 @@ inline ScftBwdWorkspacePlan scft_bwd_workspace_plan(int64_t batch_heads, int64_t
       }
     }
   }
+  if (max_key_chunk > 0 && chunk > max_key_chunk) chunk = max_key_chunk;
   ScftBwdWorkspacePlan plan;
   plan.key_chunk = static_cast<int>(chunk);
   plan.num_chunks = static_cast<int>(scft_ceil_div(n_keys, chunk));

@@ -113,23 +113,17 @@ inline scft::ScftGemmOccupancy gemm_occupancy(const at::Tensor& q) {
   return scft::scft_gemm_occupancy(sms, scft::scft_uses_wgmma(scft::scft_mma_choice(), major, minor));
 }
 
-// The backward's key chunking on q's device (scft_bwd_workspace_plan).
+// The backward's key chunking on q's device (scft_bwd_workspace_plan); under the emulator, capped
+// at the chunk its tests ask for (emulated_binding.h).
 inline scft::ScftBwdWorkspacePlan scft_bwd_plan(const at::Tensor& q, int64_t batch_heads, int64_t n_queries,
                                                 int64_t n_keys, int64_t head_dim, int64_t value_dim,
                                                 scft::ScftBwdGemms gemms) {
-  scft::ScftBwdWorkspacePlan plan =
-      scft::scft_bwd_workspace_plan(batch_heads, n_queries, n_keys, head_dim, value_dim, gemm_occupancy(q), gemms);
+  int64_t max_key_chunk = 0;
 #ifdef SKETCHCOLOR_CUDA_EMULATOR
-  // Shapes small enough to emulate fit one chunk; the emulator's tests ask for smaller chunks to run
-  // the several-chunk path (the float32 dQ accumulator) as well.
-  const int64_t limit = emulated_binding_options().key_chunk_limit;
-  if (limit > 0 && plan.key_chunk > limit) {
-    plan.key_chunk = static_cast<int>(limit);
-    plan.num_chunks = static_cast<int>(scft::scft_ceil_div(n_keys, limit));
-    plan.needs_grad_q_accum = plan.num_chunks > 1;
-  }
+  max_key_chunk = emulated_binding_options().key_chunk_limit;
 #endif
-  return plan;
+  return scft::scft_bwd_workspace_plan(batch_heads, n_queries, n_keys, head_dim, value_dim, gemm_occupancy(q), gemms,
+                                       max_key_chunk);
 }
 
 }  // namespace sketchcolor
