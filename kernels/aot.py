@@ -7,7 +7,8 @@ exactly the arguments a real call would pass to each kernel (strides, sizes, con
 JIT does (an integer equal to 1 becomes a constant; pointers, and integers divisible by
 16, are marked 16-divisible), and ``compile_launch`` compiles it for any
 ``GPUTarget``. tests/test_triton_compile.py uses these to prove that every config the
-autotuner can pick compiles for sm_80 and sm_90, fits shared memory and uses tensor cores.
+autotuner can pick compiles for every target of ``GPU_TARGETS``, fits its shared memory and
+uses tensor cores.
 """
 from __future__ import annotations
 
@@ -20,6 +21,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import scft_attention as attn
+
+# The GPU generations the kernels are compiled for ahead of time: name -> (target, the most
+# shared memory one block may opt in to, cudaDevAttrMaxSharedMemoryPerBlockOptin). Compiling
+# needs no GPU; the metadata then shows what each generation's code allocates.
+GPU_TARGETS = {
+    "sm_80": (GPUTarget("cuda", 80, 32), 166912),  # A100
+    "sm_86": (GPUTarget("cuda", 86, 32), 101376),  # RTX 30xx, A10, A40
+    "sm_89": (GPUTarget("cuda", 89, 32), 101376),  # RTX 40xx, L4, L40S
+    "sm_90": (GPUTarget("cuda", 90, 32), 232448),  # H100, H200 (wgmma)
+    "sm_100": (GPUTarget("cuda", 100, 32), 232448),  # B200 (tcgen05)
+    "sm_120": (GPUTarget("cuda", 120, 32), 101376),  # RTX 50xx
+}
+# The PTX of a tensor-core product, per target: mma.sync everywhere; Triton may use the
+# asynchronous forms where the generation has them.
+TENSOR_CORE_PTX = {90: ("wgmma.mma_async", "mma.sync.aligned"), 100: ("tcgen05.mma", "mma.sync.aligned")}
+
+
+def uses_tensor_cores(ptx: str, target: GPUTarget) -> bool:
+    return any(op in ptx for op in TENSOR_CORE_PTX.get(target.arch, ("mma.sync.aligned",)))
 
 _POINTER_TYPES = {
     torch.float16: "*fp16",

@@ -341,10 +341,10 @@ def _corr_nll_bwd_dk(
 # --------------------------------------------------------------------------------------
 # Configurations
 # --------------------------------------------------------------------------------------
-# GPU configs: score tiles of 64 x 64 over 64-wide D chunks (two stages of q and k chunks,
-# ~32 KB of shared memory in 16-bit, ~64 KB in fp32: they fit sm_80 and sm_90), and dq/dk
-# slices of 128 or 256 columns (fp32 accumulators of 64 x 256 = 64 registers per thread at 8
-# warps). Under TRITON_INTERPRET=1 each kernel runs one small config, smaller than the test
+# GPU configs: score tiles of 64 x 64 over 64-wide D chunks (two stages of q and k chunks:
+# 16-64 KB of shared memory in 16-bit and 32-80 KB in fp32, within the 99 KiB per block of
+# consumer GPUs), and dq/dk slices of 128 or 256 columns (fp32 accumulators of 64 x 256 = 64
+# registers per thread at 8 warps). Under TRITON_INTERPRET=1 each kernel runs one small config, smaller than the test
 # shapes so that tails, several D chunks and several slices run.
 STREAM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),

@@ -7,7 +7,7 @@ a subprocess with TRITON_INTERPRET=1 (a fresh process: triton reads the variable
 import, and another test may have imported it already). The other tests of that normal run
 need neither a GPU nor the interpreter: argument checks, options, config pruning, and the
 torch.library registration traced on fake CUDA tensors. tests/test_triton_compile.py
-compiles every kernel config for sm_80 and sm_90.
+compiles every kernel config for every GPU generation of kernels/aot.py.
 
 Tolerance: sketchcolor.testing's rule (flash-attention's): for every output and gradient,
 max |backend - float64 reference| <= 2 max |reference in the input dtype - float64
@@ -298,9 +298,9 @@ if not INTERPRETING:
         assert prune(configs, fwd_args(torch.float32, 992)) == kernels.FWD_CONFIGS_FP32
         narrow = prune(configs, fwd_args(torch.bfloat16, 64))  # one 64-wide slice covers Dv
         assert narrow and all(c.kwargs["BLOCK_DV"] <= 64 for c in narrow)
-        monkeypatch.setattr(kernels, "_device_smem_limit", lambda index: 101376)  # sm_86/sm_89
+        monkeypatch.setattr(kernels, "_device_smem_limit", lambda index: 65536)  # sm_75's 64 KiB
         small = prune(configs, fwd_args(torch.bfloat16, 992))
-        assert small and all(kernels.smem_estimate("fwd", c, 2) <= 101376 for c in small) and len(small) < len(wide)
+        assert small and all(kernels.smem_estimate("fwd", c, 2) <= 65536 for c in small) and len(small) < len(wide)
         monkeypatch.setattr(kernels, "_device_smem_limit", lambda index: 1024)
         with pytest.raises(RuntimeError, match="no fwd configuration fits"):
             prune(configs, fwd_args(torch.bfloat16, 992))

@@ -1,14 +1,15 @@
 """Ahead-of-time compilation of every Triton SCFT-attention kernel config, without a GPU.
 
-For sm_90 (H100) and sm_80 (A100), each kernel variant a forward/backward launches, and
-each config the autotuner may pick there (sketchcolor.kernels.scft_attention.configs_for:
+For every GPU generation of aot.GPU_TARGETS (sm_80 A100, sm_86/sm_89 with 99 KiB per block,
+sm_90 H100, sm_100 B200, sm_120), each kernel variant a forward/backward launches, and each
+config the autotuner may pick there (sketchcolor.kernels.scft_attention.configs_for:
 the configs whose shared-memory estimate fits the target), this compiles the kernel with
 exactly the arguments the launcher passes (recorded on meta tensors at the paper's shape,
 D = Dv = 992) and checks that
   * it compiles to PTX and a cubin,
   * its shared memory (compiled.metadata.shared) fits the target, and the estimate the
     autotuner's prune relies on is an upper bound of it,
-  * its PTX uses tensor cores for the dots (wgmma or mma on sm_90, mma on sm_80).
+  * its PTX uses tensor cores for the dots (mma.sync; wgmma or tcgen05 where Triton picks them).
 float32 is compiled in IEEE mode (FMA dots: no tensor-core check) and in TF32 mode.
 """
 from __future__ import annotations
@@ -23,16 +24,10 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     pytest.skip("ahead-of-time compilation needs the compiler, not the interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-
 from sketchcolor.kernels import aot  # noqa: E402
 from sketchcolor.kernels import scft_attention as attn  # noqa: E402
 
-# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
-TARGETS = {
-    "sm_90": (GPUTarget("cuda", 90, 32), 232448),
-    "sm_80": (GPUTarget("cuda", 80, 32), 166912),
-}
+TARGETS = aot.GPU_TARGETS
 VARIANTS = ("fwd", "bwd_preprocess", "bwd_dkdv[ATOMIC_DQ=True]", "bwd_dkdv[ATOMIC_DQ=False]", "bwd_dq")
 
 
@@ -44,12 +39,6 @@ def _launches(dtype: torch.dtype) -> dict:
             found.setdefault(launch.variant, launch)
     assert sorted(found) == sorted(VARIANTS), sorted(found)
     return found
-
-
-def _uses_tensor_cores(ptx: str, target: GPUTarget) -> bool:
-    if target.arch >= 90:
-        return "wgmma.mma_async" in ptx or "mma.sync.aligned" in ptx
-    return "mma.sync.aligned" in ptx
 
 
 def _check_compiled(launch, config, target, smem_limit, elem_size, **overrides):
@@ -74,7 +63,7 @@ def test_every_pickable_config_compiles_fits_and_uses_tensor_cores(variant, targ
     for config in configs:
         compiled = _check_compiled(launch, config, target, smem_limit, dtype.itemsize)
         if launch.name != "bwd_preprocess":  # the only kernel without a dot
-            assert _uses_tensor_cores(compiled.asm["ptx"], target), f"{variant} {config}: no mma/wgmma in the PTX"
+            assert aot.uses_tensor_cores(compiled.asm["ptx"], target), f"{variant} {config}: no tensor-core product in the PTX"
 
 
 @pytest.mark.parametrize("target_name", list(TARGETS))
@@ -91,7 +80,7 @@ def test_float32_configs_compile_in_ieee_and_tf32(variant, target_name):
     for config in configs:
         _check_compiled(launch, config, target, smem_limit, 4)
     compiled = _check_compiled(launch, configs[0], target, smem_limit, 4, DOT_PRECISION="tf32")
-    assert _uses_tensor_cores(compiled.asm["ptx"], target), f"{variant}: tf32 dots without mma/wgmma"
+    assert aot.uses_tensor_cores(compiled.asm["ptx"], target), f"{variant}: tf32 dots without tensor-core products"
 
 
 @pytest.mark.parametrize("target_name", list(TARGETS))

@@ -4,7 +4,8 @@ The numerics tests run on CUDA tensors when this process has a GPU, and on CPU t
 Triton's interpreter when TRITON_INTERPRET=1 was set before triton was imported. In a normal
 run on a machine without a GPU, ``test_triton_kernels_under_the_interpreter`` reruns this file
 in a subprocess with TRITON_INTERPRET=1 (small shapes, D = 992 included), and the kernels are
-compiled ahead of time for sm_90 and sm_80 with every config the autotuner may pick.
+compiled ahead of time for every GPU generation of kernels/aot.py with every config the
+autotuner may pick.
 """
 from __future__ import annotations
 
@@ -36,32 +37,33 @@ if not INTERPRETING:
         assert result.returncode == 0, f"interpreted tests failed:\n{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
         assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
-    # bf16 on both targets (sm_90 has its own wgmma code path); float32 (IEEE dots, twice the
-    # shared memory) on sm_80, the target with the least shared memory.
-    @pytest.mark.parametrize("arch,dtype", [(90, torch.bfloat16), (80, torch.bfloat16), (80, torch.float32)], ids=str)
-    def test_kernels_compile_for_gpus(arch, dtype, monkeypatch):
+    # bf16 on every target (sm_90 and sm_100 have their own asynchronous tensor-core paths);
+    # float32 (IEEE dots, twice the shared memory) on sm_80 and on sm_86, which has the least.
+    @pytest.mark.parametrize(
+        "target_name,dtype",
+        [(name, torch.bfloat16) for name in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")]
+        + [("sm_80", torch.float32), ("sm_86", torch.float32)],
+        ids=str,
+    )
+    def test_kernels_compile_for_gpus(target_name, dtype):
         """Every kernel of one forward and backward of each mode, at the paper's D = 992, with every
         autotune config: PTX and a cubin, shared memory within the device's opt-in limit, and
-        tensor-core dots (mma / wgmma) in the kernels that multiply score tiles (bf16)."""
+        tensor-core dots in the kernels that multiply score tiles (bf16)."""
         pytest.importorskip("triton")
-        from triton.backends.compiler import GPUTarget
-
         from sketchcolor.kernels import aot
         from sketchcolor.kernels import correspondence_loss as kernels
 
-        # aot.ast_source maps tensor dtypes to Triton pointer types; the index tensors are int64.
-        monkeypatch.setitem(aot._POINTER_TYPES, torch.int64, "*i64")
-        smem_limit = {90: 232448, 80: 166912}[arch]
+        target, smem_limit = aot.GPU_TARGETS[target_name]
         launches = _record_launches(kernels, dtype)
         assert sorted({name for name, *_ in launches}) == sorted(DOT_KERNELS + GATHER_KERNELS)
         for name, fn, args, configs in launches:
             for config in configs:
-                compiled = aot.compile_launch(aot.Launch(name, fn, args), config, GPUTarget("cuda", arch, 32))
-                where = f"{name} {config} on sm_{arch}"
+                compiled = aot.compile_launch(aot.Launch(name, fn, args), config, target)
+                where = f"{name} {config} on {target_name}"
                 assert compiled.asm["cubin"], where
                 assert compiled.metadata.shared <= smem_limit, f"{where}: {compiled.metadata.shared} bytes of shared memory"
                 if name in DOT_KERNELS and dtype == torch.bfloat16:
-                    assert "mma" in compiled.asm["ptx"], f"{where}: no mma/wgmma in the PTX"
+                    assert aot.uses_tensor_cores(compiled.asm["ptx"], target), f"{where}: no tensor-core product in the PTX"
 
     def _record_launches(kernels, dtype, batch=2, n=4096, m=4096, d=992, negatives=32):
         """(name, jit function, arguments, configs) of every launch, run on meta tensors."""
