@@ -14,19 +14,26 @@ from sketchcolor.testing import assert_close_to_reference, low_precision_toleran
 
 
 def pytest_configure(config):
-    """SKETCHCOLOR_GUARD_CPU_MEMORY=1: every CPU tensor of the session is allocated in the CUDA
-    emulator's device memory (tests/cuda_emulator.py): NaN-filled and ending at an inaccessible
+    """SKETCHCOLOR_GUARD_CPU_MEMORY=1 (or =end): every CPU tensor of the session is allocated in the
+    CUDA emulator's device memory (tests/cuda_emulator.py): NaN-filled and ending at an inaccessible
     page, so a kernel that reads or writes past a tensor's storage faults at once instead of
-    touching its neighbour. Triton's interpreter runs the kernels on these tensors' memory;
-    .ci/run sets it for the Triton tests' second run. Slows allocation: not for the whole suite."""
-    if os.environ.get("SKETCHCOLOR_GUARD_CPU_MEMORY") != "1":
+    touching its neighbour. =start: each tensor starts right after an inaccessible page instead,
+    so an access before its storage (a row index of -1) faults. Triton's interpreter runs the
+    kernels on these tensors' memory; .ci/run sets it for the Triton tests' second run. Slows
+    allocation: not for the whole suite."""
+    guard = os.environ.get("SKETCHCOLOR_GUARD_CPU_MEMORY")
+    if guard is None:
         return
+    if guard not in ("1", "end", "start"):
+        raise pytest.UsageError(f"SKETCHCOLOR_GUARD_CPU_MEMORY must be 1, end or start, got {guard!r}")
     from cuda_emulator import load_emulator, unavailable_reason
 
     reason = unavailable_reason()
     if reason is not None:
-        raise pytest.UsageError(f"SKETCHCOLOR_GUARD_CPU_MEMORY=1, but {reason}")
-    load_emulator().use_device_allocator(True)
+        raise pytest.UsageError(f"SKETCHCOLOR_GUARD_CPU_MEMORY={guard}, but {reason}")
+    emulator = load_emulator()
+    emulator.set_guarded_edge("start" if guard == "start" else "end")
+    emulator.use_device_allocator(True)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,8 @@ SKETCHCOLOR_CUDA_MMA=mma_sync the mma.sync ones again.
 
 Every CPU allocation during a test is emulated device memory: it starts as NaN (an out-of-range
 value in integer tensors), so an output or workspace element the kernels never write fails the
-comparison; shared memory starts as 0xFF bytes (NaN); cp.async sources must lie in allocated
+comparison; it ends at an inaccessible page (a few tests put its start there instead), so a kernel
+reaching past it fails the launch; shared memory starts as 0xFF bytes (NaN); cp.async sources must lie in allocated
 buffers. Rule: max |emulated - float64 reference| <= 2 * max |reference in the same low precision -
 float64 reference| + atol (sketchcolor/testing.py).
 
@@ -78,6 +79,7 @@ def emulated_cuda_backend(emulator, monkeypatch):
     emulator.set_device(*DEVICES["A100"])
     emulator.set_schedule()
     emulator.set_binding_options()
+    emulator.set_guarded_edge("end")
     resolve = _backends.resolve
 
     def resolve_cuda_to_emulator(impl, device, op_name, dtype=None):
@@ -124,7 +126,7 @@ def check_against_reference(emulator, family, q, k, v, scale=None):
     check_family(emulator, family)
 
 
-def test_emulator_reports_accesses_past_a_buffers_end(emulator):
+def test_emulator_reports_accesses_outside_a_buffer(emulator):
     # Device buffers end (rounded up to 16 bytes) at an inaccessible page: a kernel's plain load or
     # store past the end is the launch's error, naming the access and the buffer.
     t = torch.empty(40, dtype=torch.uint8)
@@ -133,6 +135,16 @@ def test_emulator_reports_accesses_past_a_buffers_end(emulator):
         error = emulator.access_byte(t, 48, store=store)
         assert f"global {kind} at" in error and "8 bytes past the end of a 40-byte buffer" in error, error
     assert torch.isnan(torch.empty(3, dtype=torch.bfloat16)).all()   # fresh device memory is NaN
+    # With the start guarded instead, the byte before the buffer faults; the slack past its end is NaN.
+    emulator.set_guarded_edge("start")
+    t = torch.empty(40, dtype=torch.uint8)
+    assert emulator.access_byte(t, 0, store=True) == "" and emulator.access_byte(t, 100, store=False) == ""
+    for store, kind in ((True, "store"), (False, "load")):
+        error = emulator.access_byte(t, -3, store=store)
+        assert f"global {kind} at" in error and "3 bytes before the start of a 40-byte buffer" in error, error
+    assert torch.isnan(torch.empty(5)).all()
+    with pytest.raises(RuntimeError, match="edge must be 'end' or 'start'"):
+        emulator.set_guarded_edge("middle")
 
 
 # (B, H, N, M, D, Dv): N != M, odd sizes, D = Dv = 992 (two 512-wide output slices), D and Dv not
@@ -222,6 +234,14 @@ def test_emulated_cuda_results_do_not_depend_on_thread_or_block_order_or_copy_ti
     varied = forward_backward(emulated_attention(), *inputs, grad_out)
     for a, b in zip(baseline, varied):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4] + [(1, 1, 70, 97, 992, 992)], ids=str)
+def test_emulated_cuda_attention_reads_nothing_before_its_buffers(path, emulator, shape):
+    # The other tests guard the end of every buffer; here the start: a row or column index of -1,
+    # or a pointer stepped back before a loop, faults at its first byte.
+    emulator.set_guarded_edge("start")
+    check_against_reference(emulator, path, *make_inputs(*shape, torch.bfloat16))
 
 
 def test_emulated_cuda_empty_queries():
@@ -356,6 +376,20 @@ def test_emulated_cuda_correspondence_loss_matches_reference(shape, dtype, mode)
         check_hardest(q, k, pos, kwargs, impl="cuda")
     else:
         compare_with_reference(q, k, pos, kwargs, impl="cuda")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_emulated_cuda_correspondence_loss_reads_nothing_before_its_buffers(emulator, mode):
+    # pos and neg of -1 mark missing keys: a kernel gathering row -1 of k, or a scatter writing it,
+    # would touch the bytes just before k (or grad_k). Those fault here, with buffer starts guarded.
+    emulator.set_guarded_edge("start")
+    for shape in CORRESPONDENCE_SHAPES:
+        q, k, pos, kwargs = make_case(*shape, torch.bfloat16, **MODES[mode])
+        if mode == "hardest":
+            check_hardest(q, k, pos, kwargs, impl="cuda")
+        else:
+            compare_with_reference(q, k, pos, kwargs, impl="cuda")
+    check_all_invalid(mode, "cuda", dtype=torch.bfloat16)
 
 
 def test_emulated_cuda_nll_loss_on_each_path(path, emulator):

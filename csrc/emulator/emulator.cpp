@@ -98,8 +98,8 @@ struct WarpgroupState {
   std::vector<std::vector<PendingWgmma>> committed;
 };
 
-// A device_malloc buffer: `bytes` at its start address, ending (rounded up to 16 bytes) right before
-// an inaccessible guard page, in a mapping of its own.
+// A device_malloc buffer: `bytes` at its start address, in a mapping of its own whose first and last
+// pages are inaccessible; one of its edges touches a guard page (GuardedEdge).
 struct Buffer {
   size_t bytes;
   unsigned char* mapping;
@@ -110,6 +110,7 @@ struct State {
   DeviceModel device;
   Schedule schedule;
   std::map<const unsigned char*, Buffer> globals;   // device_malloc's buffers by start address
+  GuardedEdge guarded_edge = GuardedEdge::kEnd;
   std::map<const void*, int> max_dynamic_smem;   // cudaFuncAttributeMaxDynamicSharedMemorySize
   cudaError_t last_error = cudaSuccess;
   std::string error;
@@ -330,11 +331,16 @@ void on_segv(int, siginfo_t* info, void* context) {
   {
     // try_lock: the faulting fiber cannot hold the lock, but a signal handler must never wait.
     const std::unique_lock<std::mutex> lock(globals_mutex(), std::try_to_lock);
-    const auto* entry = lock.owns_lock() ? buffer_before(addr) : nullptr;
-    if (entry != nullptr) {
-      const auto& [base, buffer] = *entry;
-      if (addr >= base + buffer.bytes && addr < buffer.mapping + buffer.mapping_bytes) {
-        out << ": " << (addr - base - buffer.bytes) << " bytes past the end of a " << buffer.bytes
+    if (lock.owns_lock()) {
+      const auto* before = buffer_before(addr);
+      const auto after = state().globals.upper_bound(addr);
+      if (before != nullptr && addr >= before->first + before->second.bytes &&
+          addr < before->second.mapping + before->second.mapping_bytes) {
+        out << ": " << (addr - before->first - before->second.bytes) << " bytes past the end of a "
+            << before->second.bytes << "-byte buffer";
+        described = true;
+      } else if (after != state().globals.end() && addr >= after->second.mapping) {
+        out << ": " << (after->first - addr) << " bytes before the start of a " << after->second.bytes
             << "-byte buffer";
         described = true;
       }
@@ -416,20 +422,30 @@ bool run_block() {
 void set_device(const DeviceModel& device) { state().device = device; }
 const DeviceModel& device() { return state().device; }
 void set_schedule(const Schedule& schedule) { state().schedule = schedule; }
+void set_guarded_edge(GuardedEdge edge) {
+  const std::lock_guard<std::mutex> lock(globals_mutex());
+  state().guarded_edge = edge;
+}
+
 void* device_malloc(size_t bytes) {
   if (bytes == 0) return nullptr;
   const size_t page = size_t(sysconf(_SC_PAGESIZE));
   const size_t data_bytes = (bytes + 15) / 16 * 16;
-  const size_t mapping_bytes = (data_bytes + page - 1) / page * page + page;
+  const size_t inner_bytes = (data_bytes + page - 1) / page * page;
+  const size_t mapping_bytes = inner_bytes + 2 * page;
   void* mapping = mmap(nullptr, mapping_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mapping == MAP_FAILED) return nullptr;
   auto* base = static_cast<unsigned char*>(mapping);
+  mprotect(base, page, PROT_NONE);
   mprotect(base + mapping_bytes - page, page, PROT_NONE);
-  unsigned char* data = base + mapping_bytes - page - data_bytes;
+  unsigned char* inner = base + page;
+  // The slack beside the buffer is NaN too: a small overrun on the unguarded edge reads NaN, not 0.
+  // The buffer starts 16-byte aligned, so the pattern stays in phase with its elements.
   static constexpr unsigned char kPattern[4] = {0xff, 0xff, 0xff, 0x7f};
-  for (size_t i = 0; i < data_bytes; ++i) data[i] = kPattern[i % 4];
+  for (size_t i = 0; i < inner_bytes; ++i) inner[i] = kPattern[i % 4];
   const std::lock_guard<std::mutex> lock(globals_mutex());
   State& s = state();
+  unsigned char* data = s.guarded_edge == GuardedEdge::kStart ? inner : inner + inner_bytes - data_bytes;
   s.globals[data] = Buffer{bytes, base, mapping_bytes};
   s.stats.device_bytes += int64_t(bytes);
   s.stats.device_bytes_peak = std::max(s.stats.device_bytes_peak, s.stats.device_bytes);

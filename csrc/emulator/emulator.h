@@ -30,9 +30,10 @@
 //     address an instruction takes is checked against the launch's dynamic shared memory, and every
 //     cp.async source (with bytes to copy) against the device_malloc buffers.
 //   - Global memory is the host's: the torch bindings (common/cuda_binding.h) run on CPU tensors,
-//     allocated with device_malloc. Each buffer ends at an inaccessible page, so a plain load or
-//     store running past its end faults; a fault while a kernel runs is reported as the launch's
-//     error (load or store, how far past which buffer). __ldg and the vector loads and stores of
+//     allocated with device_malloc. Each buffer lies between inaccessible pages and touches one
+//     (its end, or its start: GuardedEdge), so a plain load or store running past its end, or
+//     before its start, faults; a fault while a kernel runs is reported as the launch's error
+//     (load or store, how far past or before which buffer). __ldg and the vector loads and stores of
 //     common/ptx.cuh check their alignment, which a GPU requires and a CPU does not.
 //   - mma.sync and wgmma multiply 16-bit operands exactly and accumulate in double, rounding to fp32
 //     once per instruction (the tensor cores round at least as often; tests allow for it).
@@ -78,11 +79,19 @@ void set_schedule(const Schedule& schedule);
 
 // Device memory (emulator_binding.cpp allocates every CPU tensor from it while its allocator is
 // on): `bytes` filled with ff ff ff 7f (NaN in every float dtype, out of range as int32 and
-// int64), 16-byte aligned, ending (rounded up to 16 bytes) right before an inaccessible page. Its
-// buffers are the global memory cp.async may read (with none allocated, sources are not checked),
-// and a kernel's plain load or store past a buffer's end is a launch error naming it.
+// int64), 16-byte aligned, in a mapping of its own between two inaccessible pages. Its buffers are
+// the global memory cp.async may read (with none allocated, sources are not checked), and a
+// kernel's plain load or store into a guard page is a launch error naming the buffer.
 void* device_malloc(size_t bytes);
 void device_free(void* ptr);
+
+// Which edge of a buffer touches its guard page, for buffers allocated from now on. kEnd (the
+// default): the buffer ends (rounded up to 16 bytes) right before the rear guard, so the first
+// byte past its end faults. kStart: it starts right after the front guard, so the first byte
+// before its start faults (an index of -1, say). The other edge then has up to a page of
+// NaN-filled slack before its guard.
+enum class GuardedEdge { kEnd, kStart };
+void set_guarded_edge(GuardedEdge edge);
 
 // The error of the last failed launch ("" if none), and clears it.
 std::string take_error();

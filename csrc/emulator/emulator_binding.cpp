@@ -7,7 +7,8 @@
 // on CPU tensors, from its input checks through its ATen glue to the kernels, on the emulated
 // device this module describes. While the device allocator is on, every CPU allocation (the test's
 // inputs, the bindings' outputs and workspaces) is memory of that device (emu::device_malloc): it
-// starts as NaN, cp.async may read it, and a kernel running past its end is a launch error.
+// starts as NaN, cp.async may read it, and a kernel running past its end (or, with the start
+// guarded, before its start) is a launch error.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -90,6 +91,11 @@ bool use_device_allocator(bool on) {
   return was_on;
 }
 
+void set_guarded_edge(const std::string& edge) {
+  TORCH_CHECK(edge == "end" || edge == "start", "set_guarded_edge: edge must be 'end' or 'start', got '", edge, "'");
+  emu::set_guarded_edge(edge == "start" ? emu::GuardedEdge::kStart : emu::GuardedEdge::kEnd);
+}
+
 // One emulated thread loads or stores the byte `offset` bytes from t's data; returns the launch's
 // error ("" for none). The tests' check that an access past a buffer's end is reported.
 std::string access_byte(const at::Tensor& t, int64_t offset, bool store) {
@@ -123,6 +129,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("use_device_allocator", &sketchcolor::use_device_allocator,
         "CPU allocations as emulated device memory (NaN-filled, guard-paged, readable by cp.async) or "
         "not; returns whether they were");
+  m.def("set_guarded_edge", &sketchcolor::set_guarded_edge,
+        "which edge of device buffers allocated from now on touches a guard page: 'end' (overruns fault "
+        "at the first byte) or 'start' (underruns do)",
+        py::arg("edge"));
   m.def("access_byte", &sketchcolor::access_byte, "one emulated thread loads or stores a byte of a tensor",
         py::arg("tensor"), py::arg("offset"), py::arg("store"));
   m.def("stats", &sketchcolor::stats, "counters since the last reset: blocks, switches, mma_sync, wgmma, device_bytes(_peak)");
