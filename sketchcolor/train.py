@@ -72,7 +72,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of weights, data and every random draw"})
     attn: str = field(default="auto", metadata={"help": "backend of the SCFT attention and correspondence ops", "choices": IMPLS})
     device: str = field(default="auto", metadata={"help": "torch device: auto (cuda when available), cpu, cuda, cuda:1, ..."})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (CPU runs always use float32)"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast on GPUs of compute capability 8.0 and later (older GPUs and CPUs use float32)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes (0 loads in the training process)"})
     vgg_weights: str | None = field(default=None, metadata={"help": "torchvision-format VGG19 state dict (.pth or .safetensors) for the perceptual and style losses; without it they are off"})
     out: str = field(default="runs/train", metadata={"help": "output folder: checkpoints/, samples/, metrics.jsonl"})
@@ -134,6 +134,21 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
     return device
+
+
+def use_bf16_autocast(amp: bool, device: torch.device, say) -> bool:
+    """Whether --amp's bf16 autocast runs on ``device``: GPUs with bf16 tensor cores (compute
+    capability 8.0 and later) only. Older GPUs (T4, V100) have no bf16 tensor-core instructions,
+    so autocast would only add casts around float32-speed products: those train in float32, and
+    the run says so."""
+    if not amp or device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        say(f"--amp: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bfloat16 "
+            "tensor cores; training in float32")
+        return False
+    return True
 
 
 def seed_everything(seed: int) -> None:
@@ -562,7 +577,7 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
     is_main = is_main and rank() == 0
     say = tqdm.write if is_main else (lambda message: None)
     device = data_parallel_device(config.device) if is_distributed() else resolve_device(config.device)
-    use_bf16 = config.amp and device.type == "cuda"
+    use_bf16 = use_bf16_autocast(config.amp, device, say)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
 
     seed_everything(config.seed)  # the same initial weights on every rank

@@ -33,6 +33,7 @@ from sketchcolor.train import (
     seed_everything,
     train,
     train_step,
+    use_bf16_autocast,
 )
 
 # One thread for the whole module: the reference runs, which exact-resume tests compare with
@@ -213,6 +214,21 @@ def test_a_training_step_matches_the_reference_backend_under_the_triton_interpre
 
 
 # --- data order --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "capability,expected", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((8, 9), True), ((12, 0), True)]
+)
+def test_bf16_autocast_only_where_gpus_have_bf16_tensor_cores(capability, expected, monkeypatch):
+    # No GPU here: the capability query is what the decision rests on.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    said = []
+    assert use_bf16_autocast(True, torch.device("cuda", 0), said.append) is expected
+    assert said == ([] if expected else [f"--amp: Tesla T4 (compute capability {capability[0]}.{capability[1]}) has no "
+                                         "bfloat16 tensor cores; training in float32"])
+    assert use_bf16_autocast(False, torch.device("cuda", 0), said.append) is False
+    assert use_bf16_autocast(True, torch.device("cpu"), said.append) is False
 
 
 def test_batch_stream_resumes_mid_epoch_and_wraps():
