@@ -574,10 +574,24 @@ def test_auto_on_cuda_tensors_picks_by_dtype(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "gpu",
+    [("NVIDIA A100-SXM4-80GB", (8, 0), 166912), ("NVIDIA GeForce RTX 4090", (8, 9), 101376),
+     ("NVIDIA A10", (8, 6), 101376), ("NVIDIA H100 80GB HBM3", (9, 0), 232448)],
+    ids=lambda gpu: gpu[0],
+)
+def test_auto_picks_the_cuda_backend_where_its_kernels_run(monkeypatch, gpu):
+    # 8.6 and 8.9 grant 99 KiB per block: the launchers take the compact (2-stage) kernels there.
+    monkeypatch.setattr(_backends._extension, "load_error", lambda: None)
+    monkeypatch.setattr(_backends._extension, "has_kernel", lambda op_name, dispatch_key: True)
+    monkeypatch.setattr(_backends, "_cuda_device", lambda device: gpu)
+    assert _backends.resolve("auto", torch.device("cuda"), FWD_OP, torch.bfloat16) == "cuda"
+
+
+@pytest.mark.parametrize(
     "gpu, reason",
     [
-        # sm_89 grants 99 KiB per block: the kernels cannot launch there.
-        (("NVIDIA GeForce RTX 4090", (8, 9), 101376), r"needs 149 KiB .* RTX 4090 grants 99 KiB"),
+        # No 8.x GPU grants less than 99 KiB per block; one that did could not launch the kernels.
+        (("an 8.x GPU with 64 KiB per block", (8, 0), 65536), r"needs 84 KiB .* 64 KiB per block grants 64 KiB"),
         # No machine code for Blackwell in this build (sm_80 SASS does not run on 10.0).
         (("NVIDIA B200", (10, 0), 232448), r"8.x \(sm_80\) and 9.0 \(sm_90a\); NVIDIA B200 is 10.0"),
     ],

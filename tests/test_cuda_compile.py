@@ -10,7 +10,9 @@ Every ``csrc/**/*.cu`` is compiled with nvcc, with setup.py's flags, for sm_80 a
   target (sm_80: 163 KiB per block, sm_90: 227 KiB). The dynamic sizes come from each op
   header's table (``SMEM_TABLES``), printed by a tiny host program compiled from the headers; a
   kernel is matched to its configuration by the configuration's struct name, which is part of
-  the kernel's mangled name, and every kernel names one;
+  the kernel's mangled name, and every kernel names one. The sm_80 kernels that 8.6 and 8.9
+  devices run (the compact configurations, and those without a compact stand-in) fit their
+  99 KiB;
 * the SASS (cuobjdump --dump-sass, from the CUDA toolkit or Triton's package) of every kernel
   that multiplies matrices contains tensor-core instructions (HMMA, or HGMMA for wgmma), and no
   kernel contains local-memory loads or stores (LDL / STL).
@@ -67,6 +69,10 @@ MATRIX_KERNELS = ("scft_attn_fwd_kernel", "scft_attn_bwd_probs_kernel", "scft_ge
 # select them only on compute capability 9.0, so on sm_80 they must be empty stubs (a trap), and
 # only their sm_90a build has to fit its target.
 SM90_ONLY_CONFIG_TAG = "Sm90"
+# Configurations for devices granting 99 KiB per block (8.6, 8.9), which run the sm_80 machine
+# code: their names contain this, and the name without it is the configuration they stand in for.
+COMPACT_CONFIG_TAG = "Compact"
+COMPACT_DEVICE_SMEM = 99 * 1024
 MAX_REGISTERS = 255
 
 
@@ -254,17 +260,29 @@ def test_no_spills_no_stack_and_registers_fit(builds):
             assert k["registers"] <= MAX_REGISTERS, f"{r['arch']} {name}: {k['registers']} registers"
 
 
+def compact_device_configs(dynamic_smem: dict[str, int]) -> dict[str, int]:
+    """The configurations a device granting little shared memory runs: the compact ones, and every
+    other mma.sync configuration that has no compact stand-in."""
+    replaced = {config.replace(COMPACT_CONFIG_TAG, "") for config in dynamic_smem if COMPACT_CONFIG_TAG in config}
+    for config in replaced:
+        assert config in dynamic_smem, f"{config} (with {COMPACT_CONFIG_TAG}) stands in for no configuration"
+    return {config: size for config, size in dynamic_smem.items()
+            if SM90_ONLY_CONFIG_TAG not in config and config not in replaced}
+
+
 @needs_nvcc
 def test_shared_memory_fits_each_target(builds, dynamic_smem):
     seen_configs = set()
+    on_compact_devices = compact_device_configs(dynamic_smem)
     for r in builds:
-        limit = SMEM_LIMIT[r["arch"]]
         for name, k in r["kernels"].items():
             config = _config_of(name, dynamic_smem)
             assert config is not None, f"{name} names no configuration of the tables in {list(SMEM_TABLES)}"
             seen_configs.add(config)
             if SM90_ONLY_CONFIG_TAG in config and r["arch"] != "sm_90a":
                 continue
+            # The sm_80 machine code also runs on 8.6 and 8.9 devices, which grant 99 KiB.
+            limit = COMPACT_DEVICE_SMEM if r["arch"] == "sm_80" and config in on_compact_devices else SMEM_LIMIT[r["arch"]]
             dynamic = dynamic_smem[config]
             total = k["static_smem"] + dynamic
             assert total <= limit, (
@@ -276,12 +294,14 @@ def test_shared_memory_fits_each_target(builds, dynamic_smem):
 
 @needs_nvcc
 def test_python_knows_the_cuda_backends_shared_memory_need(dynamic_smem):
-    # sketchcolor.ops._backends turns the cuda backend away on GPUs that grant less than its largest
-    # kernel needs (the wgmma forward's configurations run on 9.0 devices only, which grant 227 KiB).
+    # sketchcolor.ops._backends turns the cuda backend away on GPUs that grant less than the largest
+    # kernel a small device runs (the launchers take a compact configuration where the device does
+    # not grant the full one; the wgmma configurations run on 9.0 devices only, which grant 227 KiB).
     from sketchcolor.ops import _backends
 
-    needs = [size for config, size in dynamic_smem.items() if SM90_ONLY_CONFIG_TAG not in config]
-    assert _backends.CUDA_SMEM_PER_BLOCK == max(needs)
+    needs = compact_device_configs(dynamic_smem)
+    assert _backends.CUDA_SMEM_PER_BLOCK == max(needs.values())
+    assert max(needs.values()) <= COMPACT_DEVICE_SMEM, needs
     assert max(dynamic_smem.values()) <= SMEM_LIMIT["sm_90a"]
 
 

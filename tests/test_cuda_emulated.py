@@ -12,8 +12,9 @@ emulated_cuda_backend fixture): impl="cuda" then runs the whole chain, from the 
 the binding's checks, plans and ATen glue to the kernels.
 
 The emulated device decides the code path exactly as a real one would: an A100 (8.0) runs the
-mma.sync kernels, an H100 (9.0) the wgmma forward and backward GEMMs, and an H100 with
-SKETCHCOLOR_CUDA_MMA=mma_sync the mma.sync ones again.
+mma.sync kernels, an H100 (9.0) the wgmma forward and backward GEMMs, an H100 with
+SKETCHCOLOR_CUDA_MMA=mma_sync the mma.sync ones again, and an RTX 4090 (8.9, 99 KiB per block)
+the mma.sync kernels with the compact (2-stage) forward and probability kernels.
 
 Every CPU allocation during a test is emulated device memory: it starts as NaN (an out-of-range
 value in integer tensors), so an output or workspace element the kernels never write fails the
@@ -63,7 +64,10 @@ correspondence_module = importlib.import_module("sketchcolor.ops.correspondence_
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
 # (device, SKETCHCOLOR_CUDA_MMA, the instruction family that must run).
-PATHS = [("A100", "auto", "mma_sync"), ("H100", "auto", "wgmma"), ("H100", "mma_sync", "mma_sync")]
+# The RTX 4090 (8.9) grants 99 KiB per block: the mma.sync kernels with the compact (2-stage)
+# forward and probability kernels.
+PATHS = [("A100", "auto", "mma_sync"), ("H100", "auto", "wgmma"), ("H100", "mma_sync", "mma_sync"),
+         ("RTX4090", "auto", "mma_sync")]
 DTYPES = [torch.float16, torch.bfloat16]
 
 
@@ -283,9 +287,10 @@ def test_emulated_cuda_mma_choice_is_checked(emulator, monkeypatch):
 
 
 def test_emulated_cuda_launch_errors_reach_the_caller(emulator):
-    # A GPU granting 99 KiB per block (sm_89): the launchers' cudaFuncSetAttribute fails and the
-    # binding raises with the launcher's error, instead of returning unwritten outputs.
-    emulator.set_device(*DEVICES["RTX4090"])
+    # A GPU granting 64 KiB per block (no 8.x GPU does): even the compact forward does not fit, the
+    # launchers' cudaFuncSetAttribute fails and the binding raises with the launcher's error,
+    # instead of returning unwritten outputs.
+    emulator.set_device(8, 0, 108, 64 * 1024, 64 * 1024)
     q, k, v = (t.detach() for t in make_inputs(1, 1, 5, 6, 16, 8, torch.bfloat16))
     with pytest.raises(RuntimeError, match=r"scft_attn_fwd \(emulated cuda backend\): launch failed"):
         emulated_attention()(q, k, v)

@@ -282,18 +282,37 @@ inline bool aligned4(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr)
 // matters only when its axis has more than one index.
 inline bool stride_ok(int64_t stride, int64_t extent) { return extent <= 1 || stride % 8 == 0; }
 
-// Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KiB,
-// after checking that the device can give it.
-template <typename Kernel>
-cudaError_t prepare_smem(Kernel kernel, size_t smem_bytes) {
-  if (smem_bytes <= 48 * 1024) return cudaSuccess;
+// Whether the current device lets one block have smem_bytes of shared memory (its opt-in limit).
+inline cudaError_t device_grants_smem(size_t smem_bytes, bool* granted) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   int optin = 0;
   err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
-  if (smem_bytes > size_t(optin)) return cudaErrorInvalidConfiguration;
+  *granted = smem_bytes <= size_t(optin);
+  return cudaSuccess;
+}
+
+// Picks Cfg where the device grants its shared memory, else CompactCfg (the same tiles through
+// fewer stages), and calls launch(Cfg{}) or launch(CompactCfg{}).
+template <typename Cfg, typename CompactCfg, typename Launch>
+cudaError_t launch_fitting(Launch&& launch) {
+  bool granted = false;
+  const cudaError_t err = device_grants_smem(Cfg::kSmemBytes, &granted);
+  if (err != cudaSuccess) return err;
+  return granted ? launch(Cfg{}) : launch(CompactCfg{});
+}
+
+// Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KiB,
+// after checking that the device can give it.
+template <typename Kernel>
+cudaError_t prepare_smem(Kernel kernel, size_t smem_bytes) {
+  if (smem_bytes <= 48 * 1024) return cudaSuccess;
+  bool granted = false;
+  const cudaError_t err = device_grants_smem(smem_bytes, &granted);
+  if (err != cudaSuccess) return err;
+  if (!granted) return cudaErrorInvalidConfiguration;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes));
 }
 

@@ -46,7 +46,7 @@ constexpr int64_t scft_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; 
 // memory), and kKeysPerVJob-row "V jobs" add P v[:, slice] into the fp32 output accumulator that
 // stays in registers. Warps form a kWarpsM x kWarpsN grid: warp (wm, wn) owns query rows
 // [wm*BM/WM, ...) of both S and O, S columns [wn*BN/WN, ...) and O columns [wn*BDv/WN, ...).
-template <int kBlockDv_>
+template <int kBlockDv_, int kStages_>
 struct ScftFwdTile {
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 128;
@@ -56,7 +56,7 @@ struct ScftFwdTile {
   static constexpr int kWarpsM = 2;
   static constexpr int kWarpsN = 4;
   static constexpr int kThreads = kWarpsM * kWarpsN * 32;
-  static constexpr int kStages = 4;
+  static constexpr int kStages = kStages_;
   static constexpr int kQkStride = kBlockK + kSmemPad;    // q and k chunk rows in a stage
   static constexpr int kVStride = kBlockDv + kSmemPad;    // v chunk rows in a stage
   static constexpr int kPStride = kBlockN + kSmemPad;     // probability tile rows
@@ -69,9 +69,17 @@ struct ScftFwdTile {
       size_t(2 * kWarpsN * kBlockM) * sizeof(float);
 };
 // Dv <= 128 (one slice), Dv <= 256 (one slice), larger Dv (slices of 512: 992 = 512 + 480).
-struct ScftFwdConfigDv128 : ScftFwdTile<128> {};
-struct ScftFwdConfigDv256 : ScftFwdTile<256> {};
-struct ScftFwdConfigDv512 : ScftFwdTile<512> {};
+// 4 stages: 127-149 KiB, for devices granting 163 KiB per block (8.0, 8.7) or more.
+struct ScftFwdConfigDv128 : ScftFwdTile<128, 4> {};
+struct ScftFwdConfigDv256 : ScftFwdTile<256, 4> {};
+struct ScftFwdConfigDv512 : ScftFwdTile<512, 4> {};
+// The same tiles through a 2-stage ring (73-84 KiB), for devices granting 99 KiB per block (8.6,
+// 8.9: RTX 30xx/40xx, A10, L4, L40S); 3 stages would need 100-117 KiB. One job is in flight while
+// the next is multiplied instead of three, so the copies' latency is hidden only as far as one
+// job's products last (a 64 x 128 x 64 QK job: 1 Mflop per CTA).
+struct ScftFwdCompactConfigDv128 : ScftFwdTile<128, 2> {};
+struct ScftFwdCompactConfigDv256 : ScftFwdTile<256, 2> {};
+struct ScftFwdCompactConfigDv512 : ScftFwdTile<512, 2> {};
 
 // Forward on sm_90a (scft_attention_fwd_sm90_kernel.cu): the same jobs, ring and Dv slices as
 // ScftFwdTile, with the two products on wgmma (warpgroup MMA, operands read straight from shared
@@ -111,18 +119,21 @@ struct ScftFwdSm90ConfigDv512 : ScftFwdSm90Tile<512, 3> {};   // 64 KiB stages
 // tile of (query, key) pairs, accumulates S = q k^T over D and dP = dO v^T over Dv (both
 // through the same stage ring, chunks of kBlockK), and writes P = exp(scale S - lse) and
 // dS = P * (dP - Delta) in the input dtype to the chunk workspaces.
-struct ScftBwdProbsConfig {
+template <int kStages_>
+struct ScftBwdProbsTile {
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 128;
   static constexpr int kBlockK = 64;
   static constexpr int kWarpsM = 2;
   static constexpr int kWarpsN = 4;
   static constexpr int kThreads = kWarpsM * kWarpsN * 32;
-  static constexpr int kStages = 3;
+  static constexpr int kStages = kStages_;
   static constexpr int kStride = kBlockK + kSmemPad;
   static constexpr int kStageElems = (kBlockM + kBlockN) * kStride;
   static constexpr size_t kSmemBytes = size_t(kStages * kStageElems) * kElemBytes;
 };
+struct ScftBwdProbsConfig : ScftBwdProbsTile<3> {};          // 108 KiB
+struct ScftBwdProbsCompactConfig : ScftBwdProbsTile<2> {};   // 72 KiB, for 99 KiB devices
 
 // Backward GEMMs over the chunk workspaces (dV = P^T dO, dK = scale dS^T q, dQ += scale dS k):
 // C (m x n) = alpha * A (m x k) B (k x n) [+ C_in], B stored k-major rows (n contiguous), A either
@@ -187,10 +198,14 @@ inline constexpr ScftKernelSmem kScftKernelSmemTable[] = {
     {"ScftFwdConfigDv128", ScftFwdConfigDv128::kSmemBytes},
     {"ScftFwdConfigDv256", ScftFwdConfigDv256::kSmemBytes},
     {"ScftFwdConfigDv512", ScftFwdConfigDv512::kSmemBytes},
+    {"ScftFwdCompactConfigDv128", ScftFwdCompactConfigDv128::kSmemBytes},
+    {"ScftFwdCompactConfigDv256", ScftFwdCompactConfigDv256::kSmemBytes},
+    {"ScftFwdCompactConfigDv512", ScftFwdCompactConfigDv512::kSmemBytes},
     {"ScftFwdSm90ConfigDv128", ScftFwdSm90ConfigDv128::kSmemBytes},
     {"ScftFwdSm90ConfigDv256", ScftFwdSm90ConfigDv256::kSmemBytes},
     {"ScftFwdSm90ConfigDv512", ScftFwdSm90ConfigDv512::kSmemBytes},
     {"ScftBwdProbsConfig", ScftBwdProbsConfig::kSmemBytes},
+    {"ScftBwdProbsCompactConfig", ScftBwdProbsCompactConfig::kSmemBytes},
     {"ScftGemmConfig", ScftGemmConfig::kSmemBytes},
     {"ScftGemmSm90Config", ScftGemmSm90Config::kSmemBytes},
     {"ScftBwdDeltaConfig", ScftBwdDeltaConfig::kSmemBytes},

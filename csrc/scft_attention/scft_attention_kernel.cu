@@ -486,12 +486,13 @@ bool dims_ok(int batch, int heads, int n, int m, int d, int dv) {
 
 template <typename T>
 cudaError_t fwd_dispatch(const ScftAttnFwdParams& p, cudaStream_t stream) {
-  using Dv128 = ScftFwdConfigDv128;
-  using Dv256 = ScftFwdConfigDv256;
-  using Dv512 = ScftFwdConfigDv512;
-  if (p.value_dim <= 128) return fwd::launch<Dv128>(scft_attn_fwd_kernel<T, Dv128>, p, stream);
-  if (p.value_dim <= 256) return fwd::launch<Dv256>(scft_attn_fwd_kernel<T, Dv256>, p, stream);
-  return fwd::launch<Dv512>(scft_attn_fwd_kernel<T, Dv512>, p, stream);
+  const auto launch = [&](auto config) {
+    using Cfg = decltype(config);
+    return fwd::launch<Cfg>(scft_attn_fwd_kernel<T, Cfg>, p, stream);
+  };
+  if (p.value_dim <= 128) return tiles::launch_fitting<ScftFwdConfigDv128, ScftFwdCompactConfigDv128>(launch);
+  if (p.value_dim <= 256) return tiles::launch_fitting<ScftFwdConfigDv256, ScftFwdCompactConfigDv256>(launch);
+  return tiles::launch_fitting<ScftFwdConfigDv512, ScftFwdCompactConfigDv512>(launch);
 }
 
 // The batch's GEMMs on wgmma (scft_gemm_sm90_kernel.cu) or mma.sync.
@@ -514,12 +515,14 @@ GemmOperand operand(const void* ptr, int64_t stride_b, int64_t stride_h, int64_t
 // P (and with kWithDScores dS) of the keys [key_begin, key_end) into the chunk workspaces.
 template <typename T, bool kWithDScores>
 cudaError_t launch_probs(const ScftAttnBwdParams& p, int key_begin, int key_end, cudaStream_t stream) {
-  using Cfg = ScftBwdProbsConfig;
-  auto kernel = scft_attn_bwd_probs_kernel<T, Cfg, kWithDScores>;
-  const cudaError_t err = prepare_smem(kernel, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(key_end - key_begin, Cfg::kBlockN), ceil_div(p.n_queries, Cfg::kBlockM), p.batch * p.heads);
-  return launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p, key_begin, key_end);
+  return tiles::launch_fitting<ScftBwdProbsConfig, ScftBwdProbsCompactConfig>([&](auto config) {
+    using Cfg = decltype(config);
+    auto kernel = scft_attn_bwd_probs_kernel<T, Cfg, kWithDScores>;
+    const cudaError_t err = prepare_smem(kernel, Cfg::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(ceil_div(key_end - key_begin, Cfg::kBlockN), ceil_div(p.n_queries, Cfg::kBlockM), p.batch * p.heads);
+    return launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p, key_begin, key_end);
+  });
 }
 
 // dV[chunk] = P^T dO for the chunk's keys, into grad_v_f32 (float32) when it is set, else grad_v.

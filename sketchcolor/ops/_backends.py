@@ -21,13 +21,14 @@ IMPLS = ("auto", "reference", "cpp", "triton", "cuda")
 _AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 # Backends whose kernels take only some floating dtypes; the others take every one they can run.
 DTYPES = {"cuda": (torch.float16, torch.bfloat16)}
-# Shared memory per block the cuda backend's largest kernel needs on devices other than compute
-# capability 9.0 (ScftFwdConfigDv512::kSmemBytes in csrc/scft_attention/scft_attention.h;
-# tests/test_cuda_compile.py checks the two agree). 9.0 devices grant 227 KiB, enough for the
-# wgmma kernels' 209 KiB (forward) and 192 KiB (backward GEMMs). GPUs with less (sm_86, sm_89:
-# 99 KiB), and GPUs the build has no machine code for (setup.py: sm_80 and sm_90a), run triton
-# instead.
-CUDA_SMEM_PER_BLOCK = 152576
+# Shared memory per block the cuda backend needs at least: its largest kernel on a device that
+# grants little, where the launchers take the compact (2-stage) forward and probability kernels
+# (csrc/scft_attention/scft_attention.h: ScftFwdCompactConfigDv512 and the hardest-negative
+# search, 84 KiB each; tests/test_cuda_compile.py checks the two agree). 8.x devices grant 99 KiB
+# (8.6, 8.9) or 163 KiB (8.0, 8.7); 9.0 devices grant 227 KiB, enough for the wgmma kernels' 209
+# KiB (forward) and 192 KiB (backward GEMMs). GPUs the build has no machine code for (setup.py:
+# sm_80, which 8.x devices run, and sm_90a) run triton instead.
+CUDA_SMEM_PER_BLOCK = 86016
 
 
 def triton_interpreting() -> bool:
