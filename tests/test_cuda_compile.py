@@ -573,7 +573,7 @@ def report(builds_result, table, sass_by_obj) -> str:
             m = re.search(r"ScftGemm(?:Sm90)?ConfigELb([01])", name)
             if m:
                 variant = " A[m][k]" if m.group(1) == "1" else " A[k][m]"
-            m = re.search(r"ScftBwdProbsConfigELb([01])", name)
+            m = re.search(r"ScftBwdProbs(?:Compact)?ConfigELb([01])", name)
             if m:
                 variant = " P, dS" if m.group(1) == "1" else " P only"
             c = sass.get(name, {})
