@@ -118,6 +118,16 @@ def test_cuda_matches_reference(shape, dtype):
     check_against_reference(*make_inputs(*shape, dtype))
 
 
+# The compact configurations (2-stage copy rings) are what GPUs granting 99 KiB per block (8.6, 8.9)
+# run; SKETCHCOLOR_CUDA_STAGES=compact runs them here too: Dv of one 128-wide slice, of one 256-wide
+# slice, and two 512-wide slices, over several key tiles and key chunks.
+@pytest.mark.parametrize("shape", [(2, 3, 97, 300, 100, 36), (1, None, 256, 1025, 64, 200), (1, None, 1025, 97, 992, 992)],
+                         ids=str)
+def test_cuda_compact_copy_ring_matches_reference(shape, monkeypatch):
+    monkeypatch.setenv("SKETCHCOLOR_CUDA_STAGES", "compact")
+    check_against_reference(*make_inputs(*shape, torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 3, 97, 130, 100, 36), (1, None, 256, 97, 992, 992)], ids=str)
 def test_cuda_non_contiguous_inputs(shape, dtype):

@@ -423,6 +423,13 @@ int main() {
   { auto x = b; x.grad_v_f32 = fbuf;
     std::printf("dv_unknown_mma_choice %d\n", int(scft_attn_bwd_dv_cuda(x, ScftDtype::kFloat16, nullptr))); }
   unsetenv("SKETCHCOLOR_CUDA_MMA");
+  // The same with an unknown copy-ring choice (SKETCHCOLOR_CUDA_STAGES).
+  setenv("SKETCHCOLOR_CUDA_STAGES", "deep", 1);
+  fwd("fwd_unknown_stages_choice", f);
+  bwd("bwd_unknown_stages_choice", b);
+  { auto x = b; x.grad_v_f32 = fbuf;
+    std::printf("dv_unknown_stages_choice %d\n", int(scft_attn_bwd_dv_cuda(x, ScftDtype::kFloat16, nullptr))); }
+  unsetenv("SKETCHCOLOR_CUDA_STAGES");
   std::printf("dv_without_float32_output %d\n", int(scft_attn_bwd_dv_cuda(b, ScftDtype::kFloat16, nullptr)));
   const long long hardest_shapes[][4] = {{1, 16384, 16384, 132}, {16, 256, 256, 132}, {1, 7, 5, 108},
                                          {3, 1000, 1025, 132}, {1, 128, 300, 0}};
@@ -490,7 +497,7 @@ def test_launchers_reject_bad_parameters_on_the_host(builds, tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     rejections = [line.split() for line in lines if not line.startswith(("plan", "hardest_plan"))]
-    assert len(rejections) == 32
+    assert len(rejections) == 35
     for name, code in rejections:
         assert int(code) == 1, f"{name}: launcher returned cudaError {code}, expected cudaErrorInvalidValue (1)"
     plans = {tuple(map(int, line.split()[1:9])): tuple(map(int, line.split()[9:])) for line in lines

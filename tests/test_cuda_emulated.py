@@ -286,6 +286,33 @@ def test_emulated_cuda_mma_choice_is_checked(emulator, monkeypatch):
         emulated_attention()(q, k, v)
 
 
+@pytest.mark.parametrize(
+    "device, stages, compact",
+    [("A100", "auto", False), ("A100", "compact", True), ("RTX4090", "auto", True), ("RTX4090", "compact", True)],
+)
+def test_emulated_cuda_copy_ring_follows_the_device_and_the_environment(emulator, monkeypatch, device, stages, compact):
+    # D = Dv = 992: the forward's 512-wide slices need 149 KiB with 4 stages and 84 KiB with 2 (the
+    # backward's probability kernel 108 and 72 KiB). The compact configurations are what a 99 KiB
+    # device runs, and what SKETCHCOLOR_CUDA_STAGES=compact asks for anywhere.
+    emulator.set_device(*DEVICES[device])
+    monkeypatch.setenv("SKETCHCOLOR_CUDA_STAGES", stages)
+    inputs = make_inputs(1, 1, 70, 97, 992, 992, torch.bfloat16)
+    emulator.reset_stats()
+    check_against_reference(emulator, "mma_sync", *inputs)
+    peak = emulator.stats()["dynamic_smem_peak"]
+    if compact:
+        assert peak == _backends.CUDA_SMEM_PER_BLOCK <= 99 * 1024, peak
+    else:
+        assert peak > 99 * 1024, peak
+
+
+def test_emulated_cuda_stages_choice_is_checked(emulator, monkeypatch):
+    q, k, v = (t.detach() for t in make_inputs(1, 1, 5, 6, 16, 8, torch.bfloat16))
+    monkeypatch.setenv("SKETCHCOLOR_CUDA_STAGES", "deep")
+    with pytest.raises(RuntimeError, match="SKETCHCOLOR_CUDA_STAGES must be auto or compact, got 'deep'"):
+        emulated_attention()(q, k, v)
+
+
 def test_emulated_cuda_launch_errors_reach_the_caller(emulator):
     # A GPU granting 64 KiB per block (no 8.x GPU does): even the compact forward does not fit, the
     # launchers' cudaFuncSetAttribute fails and the binding raises with the launcher's error,

@@ -294,10 +294,11 @@ inline cudaError_t device_grants_smem(size_t smem_bytes, bool* granted) {
   return cudaSuccess;
 }
 
-// Picks Cfg where the device grants its shared memory, else CompactCfg (the same tiles through
-// fewer stages), and calls launch(Cfg{}) or launch(CompactCfg{}).
+// Picks Cfg where the device grants its shared memory and force_compact is false, else CompactCfg
+// (the same tiles through fewer stages), and calls launch(Cfg{}) or launch(CompactCfg{}).
 template <typename Cfg, typename CompactCfg, typename Launch>
-cudaError_t launch_fitting(Launch&& launch) {
+cudaError_t launch_fitting(bool force_compact, Launch&& launch) {
+  if (force_compact) return launch(CompactCfg{});
   bool granted = false;
   const cudaError_t err = device_grants_smem(Cfg::kSmemBytes, &granted);
   if (err != cudaSuccess) return err;

@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
   at::Tensor lse = at::empty({batch, 1, n}, f32);
   {
     // v = the first value_dim columns of k: the same rows and strides.
-    check_mma_choice(q, kOp);
+    check_kernel_choice(q, kOp);
     scft::ScftAttnFwdParams p = scft_fwd_params(q4, k4, k4.narrow(3, 0, value_dim), scale);
     p.out_f32 = attn.data_ptr<float>();
     p.lse = lse.data_ptr<float>();

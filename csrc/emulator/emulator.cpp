@@ -857,6 +857,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
     s.last_error = err;
     return err;
   }
+  s.stats.dynamic_smem_peak = std::max(s.stats.dynamic_smem_peak, int64_t(smem_bytes));
   if (!s.schedule.run_blocks) return cudaSuccess;
   s.grid = grid;
   s.block = block;

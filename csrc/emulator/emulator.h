@@ -97,8 +97,9 @@ void set_guarded_edge(GuardedEdge edge);
 std::string take_error();
 
 // Counters since the last reset: blocks run, fiber switches, the warp-level mma.sync and
-// warpgroup-level wgmma instructions executed (tests check which family a launcher chose), and the
-// device memory in use (tests measure the bindings' peak).
+// warpgroup-level wgmma instructions executed (tests check which family a launcher chose), the
+// device memory in use (tests measure the bindings' peak), and the largest dynamic shared memory
+// a launch asked for (tests check which configuration a launcher chose).
 struct Stats {
   int64_t blocks = 0;
   int64_t switches = 0;
@@ -106,6 +107,7 @@ struct Stats {
   int64_t wgmma = 0;
   int64_t device_bytes = 0;        // device_malloc bytes live now
   int64_t device_bytes_peak = 0;   // the most live at once since the reset
+  int64_t dynamic_smem_peak = 0;   // the most dynamic shared memory one accepted launch asked for
 };
 Stats stats();
 void reset_stats();

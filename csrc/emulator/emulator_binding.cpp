@@ -61,7 +61,8 @@ std::map<std::string, int64_t> stats() {
           {"mma_sync", s.mma_sync},
           {"wgmma", s.wgmma},
           {"device_bytes", s.device_bytes},
-          {"device_bytes_peak", s.device_bytes_peak}};
+          {"device_bytes_peak", s.device_bytes_peak},
+          {"dynamic_smem_peak", s.dynamic_smem_peak}};
 }
 
 // CPU tensors as the emulated device's memory (emu::device_malloc: NaN-filled, bounded by a guard
@@ -135,6 +136,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("edge"));
   m.def("access_byte", &sketchcolor::access_byte, "one emulated thread loads or stores a byte of a tensor",
         py::arg("tensor"), py::arg("offset"), py::arg("store"));
-  m.def("stats", &sketchcolor::stats, "counters since the last reset: blocks, switches, mma_sync, wgmma, device_bytes(_peak)");
+  m.def("stats", &sketchcolor::stats, "counters since the last reset: blocks, switches, mma_sync, wgmma, device_bytes(_peak), dynamic_smem_peak");
   m.def("reset_stats", &sketchcolor::emu::reset_stats);
 }

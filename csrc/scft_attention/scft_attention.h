@@ -383,6 +383,19 @@ inline ScftMmaChoice scft_mma_choice() {
   return ScftMmaChoice::kUnknown;
 }
 
+// Which copy-ring depth the mma.sync forward and probability kernels use, read from the environment
+// variable SKETCHCOLOR_CUDA_STAGES on every call: unset or "auto" takes the full configuration (3-4
+// stages) where the device grants its shared memory and the compact one (2 stages) elsewhere (8.6,
+// 8.9: 99 KiB per block); "compact" takes the compact one everywhere, which tests and benchmarks
+// use to run it on a GPU that grants more. The wgmma forward has its own ring and ignores it.
+enum class ScftStagesChoice { kAuto, kCompact, kUnknown };
+inline ScftStagesChoice scft_stages_choice() {
+  const char* choice = std::getenv("SKETCHCOLOR_CUDA_STAGES");
+  if (choice == nullptr || std::strcmp(choice, "auto") == 0) return ScftStagesChoice::kAuto;
+  if (std::strcmp(choice, "compact") == 0) return ScftStagesChoice::kCompact;
+  return ScftStagesChoice::kUnknown;
+}
+
 // Whether the wgmma kernels can run on a device of this compute capability: the build's only
 // machine code for them is sm_90a, which runs on 9.0 alone.
 inline bool scft_wgmma_runs_on(int major, int minor) { return major == 9 && minor == 0; }
@@ -393,8 +406,8 @@ inline bool scft_uses_wgmma(ScftMmaChoice choice, int major, int minor) {
   return choice != ScftMmaChoice::kMmaSync && scft_wgmma_runs_on(major, minor);
 }
 
-// Every launcher below reads scft_mma_choice(): an unknown choice is cudaErrorInvalidValue;
-// "wgmma" on a device that is not 9.0, cudaErrorInvalidDeviceFunction.
+// Every launcher below reads scft_mma_choice() and scft_stages_choice(): an unknown choice is
+// cudaErrorInvalidValue; "wgmma" on a device that is not 9.0, cudaErrorInvalidDeviceFunction.
 
 // out, lse <- attention(q, k, v), on the kernel scft_mma_choice() names.
 cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& params, ScftDtype dtype, cudaStream_t stream);

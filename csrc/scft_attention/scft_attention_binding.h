@@ -88,9 +88,12 @@ inline scft::ScftAttnBwdParams scft_full_bwd_params(const at::Tensor& grad_out, 
   return p;
 }
 
-// The tensor-core instruction family the environment asks for (scft_mma_choice) exists for this
-// device.
-inline void check_mma_choice(const at::Tensor& q, const char* op) {
+// The kernels the environment asks for exist: a known copy-ring choice (scft_stages_choice), and a
+// tensor-core instruction family (scft_mma_choice) this device has.
+inline void check_kernel_choice(const at::Tensor& q, const char* op) {
+  TORCH_CHECK(scft::scft_stages_choice() != scft::ScftStagesChoice::kUnknown, op,
+              " (cuda backend): SKETCHCOLOR_CUDA_STAGES must be auto or compact, got '",
+              std::getenv("SKETCHCOLOR_CUDA_STAGES"), "'");
   const scft::ScftMmaChoice choice = scft::scft_mma_choice();
   TORCH_CHECK(choice != scft::ScftMmaChoice::kUnknown, op,
               " (cuda backend): SKETCHCOLOR_CUDA_MMA must be auto, mma_sync or wgmma, got '",
@@ -105,7 +108,7 @@ inline void check_mma_choice(const at::Tensor& q, const char* op) {
 }
 
 // The occupancy of the backward GEMM kernel that runs on q's device (SKETCHCOLOR_CUDA_MMA as
-// check_mma_choice validated it), for the key chunking of scft_bwd_workspace_plan.
+// check_kernel_choice validated it), for the key chunking of scft_bwd_workspace_plan.
 inline scft::ScftGemmOccupancy gemm_occupancy(const at::Tensor& q) {
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, q);
   const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, q);

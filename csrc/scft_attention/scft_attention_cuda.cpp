@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> scft_attn_fwd_cuda_op(const at::Tensor& q, co
   at::Tensor lse = at::empty({batch, heads, n}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};   // no queries (or B * H = 0): nothing to compute
 
-  check_mma_choice(q, kOp);
+  check_kernel_choice(q, kOp);
   const at::Tensor qx = kernel_layout(q), kx = kernel_layout(k), vx = kernel_layout(v);
   scft::ScftAttnFwdParams p = scft_fwd_params(qx, kx, vx, scale);
   p.out = out.data_ptr();
@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scft_attn_bwd_cuda_op(const at::T
     // No query attends to any key: the key and value gradients are zero.
     return {grad_q, at::zeros({batch, heads, m, d}, k.options()), at::zeros({batch, heads, m, dv}, v.options())};
   }
-  check_mma_choice(q, kOp);
+  check_kernel_choice(q, kOp);
   at::Tensor grad_k = at::empty({batch, heads, m, d}, k.options(), contiguous);
   at::Tensor grad_v = at::empty({batch, heads, m, dv}, v.options(), contiguous);
 

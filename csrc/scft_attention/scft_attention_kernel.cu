@@ -484,15 +484,23 @@ bool dims_ok(int batch, int heads, int n, int m, int d, int dv) {
          ceil_div(n, ScftBwdProbsConfig::kBlockM) <= 65535;   // grid.y of the probs kernel
 }
 
+// The kernels the environment and the device pick (scft_mma_choice, scft_stages_choice).
+struct KernelChoice {
+  bool use_wgmma = false;       // the wgmma forward and GEMM kernels (9.0 only)
+  bool force_compact = false;   // the compact mma.sync forward and probability kernels everywhere
+};
+
 template <typename T>
-cudaError_t fwd_dispatch(const ScftAttnFwdParams& p, cudaStream_t stream) {
+cudaError_t fwd_dispatch(const ScftAttnFwdParams& p, bool force_compact, cudaStream_t stream) {
   const auto launch = [&](auto config) {
     using Cfg = decltype(config);
     return fwd::launch<Cfg>(scft_attn_fwd_kernel<T, Cfg>, p, stream);
   };
-  if (p.value_dim <= 128) return tiles::launch_fitting<ScftFwdConfigDv128, ScftFwdCompactConfigDv128>(launch);
-  if (p.value_dim <= 256) return tiles::launch_fitting<ScftFwdConfigDv256, ScftFwdCompactConfigDv256>(launch);
-  return tiles::launch_fitting<ScftFwdConfigDv512, ScftFwdCompactConfigDv512>(launch);
+  if (p.value_dim <= 128)
+    return tiles::launch_fitting<ScftFwdConfigDv128, ScftFwdCompactConfigDv128>(force_compact, launch);
+  if (p.value_dim <= 256)
+    return tiles::launch_fitting<ScftFwdConfigDv256, ScftFwdCompactConfigDv256>(force_compact, launch);
+  return tiles::launch_fitting<ScftFwdConfigDv512, ScftFwdCompactConfigDv512>(force_compact, launch);
 }
 
 // The batch's GEMMs on wgmma (scft_gemm_sm90_kernel.cu) or mma.sync.
@@ -514,8 +522,9 @@ GemmOperand operand(const void* ptr, int64_t stride_b, int64_t stride_h, int64_t
 
 // P (and with kWithDScores dS) of the keys [key_begin, key_end) into the chunk workspaces.
 template <typename T, bool kWithDScores>
-cudaError_t launch_probs(const ScftAttnBwdParams& p, int key_begin, int key_end, cudaStream_t stream) {
-  return tiles::launch_fitting<ScftBwdProbsConfig, ScftBwdProbsCompactConfig>([&](auto config) {
+cudaError_t launch_probs(const ScftAttnBwdParams& p, int key_begin, int key_end, bool force_compact,
+                         cudaStream_t stream) {
+  return tiles::launch_fitting<ScftBwdProbsConfig, ScftBwdProbsCompactConfig>(force_compact, [&](auto config) {
     using Cfg = decltype(config);
     auto kernel = scft_attn_bwd_probs_kernel<T, Cfg, kWithDScores>;
     const cudaError_t err = prepare_smem(kernel, Cfg::kSmemBytes);
@@ -547,7 +556,7 @@ GemmProblem value_grad_problem(const ScftAttnBwdParams& p, int key_begin, int ch
 }
 
 template <typename T>
-cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, bool use_wgmma, cudaStream_t stream) {
+cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, const KernelChoice& choice, cudaStream_t stream) {
   const int batch_heads = p.batch * p.heads;
   const int64_t n = p.n_queries, m = p.n_keys, d = p.head_dim;
   const int64_t chunk = p.key_chunk;
@@ -568,7 +577,7 @@ cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, bool use_wgmma, cudaStream_
     const int key_end = key_begin + p.key_chunk < p.n_keys ? key_begin + p.key_chunk : p.n_keys;
     const int chunk_keys = key_end - key_begin;
 
-    err = launch_probs<T, true>(p, key_begin, key_end, stream);
+    err = launch_probs<T, true>(p, key_begin, key_end, choice.force_compact, stream);
     if (err != cudaSuccess) return err;
 
     // dV[chunk] = P^T dO and dK[chunk] = scale dS^T q.
@@ -592,7 +601,7 @@ cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, bool use_wgmma, cudaStream_
       pk.k = p.n_queries;
       pk.alpha = p.scale;
     }
-    err = launch_gemm<T, false>(kv, batch_heads, use_wgmma, stream);
+    err = launch_gemm<T, false>(kv, batch_heads, choice.use_wgmma, stream);
     if (err != cudaSuccess) return err;
 
     // dQ (+)= scale dS k[chunk]: A is dS ([query][key], k = key contiguous), B the chunk's keys.
@@ -619,7 +628,7 @@ cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, bool use_wgmma, cudaStream_
       pq.alpha = p.scale;
       qb.problem[1] = pq;   // unused (num_problems = 1), kept initialized
     }
-    err = launch_gemm<T, true>(qb, batch_heads, use_wgmma, stream);
+    err = launch_gemm<T, true>(qb, batch_heads, choice.use_wgmma, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -628,19 +637,19 @@ cudaError_t bwd_dispatch(const ScftAttnBwdParams& p, bool use_wgmma, cudaStream_
 
 // grad_v_f32 = P^T grad_out only: per key chunk, P then one GEMM.
 template <typename T>
-cudaError_t dv_dispatch(const ScftAttnBwdParams& p, bool use_wgmma, cudaStream_t stream) {
+cudaError_t dv_dispatch(const ScftAttnBwdParams& p, const KernelChoice& choice, cudaStream_t stream) {
   const int num_chunks = ceil_div(p.n_keys, p.key_chunk);
   for (int c = 0; c < num_chunks; ++c) {
     const int key_begin = c * p.key_chunk;
     const int key_end = key_begin + p.key_chunk < p.n_keys ? key_begin + p.key_chunk : p.n_keys;
-    cudaError_t err = launch_probs<T, false>(p, key_begin, key_end, stream);
+    cudaError_t err = launch_probs<T, false>(p, key_begin, key_end, choice.force_compact, stream);
     if (err != cudaSuccess) return err;
     GemmBatch batch;
     batch.num_problems = 1;
     batch.heads = p.heads;
     batch.problem[0] = value_grad_problem(p, key_begin, key_end - key_begin);
     batch.problem[1] = batch.problem[0];   // unused (num_problems = 1), kept initialized
-    err = launch_gemm<T, false>(batch, p.batch * p.heads, use_wgmma, stream);
+    err = launch_gemm<T, false>(batch, p.batch * p.heads, choice.use_wgmma, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -660,12 +669,14 @@ bool bwd_common_ok(const ScftAttnBwdParams& p) {
          stride_ok(p.k_stride_b, p.batch) && stride_ok(p.k_stride_h, p.heads) && stride_ok(p.k_stride_row, p.n_keys);
 }
 
-// Whether the wgmma kernels run (see scft_mma_choice).
-cudaError_t pick_mma(bool* use_wgmma) {
-  const ScftMmaChoice choice = scft_mma_choice();
-  if (choice == ScftMmaChoice::kUnknown) return cudaErrorInvalidValue;
-  if (choice == ScftMmaChoice::kMmaSync) {
-    *use_wgmma = false;
+// What the environment and the device pick; an unknown choice is cudaErrorInvalidValue.
+cudaError_t pick_kernels(KernelChoice* picked) {
+  const ScftMmaChoice mma = scft_mma_choice();
+  const ScftStagesChoice stages = scft_stages_choice();
+  if (mma == ScftMmaChoice::kUnknown || stages == ScftStagesChoice::kUnknown) return cudaErrorInvalidValue;
+  picked->force_compact = stages == ScftStagesChoice::kCompact;
+  if (mma == ScftMmaChoice::kMmaSync) {
+    picked->use_wgmma = false;
     return cudaSuccess;
   }
   int device = 0, major = 0, minor = 0;
@@ -673,8 +684,8 @@ cudaError_t pick_mma(bool* use_wgmma) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
-  *use_wgmma = scft_uses_wgmma(choice, major, minor);
-  if (choice == ScftMmaChoice::kWgmma && !*use_wgmma) return cudaErrorInvalidDeviceFunction;
+  picked->use_wgmma = scft_uses_wgmma(mma, major, minor);
+  if (mma == ScftMmaChoice::kWgmma && !picked->use_wgmma) return cudaErrorInvalidDeviceFunction;
   return cudaSuccess;
 }
 
@@ -692,15 +703,15 @@ cudaError_t scft_attn_fwd_cuda(const ScftAttnFwdParams& p, ScftDtype dtype, cuda
       !stride_ok(p.v_stride_b, p.batch) || !stride_ok(p.v_stride_h, p.heads) || !stride_ok(p.v_stride_row, p.n_keys))
     return cudaErrorInvalidValue;
   if (dtype != ScftDtype::kFloat16 && dtype != ScftDtype::kBFloat16) return cudaErrorInvalidValue;
-  bool use_wgmma = false;
-  const cudaError_t err = pick_mma(&use_wgmma);
+  KernelChoice choice;
+  const cudaError_t err = pick_kernels(&choice);
   if (err != cudaSuccess) return err;
-  if (use_wgmma) return scft_attn_fwd_sm90_cuda(p, dtype, stream);
+  if (choice.use_wgmma) return scft_attn_fwd_sm90_cuda(p, dtype, stream);
   switch (dtype) {
     case ScftDtype::kFloat16:
-      return fwd_dispatch<__half>(p, stream);
+      return fwd_dispatch<__half>(p, choice.force_compact, stream);
     case ScftDtype::kBFloat16:
-      return fwd_dispatch<__nv_bfloat16>(p, stream);
+      return fwd_dispatch<__nv_bfloat16>(p, choice.force_compact, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -720,14 +731,14 @@ cudaError_t scft_attn_bwd_cuda(const ScftAttnBwdParams& p, ScftDtype dtype, cuda
       !stride_ok(p.v_stride_h, p.heads) || !stride_ok(p.v_stride_row, p.n_keys))
     return cudaErrorInvalidValue;
   if (dtype != ScftDtype::kFloat16 && dtype != ScftDtype::kBFloat16) return cudaErrorInvalidValue;
-  bool use_wgmma = false;
-  const cudaError_t err = pick_mma(&use_wgmma);
+  KernelChoice choice;
+  const cudaError_t err = pick_kernels(&choice);
   if (err != cudaSuccess) return err;
   switch (dtype) {
     case ScftDtype::kFloat16:
-      return bwd_dispatch<__half>(p, use_wgmma, stream);
+      return bwd_dispatch<__half>(p, choice, stream);
     case ScftDtype::kBFloat16:
-      return bwd_dispatch<__nv_bfloat16>(p, use_wgmma, stream);
+      return bwd_dispatch<__nv_bfloat16>(p, choice, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -737,14 +748,14 @@ cudaError_t scft_attn_bwd_dv_cuda(const ScftAttnBwdParams& p, ScftDtype dtype, c
   // float2 stores of pairs of float32 outputs.
   if (p.grad_v_f32 == nullptr || !aligned16(p.grad_v_f32)) return cudaErrorInvalidValue;
   if (dtype != ScftDtype::kFloat16 && dtype != ScftDtype::kBFloat16) return cudaErrorInvalidValue;
-  bool use_wgmma = false;
-  const cudaError_t err = pick_mma(&use_wgmma);
+  KernelChoice choice;
+  const cudaError_t err = pick_kernels(&choice);
   if (err != cudaSuccess) return err;
   switch (dtype) {
     case ScftDtype::kFloat16:
-      return dv_dispatch<__half>(p, use_wgmma, stream);
+      return dv_dispatch<__half>(p, choice, stream);
     case ScftDtype::kBFloat16:
-      return dv_dispatch<__nv_bfloat16>(p, use_wgmma, stream);
+      return dv_dispatch<__nv_bfloat16>(p, choice, stream);
   }
   return cudaErrorInvalidValue;
 }
