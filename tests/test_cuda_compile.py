@@ -341,6 +341,7 @@ def test_sass_uses_tensor_cores_and_no_local_memory(builds):
 _HOST_PROGRAM = r"""
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include "correspondence_loss/correspondence_loss.h"
 #include "scft_attention/scft_attention.h"
 using namespace sketchcolor::scft;
@@ -415,21 +416,17 @@ int main() {
   nr.in = in; nr.lse = fbuf; nr.terms = fbuf; nr.lse_masked = fbuf; nr.grad_q = fbuf;
   corr("nll_rows_grad_without_attn", corr_nll_rows_cuda(nr, KernelDtype::kBFloat16, nullptr));
   { auto x = f; x.out_f32 = fbuf; fwd("fwd_two_outputs", x); }
-  // Valid parameters with an unknown instruction family (SKETCHCOLOR_CUDA_MMA): every launcher
-  // rejects them before the device is asked anything.
-  setenv("SKETCHCOLOR_CUDA_MMA", "hgmma", 1);
-  fwd("fwd_unknown_mma_choice", f);
-  bwd("bwd_unknown_mma_choice", b);
-  { auto x = b; x.grad_v_f32 = fbuf;
-    std::printf("dv_unknown_mma_choice %d\n", int(scft_attn_bwd_dv_cuda(x, ScftDtype::kFloat16, nullptr))); }
-  unsetenv("SKETCHCOLOR_CUDA_MMA");
-  // The same with an unknown copy-ring choice (SKETCHCOLOR_CUDA_STAGES).
-  setenv("SKETCHCOLOR_CUDA_STAGES", "deep", 1);
-  fwd("fwd_unknown_stages_choice", f);
-  bwd("bwd_unknown_stages_choice", b);
-  { auto x = b; x.grad_v_f32 = fbuf;
-    std::printf("dv_unknown_stages_choice %d\n", int(scft_attn_bwd_dv_cuda(x, ScftDtype::kFloat16, nullptr))); }
-  unsetenv("SKETCHCOLOR_CUDA_STAGES");
+  // Valid parameters with an unknown instruction family (SKETCHCOLOR_CUDA_MMA) or copy ring
+  // (SKETCHCOLOR_CUDA_STAGES): every launcher rejects them before the device is asked anything.
+  for (const char* variable : {"SKETCHCOLOR_CUDA_MMA", "SKETCHCOLOR_CUDA_STAGES"}) {
+    setenv(variable, "unknown", 1);
+    const std::string name = variable;
+    fwd((name + "_fwd").c_str(), f);
+    bwd((name + "_bwd").c_str(), b);
+    auto x = b; x.grad_v_f32 = fbuf;
+    std::printf("%s_dv %d\n", variable, int(scft_attn_bwd_dv_cuda(x, ScftDtype::kFloat16, nullptr)));
+    unsetenv(variable);
+  }
   std::printf("dv_without_float32_output %d\n", int(scft_attn_bwd_dv_cuda(b, ScftDtype::kFloat16, nullptr)));
   const long long hardest_shapes[][4] = {{1, 16384, 16384, 132}, {16, 256, 256, 132}, {1, 7, 5, 108},
                                          {3, 1000, 1025, 132}, {1, 128, 300, 0}};
