@@ -20,6 +20,8 @@
 #                             (benchmarks/attention_target_step.py)
 #   bench-attention-mma-sync  the cuda backend again with the mma.sync forward (on H100/H200 the
 #                             default is wgmma)
+#   bench-attention-compact   and with the compact (2-stage) mma.sync kernels that GPUs granting
+#                             99 KiB per block run (SKETCHCOLOR_CUDA_STAGES=compact)
 #   triton-tests              the Triton backend's GPU tests
 # One deadline (GPU_SESSION_SECONDS, default 540) bounds the whole run: each stage gets its own
 # limit or what is left of the deadline, whichever is less, so a hang costs one stage, not the
@@ -93,6 +95,8 @@ ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 stage profile 120 "$ncu" --set basic --section MemoryWorkloadAnalysis \
   -k regex:"scft_attn_fwd|scft_attn_bwd_probs|scft_gemm" -c 4 "$python" benchmarks/attention_target_step.py
 SKETCHCOLOR_CUDA_MMA=mma_sync stage bench-attention-mma-sync 60 \
+  "$python" benchmarks/bench_attention.py --device cuda --impl cuda --sizes 16384 --no-write
+SKETCHCOLOR_CUDA_MMA=mma_sync SKETCHCOLOR_CUDA_STAGES=compact stage bench-attention-compact 60 \
   "$python" benchmarks/bench_attention.py --device cuda --impl cuda --sizes 16384 --no-write
 stage triton-tests 150 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
   tests/test_triton_attention.py tests/test_triton_correspondence.py
