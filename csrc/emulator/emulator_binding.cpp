@@ -65,8 +65,8 @@ std::map<std::string, int64_t> stats() {
           {"dynamic_smem_peak", s.dynamic_smem_peak}};
 }
 
-// CPU tensors as the emulated device's memory (emu::device_malloc: NaN-filled, bounded by a guard
-// page, readable by cp.async).
+// CPU tensors as the emulated device's memory (emu::device_malloc: NaN-filled, between guard
+// pages, readable by cp.async).
 class DeviceAllocator final : public c10::Allocator {
  public:
   // The pointer is its own context and device_free the raw deleter, as in the default allocator:
