@@ -391,6 +391,9 @@ FWD_CONFIGS = [
 BWD_DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_C": 256}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_C": 128}, num_warps=8, num_stages=2),
+    # The same 128-wide slices over 32-wide D chunks: the only atomic dK/dV config that spills on
+    # no target (mma.sync keeps operand fragments in registers; the ones above spill on sm_80).
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_C": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 32, "BLOCK_C": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_C": 64}, num_warps=4, num_stages=3),
 ]
