@@ -60,8 +60,8 @@ inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " (cuda backend): launch failed: ", cudaGetErrorName(err), ": ",
               cudaGetErrorString(err),
               err == cudaErrorInvalidConfiguration
-                  ? " (the device grants less shared memory per block than the kernels need: up to "
-                    "149 KiB, 209 KiB for the wgmma kernels on 9.0 GPUs; sm_80 and sm_90 GPUs have it)"
+                  ? " (the device grants less shared memory per block than the kernels need: at least "
+                    "84 KiB, with the compact kernels that 8.6 and 8.9 GPUs run; every 8.x and 9.0 GPU has it)"
                   : "");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

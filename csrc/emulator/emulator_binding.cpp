@@ -1,4 +1,4 @@
-// Python entry points of the CUDA emulator (built by tests/test_cuda_emulated.py with
+// Python entry points of the CUDA emulator (built by tests/cuda_emulator.py with
 // torch.utils.cpp_extension, together with emulator.cpp, every csrc/<op>/*_kernel.cu and every
 // csrc/<op>/*_cuda.cpp binding, all compiled as host C++ with SKETCHCOLOR_CUDA_EMULATOR).
 //
@@ -98,7 +98,7 @@ void set_guarded_edge(const std::string& edge) {
 }
 
 // One emulated thread loads or stores the byte `offset` bytes from t's data; returns the launch's
-// error ("" for none). The tests' check that an access past a buffer's end is reported.
+// error ("" for none). The tests' check that an access outside a buffer is reported.
 std::string access_byte(const at::Tensor& t, int64_t offset, bool store) {
   volatile unsigned char* byte = static_cast<unsigned char*>(t.data_ptr()) + offset;
   const std::function<void()> body = [&] {
