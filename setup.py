@@ -38,9 +38,14 @@ def _extension():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp", "-ldl"],
         )
+    # Machine code per GPU generation. A cubin runs on its own major version at its minor or later
+    # (sm_80: every 8.x; sm_100: 10.0 and 10.3; sm_120: 12.0 and 12.1); sm_90a, with wgmma, runs on
+    # 9.0 alone. 10.x and 12.x run the mma.sync kernels (neither has wgmma).
     arch_flags = [
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_100,code=sm_100",
+        "-gencode=arch=compute_120,code=sm_120",
     ]
     return CUDAExtension(
         "sketchcolor._C",

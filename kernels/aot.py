@@ -33,9 +33,10 @@ GPU_TARGETS = {
     "sm_100": (GPUTarget("cuda", 100, 32), 232448),  # B200 (tcgen05)
     "sm_120": (GPUTarget("cuda", 120, 32), 101376),  # RTX 50xx
 }
-# The PTX of a tensor-core product, per target: mma.sync everywhere; Triton may use the
-# asynchronous forms where the generation has them.
-TENSOR_CORE_PTX = {90: ("wgmma.mma_async", "mma.sync.aligned"), 100: ("tcgen05.mma", "mma.sync.aligned")}
+# The PTX of a tensor-core product, per target: mma.sync everywhere; Triton may use wgmma on
+# sm_90, and uses tcgen05 on sm_100 (every dot of these kernels; the reason sketchcolor.ops picks
+# triton before cuda, whose kernels are on mma.sync, on 10.x GPUs).
+TENSOR_CORE_PTX = {90: ("wgmma.mma_async", "mma.sync.aligned"), 100: ("tcgen05.mma",)}
 
 
 def uses_tensor_cores(ptx: str, target: GPUTarget) -> bool:

@@ -576,11 +576,12 @@ def test_auto_on_cuda_tensors_picks_by_dtype(monkeypatch):
 @pytest.mark.parametrize(
     "gpu",
     [("NVIDIA A100-SXM4-80GB", (8, 0), 166912), ("NVIDIA GeForce RTX 4090", (8, 9), 101376),
-     ("NVIDIA A10", (8, 6), 101376), ("NVIDIA H100 80GB HBM3", (9, 0), 232448)],
+     ("NVIDIA A10", (8, 6), 101376), ("NVIDIA H100 80GB HBM3", (9, 0), 232448),
+     ("NVIDIA GeForce RTX 5090", (12, 0), 101376)],
     ids=lambda gpu: gpu[0],
 )
 def test_auto_picks_the_cuda_backend_where_its_kernels_run(monkeypatch, gpu):
-    # 8.6 and 8.9 grant 99 KiB per block: the launchers take the compact (2-stage) kernels there.
+    # 8.6, 8.9 and 12.0 grant 99 KiB per block: the launchers take the compact (2-stage) kernels there.
     monkeypatch.setattr(_backends._extension, "load_error", lambda: None)
     monkeypatch.setattr(_backends._extension, "has_kernel", lambda op_name, dispatch_key: True)
     monkeypatch.setattr(_backends, "_cuda_device", lambda device: gpu)
@@ -592,8 +593,9 @@ def test_auto_picks_the_cuda_backend_where_its_kernels_run(monkeypatch, gpu):
     [
         # No 8.x GPU grants less than 99 KiB per block; one that did could not launch the kernels.
         (("an 8.x GPU with 64 KiB per block", (8, 0), 65536), r"needs 84 KiB .* 64 KiB per block grants 64 KiB"),
-        # No machine code for Blackwell in this build (sm_80 SASS does not run on 10.0).
-        (("NVIDIA B200", (10, 0), 232448), r"8.x \(sm_80\) and 9.0 \(sm_90a\); NVIDIA B200 is 10.0"),
+        # No machine code for 7.5 or 11.0 in this build (a cubin runs only on its own major).
+        (("Tesla T4", (7, 5), 65536), r"10.x \(sm_100\) and 12.x \(sm_120\); Tesla T4 is 7.5"),
+        (("NVIDIA Jetson AGX Thor", (11, 0), 232448), r"8.x \(sm_80\), 9.0 \(sm_90a\), .*Thor is 11.0"),
     ],
 )
 def test_auto_skips_the_cuda_backend_where_its_kernels_cannot_run(monkeypatch, gpu, reason):
@@ -604,6 +606,20 @@ def test_auto_skips_the_cuda_backend_where_its_kernels_cannot_run(monkeypatch, g
     assert _backends.resolve("auto", cuda, FWD_OP, torch.bfloat16) == "triton"
     with pytest.raises(RuntimeError, match=reason):
         _backends.resolve("cuda", cuda, FWD_OP, torch.bfloat16)
+
+
+@pytest.mark.parametrize("gpu", [("NVIDIA B200", (10, 0), 232448), ("NVIDIA B300", (10, 3), 232448)], ids=lambda gpu: gpu[0])
+def test_auto_prefers_triton_on_10x_where_cuda_also_runs(monkeypatch, gpu):
+    # Triton multiplies with tcgen05 there, the cuda kernels with mma.sync; impl="cuda" still runs.
+    monkeypatch.setattr(_backends._extension, "load_error", lambda: None)
+    monkeypatch.setattr(_backends._extension, "has_kernel", lambda op_name, dispatch_key: True)
+    monkeypatch.setattr(_backends, "_cuda_device", lambda device: gpu)
+    cuda = torch.device("cuda")
+    assert _backends.resolve("auto", cuda, FWD_OP, torch.bfloat16) == "triton"
+    assert _backends.resolve("cuda", cuda, FWD_OP, torch.bfloat16) == "cuda"
+    # Without Triton, auto takes the cuda kernels rather than the reference.
+    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: None)
+    assert _backends.resolve("auto", cuda, FWD_OP, torch.bfloat16) == "cuda"
 
 
 def test_triton_without_interpreter_says_why(monkeypatch):

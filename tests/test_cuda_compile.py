@@ -1,21 +1,23 @@
 """Proof of the CUDA kernels without a GPU: they compile for the real targets, fit them, and use
 the tensor cores.
 
-Every ``csrc/**/*.cu`` is compiled with nvcc, with setup.py's flags, for sm_80 and for sm_90a
-(``-Xptxas -v``; the two targets compile in parallel processes). Per kernel and target:
+Every ``csrc/**/*.cu`` is compiled with nvcc, with setup.py's flags, for each of setup.py's
+targets: sm_80, sm_90a, sm_100 and sm_120 (``-Xptxas -v``; two compiles at a time). Per kernel and
+target:
 
 * ptxas reports 0 bytes of spill stores and loads and a 0-byte stack frame (no register array
   went to local memory), and at most 255 registers;
-* static shared memory (ptxas) plus the dynamic shared memory its launcher requests fits the
-  target (sm_80: 163 KiB per block, sm_90: 227 KiB). The dynamic sizes come from each op
-  header's table (``SMEM_TABLES``), printed by a tiny host program compiled from the headers; a
+* static shared memory (ptxas) plus the dynamic shared memory its launcher requests fits every
+  device that runs the target's machine code (``DEVICE_SMEM``). The dynamic sizes come from each
+  op header's table (``SMEM_TABLES``), printed by a tiny host program compiled from the headers; a
   kernel is matched to its configuration by the configuration's struct name, which is part of
-  the kernel's mangled name, and every kernel names one. The sm_80 kernels that 8.6 and 8.9
-  devices run (the compact configurations, and those without a compact stand-in) fit their
-  99 KiB;
+  the kernel's mangled name, and every kernel names one. On devices granting 99 KiB (8.6, 8.9,
+  12.x) the launchers take the compact configurations: those, and the configurations without a
+  compact stand-in, fit 99 KiB; the full ones fit the largest grant of their target;
 * the SASS (cuobjdump --dump-sass, from the CUDA toolkit or Triton's package) of every kernel
   that multiplies matrices contains tensor-core instructions (HMMA, or HGMMA for wgmma), and no
-  kernel contains local-memory loads or stores (LDL / STL).
+  kernel contains local-memory loads or stores (LDL / STL);
+* the targets here are setup.py's own ``-gencode`` flags.
 
 Also:
 * a host program linked with the sm_80 objects checks that the launchers return
@@ -54,23 +56,29 @@ SMEM_TABLES = {
     "correspondence_loss/correspondence_loss.h": "sketchcolor::corr::kCorrKernelSmemTable",
 }
 
-# Shared memory per block (static + dynamic) each target can grant with the opt-in attribute.
-SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 ARCH_FLAGS = {
     "sm_80": "-gencode=arch=compute_80,code=sm_80",
     "sm_90a": "-gencode=arch=compute_90a,code=sm_90a",
+    "sm_100": "-gencode=arch=compute_100,code=sm_100",
+    "sm_120": "-gencode=arch=compute_120,code=sm_120",
 }
+# Shared memory per block (static + dynamic, the opt-in limit) of the devices that run each
+# target's machine code: sm_80 runs on 8.0 and 8.7 (163 KiB) and on 8.6 and 8.9 (99 KiB); sm_90a
+# on 9.0; sm_100 on 10.0 and 10.3 (227 KiB); sm_120 on 12.0 and 12.1 (99 KiB).
+DEVICE_SMEM = {"sm_80": (163 * 1024, 99 * 1024), "sm_90a": (227 * 1024,), "sm_100": (227 * 1024,),
+               "sm_120": (99 * 1024,)}
 # setup.py's nvcc flags (the -gencode is per target here).
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DSKETCHCOLOR_WITH_CUDA=1"]
 # Kernels that multiply matrices, by a substring of their mangled names.
 MATRIX_KERNELS = ("scft_attn_fwd_kernel", "scft_attn_bwd_probs_kernel", "scft_gemm_kernel", "corr_hardest_search_kernel",
                   "scft_attn_fwd_sm90_kernel", "scft_gemm_sm90_kernel")
 # Kernels written for sm_90a alone (wgmma): their configuration names contain this. The launchers
-# select them only on compute capability 9.0, so on sm_80 they must be empty stubs (a trap), and
-# only their sm_90a build has to fit its target.
+# select them only on compute capability 9.0, so on the other targets they must be empty stubs (a
+# trap), and only their sm_90a build has to fit its target.
 SM90_ONLY_CONFIG_TAG = "Sm90"
-# Configurations for devices granting 99 KiB per block (8.6, 8.9), which run the sm_80 machine
-# code: their names contain this, and the name without it is the configuration they stand in for.
+# Configurations for devices granting 99 KiB per block (8.6 and 8.9, which run the sm_80 machine
+# code, and 12.x): their names contain this, and the name without it is the configuration they
+# stand in for.
 COMPACT_CONFIG_TAG = "Compact"
 COMPACT_DEVICE_SMEM = 99 * 1024
 MAX_REGISTERS = 255
@@ -239,8 +247,15 @@ def _config_of(kernel: str, table: dict[str, int]) -> str | None:
     return matches[0] if matches else None
 
 
+def test_targets_are_setup_pys():
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        setup_flags = re.findall(r'"(-gencode=arch=\w+,code=\w+)"', f.read())
+    assert setup_flags == list(ARCH_FLAGS.values())
+    assert set(DEVICE_SMEM) == set(ARCH_FLAGS)
+
+
 @needs_nvcc
-def test_every_cu_compiles_for_sm80_and_sm90a(builds):
+def test_every_cu_compiles_for_every_target(builds):
     for r in builds:
         assert r["rc"] == 0, f"{r['cmd']} failed:\n{r['log'][-4000:]}"
         # ptxas says so when it has to serialize wgmma (an accumulator touched while in flight, ...).
@@ -281,8 +296,13 @@ def test_shared_memory_fits_each_target(builds, dynamic_smem):
             seen_configs.add(config)
             if SM90_ONLY_CONFIG_TAG in config and r["arch"] != "sm_90a":
                 continue
-            # The sm_80 machine code also runs on 8.6 and 8.9 devices, which grant 99 KiB.
-            limit = COMPACT_DEVICE_SMEM if r["arch"] == "sm_80" and config in on_compact_devices else SMEM_LIMIT[r["arch"]]
+            grants = DEVICE_SMEM[r["arch"]]
+            if config in on_compact_devices:
+                limit = min(grants)   # every device of the target may launch it
+            elif max(grants) > COMPACT_DEVICE_SMEM:
+                limit = max(grants)   # a full configuration: the devices granting more launch it
+            else:
+                continue              # no device of the target launches it (its stand-in runs)
             dynamic = dynamic_smem[config]
             total = k["static_smem"] + dynamic
             assert total <= limit, (
@@ -302,7 +322,7 @@ def test_python_knows_the_cuda_backends_shared_memory_need(dynamic_smem):
     needs = compact_device_configs(dynamic_smem)
     assert _backends.CUDA_SMEM_PER_BLOCK == max(needs.values())
     assert max(needs.values()) <= COMPACT_DEVICE_SMEM, needs
-    assert max(dynamic_smem.values()) <= SMEM_LIMIT["sm_90a"]
+    assert max(dynamic_smem.values()) <= max(DEVICE_SMEM["sm_90a"])
 
 
 @needs_nvcc

@@ -1,6 +1,6 @@
 """The CUDA backend runs on the CPU, in the CUDA emulator (csrc/emulator), against sketchcolor.reference.
 
-tests/test_cuda_compile.py proves the kernels compile for sm_80 and sm_90a, fit them and use the
+tests/test_cuda_compile.py proves the kernels compile for every target, fit them and use the
 tensor cores; tests/test_cuda_attention.py and tests/test_cuda_correspondence.py check the backend on
 a GPU. This file runs the same sources without a GPU: the kernel files and the torch bindings
 (csrc/<op>/<op>_cuda.cpp), compiled as host C++ with SKETCHCOLOR_CUDA_EMULATOR. Each CUDA thread is a
@@ -14,7 +14,8 @@ the binding's checks, plans and ATen glue to the kernels.
 The emulated device decides the code path exactly as a real one would: an A100 (8.0) runs the
 mma.sync kernels, an H100 (9.0) the wgmma forward and backward GEMMs, an H100 with
 SKETCHCOLOR_CUDA_MMA=mma_sync the mma.sync ones again, and an RTX 4090 (8.9, 99 KiB per block)
-the mma.sync kernels with the compact (2-stage) forward and probability kernels.
+the mma.sync kernels with the compact (2-stage) forward and probability kernels; a B200 (10.0) and
+an RTX 5090 (12.0, 99 KiB) run the mma.sync kernels with the full and the compact rings.
 
 Every CPU allocation during a test is emulated device memory: it starts as NaN (an out-of-range
 value in integer tensors), so an output or workspace element the kernels never write fails the
@@ -284,16 +285,21 @@ def test_emulated_cuda_mma_choice_is_checked(emulator, monkeypatch):
     monkeypatch.setenv("SKETCHCOLOR_CUDA_MMA", "wgmma")   # the emulated device is an A100
     with pytest.raises(RuntimeError, match=r"wgmma needs a compute capability 9.0 GPU.*is 8.0"):
         emulated_attention()(q, k, v)
+    emulator.set_device(*DEVICES["B200"])                 # 10.0 has no wgmma either
+    with pytest.raises(RuntimeError, match=r"wgmma needs a compute capability 9.0 GPU.*is 10.0"):
+        emulated_attention()(q, k, v)
 
 
 @pytest.mark.parametrize(
     "device, stages, compact",
-    [("A100", "auto", False), ("A100", "compact", True), ("RTX4090", "auto", True), ("RTX4090", "compact", True)],
+    [("A100", "auto", False), ("A100", "compact", True), ("RTX4090", "auto", True), ("RTX4090", "compact", True),
+     ("B200", "auto", False), ("RTX5090", "auto", True)],
 )
 def test_emulated_cuda_copy_ring_follows_the_device_and_the_environment(emulator, monkeypatch, device, stages, compact):
     # D = Dv = 992: the forward's 512-wide slices need 149 KiB with 4 stages and 84 KiB with 2 (the
     # backward's probability kernel 108 and 72 KiB). The compact configurations are what a 99 KiB
-    # device runs, and what SKETCHCOLOR_CUDA_STAGES=compact asks for anywhere.
+    # device (8.6, 8.9, 12.x) runs, and what SKETCHCOLOR_CUDA_STAGES=compact asks for anywhere. A
+    # B200 (10.0) runs the mma.sync kernels with the full rings.
     emulator.set_device(*DEVICES[device])
     monkeypatch.setenv("SKETCHCOLOR_CUDA_STAGES", stages)
     inputs = make_inputs(1, 1, 70, 97, 992, 992, torch.bfloat16)

@@ -9,7 +9,8 @@ D = Dv = 992) and checks that
   * it compiles to PTX and a cubin,
   * its shared memory (compiled.metadata.shared) fits the target, and the estimate the
     autotuner's prune relies on is an upper bound of it,
-  * its PTX uses tensor cores for the dots (mma.sync; wgmma or tcgen05 where Triton picks them).
+  * its PTX uses tensor cores for the dots (mma.sync, or wgmma where Triton picks it on sm_90;
+    tcgen05 on sm_100, which is why ``auto`` prefers triton to cuda on 10.x GPUs).
 float32 is compiled in IEEE mode (FMA dots: no tensor-core check) and in TF32 mode.
 """
 from __future__ import annotations

@@ -24,11 +24,19 @@ DTYPES = {"cuda": (torch.float16, torch.bfloat16)}
 # Shared memory per block the cuda backend needs at least: its largest kernel on a device that
 # grants little, where the launchers take the compact (2-stage) forward and probability kernels
 # (csrc/scft_attention/scft_attention.h: ScftFwdCompactConfigDv512 and the hardest-negative
-# search, 84 KiB each; tests/test_cuda_compile.py checks the two agree). 8.x devices grant 99 KiB
-# (8.6, 8.9) or 163 KiB (8.0, 8.7); 9.0 devices grant 227 KiB, enough for the wgmma kernels' 209
-# KiB (forward) and 192 KiB (backward GEMMs). GPUs the build has no machine code for (setup.py:
-# sm_80, which 8.x devices run, and sm_90a) run triton instead.
+# search, 84 KiB each; tests/test_cuda_compile.py checks the two agree). 8.6, 8.9 and 12.x devices
+# grant 99 KiB; 8.0 and 8.7 163 KiB; 9.0 and 10.x 227 KiB, enough for the wgmma kernels' 209 KiB
+# (forward) and 192 KiB (backward GEMMs) on 9.0.
 CUDA_SMEM_PER_BLOCK = 86016
+# The build's machine code (setup.py's -gencode targets) by compute capability major: a cubin runs
+# on its major at its minor or later, and sm_90a (wgmma) on 9.0 alone. GPUs it does not cover (7.x,
+# 11.x) run triton.
+CUDA_MACHINE_CODE = {8: "sm_80", 9: "sm_90a", 10: "sm_100", 12: "sm_120"}
+# Majors where auto prefers triton to cuda: on 10.x Triton multiplies with tcgen05, the fifth
+# generation tensor cores' own instructions, and the cuda kernels with mma.sync, the Ampere-era
+# instructions that 10.x runs below its tensor-core peak. Elsewhere both use the generation's
+# instructions (mma.sync on 8.x and 12.x; wgmma on 9.0, where the cuda kernels use it too).
+AUTO_TRITON_FIRST_MAJORS = (10,)
 
 
 def triton_interpreting() -> bool:
@@ -64,10 +72,10 @@ def _placement_reason(impl: str, device: torch.device, op_name: str) -> str | No
         if not _extension.has_kernel(op_name, "CUDA"):
             return "the extension sketchcolor._C was built without CUDA (needs a CUDA build of torch and nvcc at install time)"
         name, (major, minor), granted = _cuda_device(device)
-        if not (major == 8 or (major, minor) == (9, 0)):
+        if major not in CUDA_MACHINE_CODE or (major == 9 and minor != 0):
             return (
-                f"impl='cuda' has machine code for compute capability 8.x (sm_80) and 9.0 (sm_90a); "
-                f"{name} is {major}.{minor} (impl='triton' runs there)"
+                f"impl='cuda' has machine code for compute capability 8.x (sm_80), 9.0 (sm_90a), "
+                f"10.x (sm_100) and 12.x (sm_120); {name} is {major}.{minor} (impl='triton' runs there)"
             )
         if granted < CUDA_SMEM_PER_BLOCK:
             return (
@@ -93,6 +101,15 @@ def _cuda_device(device: torch.device) -> tuple[str, tuple[int, int], int]:
     return props.name, (props.major, props.minor), props.shared_memory_per_block_optin
 
 
+def _auto_order(device: torch.device, op_name: str) -> tuple[str, ...]:
+    """The backends auto tries, fastest first, for ``op_name`` on ``device``."""
+    order = _AUTO_ORDER.get(device.type, ())
+    if "cuda" in order and _placement_reason("cuda", device, op_name) is None:
+        if _cuda_device(device)[1][0] in AUTO_TRITON_FIRST_MAJORS:
+            return ("triton", *(c for c in order if c != "triton"))
+    return order
+
+
 @functools.cache
 def _warn_fallback(op_name: str, device_type: str, reasons: str) -> None:
     warnings.warn(
@@ -114,7 +131,7 @@ def resolve(impl: str, device: torch.device, op_name: str, dtype: torch.dtype | 
             raise RuntimeError(f"sketchcolor: impl={impl!r} is not available: {reason}")
         return impl
     reasons = []
-    for candidate in _AUTO_ORDER.get(device.type, ()):
+    for candidate in _auto_order(device, op_name):
         reason = unavailable_reason(candidate, device, op_name, dtype)
         if reason is None:
             return candidate
