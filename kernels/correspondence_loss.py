@@ -57,6 +57,20 @@ def _gathered_dot(q_rows, k_rows, valid, D, stride_qd, stride_kd, BLOCK_R: tl.co
 
 
 @triton.jit
+def _hinge(x):
+    """max(x, 0) that keeps a NaN x, so a NaN score reaches the loss as through the reference's
+    relu (tl.maximum's NaN handling is left to the backend)."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
+def _ranks_above(a, b):
+    """Whether score a ranks above b in the hardest-negative search: larger, or NaN where b is not
+    (torch.argmax, the reference's, ranks NaN above every number)."""
+    return (a > b) | ((a != a) & (b == b))
+
+
+@triton.jit
 def _query_block(Pos, off_b, start, N, BLOCK: tl.constexpr):
     """The queries start .. start + BLOCK - 1 of batch off_b: their offsets (BLOCK,), which of
     them exist, their index row = b * N + i into the contiguous (B, N) tensors, and their pos
@@ -96,7 +110,7 @@ def _corr_triplet_fwd(
         valid = has_pos & (neg >= 0)
         neg_score = scale * _gathered_dot(q_rows, k_batch + neg[:, None] * stride_km, valid, D, stride_qd, stride_kd,
                                           BLOCK_R, BLOCK_D)
-        term = tl.where(valid, tl.maximum(neg_score - pos_score + margin, 0.0), 0.0)
+        term = tl.where(valid, _hinge(neg_score - pos_score + margin), 0.0)
         tl.store(Terms + row * T + t, term, mask=r_valid)
 
 
@@ -202,16 +216,23 @@ def _corr_hardest_fwd(
         outside = (tl.abs(offs_n[None, :] // grid_w - pos_cell_row[:, None]) > exclusion) | (
             tl.abs(offs_n[None, :] % grid_w - pos_cell_col[:, None]) > exclusion)
         candidate = outside & n_valid[None, :] & has_pos[:, None]
-        masked = tl.where(candidate, s, float("-inf"))
+        # A NaN candidate ranks above every number: the tile's first one is its best. The others
+        # go through tl.max with NaN masked out, whose own NaN handling is then never asked.
+        is_nan = candidate & (s != s)
+        nan_key = tl.min(tl.where(is_nan, offs_n[None, :], M), 1)
+        masked = tl.where(candidate & ~is_nan, s, float("-inf"))
         tile_best = tl.max(masked, 1)
         # The lowest key index reaching the tile's maximum; key tiles run in increasing order and
-        # a later tile replaces the best only when strictly larger, so ties keep the lowest index.
-        tile_key = tl.min(tl.where(candidate & (masked == tile_best[:, None]), offs_n[None, :], M), 1)
-        improves = (tile_key < M) & ((best_key < 0) | (tile_best > best))
+        # a later tile replaces the best only when it ranks strictly above, so ties keep the
+        # lowest index.
+        tile_key = tl.min(tl.where(candidate & ~is_nan & (masked == tile_best[:, None]), offs_n[None, :], M), 1)
+        tile_best = tl.where(nan_key < M, float("nan"), tile_best)
+        tile_key = tl.where(nan_key < M, nan_key, tile_key)
+        improves = (tile_key < M) & ((best_key < 0) | _ranks_above(tile_best, best))
         best = tl.where(improves, tile_best, best)
         best_key = tl.where(improves, tile_key.to(tl.int64), best_key)
 
-    term = tl.where(best_key >= 0, tl.maximum(best - pos_score + margin, 0.0), 0.0)
+    term = tl.where(best_key >= 0, _hinge(best - pos_score + margin), 0.0)
     tl.store(Terms + row, term, mask=m_valid)
     tl.store(NegOut + row, best_key, mask=m_valid)
 

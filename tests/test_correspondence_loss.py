@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -373,6 +374,33 @@ def test_hardest_ties_pick_the_lowest_index(dtype):
     check_hardest_ties(dtype)
 
 
+def check_nan_reaches_the_loss(impl, dtype=torch.float32, device="cpu"):
+    """A NaN in one query row, or in one key row that a term reads, makes every mode's loss NaN, as
+    in the reference (its relu and torch.argmax keep NaN): no backend may turn it into a zero term
+    or skip the key in the hardest-negative search."""
+    for mode, options in MODES.items():
+        for poisoned in ("q", "k"):
+            q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, dtype, **options, device=device)
+            # Query 0 of batch 0 sits on cell (1, 1); key 11, cell (2, 3), is outside its window.
+            pos[0, 0] = 5
+            if "neg" in kwargs:
+                kwargs["neg"][0, 0] = 11
+            with torch.no_grad():
+                if poisoned == "q":
+                    q[0, 0, 3] = math.nan
+                else:
+                    k[0, 11, 3] = math.nan
+            exact = correspondence_loss(q.detach().double(), k.detach().double(), pos, impl="reference", **kwargs)
+            loss = correspondence_loss(q, k, pos, impl=impl, **kwargs)
+            assert torch.isnan(exact), (mode, poisoned, exact)
+            assert torch.isnan(loss), f"{impl} {mode}: a NaN in {poisoned} gave the loss {loss.item()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_reaches_the_loss(dtype):
+    check_nan_reaches_the_loss("cpp", dtype)
+
+
 # ----------------------------------------------------------------------------------------
 # Validity: pos = -1, neg = -1, windows covering the grid, empty tensors
 # ----------------------------------------------------------------------------------------
@@ -504,6 +532,26 @@ def test_torch_compile(mode):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
+def test_torch_compile_with_margin_and_scale_that_change_between_calls(mode):
+    # A margin schedule or a temperature: later calls' floats arrive symbolic; the checks take
+    # them and the graph uses each call's values.
+    q, k, pos, kwargs = make_case(2, None, 17, 20, (4, 5), 16, torch.float32, **MODES[mode])
+    q, k = q.detach(), k.detach()
+
+    def loss_fn(q, margin, scale):
+        return correspondence_loss(q, k, pos, margin=margin, scale=scale, impl="cpp", **kwargs)
+
+    torch._dynamo.reset()  # each mode's graphs count against one code object's recompile limit
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for margin, scale in ((12.0, 0.25), (2.5, 0.25), (1.0, 0.4)):
+        expected = correspondence_loss(q, k, pos, margin=margin, scale=scale, impl="reference", **kwargs)
+        torch.testing.assert_close(compiled(q, margin, scale), expected)
+    # Raised while tracing: fullgraph torch.compile reports it wrapped, with the op's message.
+    with pytest.raises(Exception, match="margin must be finite"):
+        compiled(q, math.nan, 0.25)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_torch_compile_checks_index_range_on_the_device(mode):
     # A traced graph cannot copy the index range to the host: the op's own range check becomes a
     # device-side assert, which on CPU tensors raises at once. Its message (no "got values in")
@@ -571,6 +619,21 @@ def test_auto_on_cuda_tensors_picks_by_dtype(monkeypatch):
     assert _backends.resolve("auto", cuda, FWD_OP, torch.float32) == "triton"
     with pytest.raises(RuntimeError, match="impl='cuda' takes float16 or bfloat16 tensors, got float32"):
         _backends.resolve("cuda", cuda, FWD_OP, torch.float32)
+
+
+def test_auto_on_cuda_float64_falls_back_to_the_reference(monkeypatch):
+    # Neither GPU backend takes float64 (a gradcheck on a GPU): auto warns and runs the reference
+    # instead of handing the tensors to a backend that raises.
+    pytest.importorskip("triton")
+    monkeypatch.setattr(_backends._extension, "load_error", lambda: None)
+    monkeypatch.setattr(_backends._extension, "has_kernel", lambda op_name, dispatch_key: True)
+    monkeypatch.setattr(_backends, "_cuda_device", lambda device: ("NVIDIA H100 80GB HBM3", (9, 0), 232448))
+    _backends._warn_fallback.cache_clear()
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="triton: impl='triton' takes float16, bfloat16 or float32 tensors, got float64"):
+        assert _backends.resolve("auto", cuda, FWD_OP, torch.float64) == "reference"
+    with pytest.raises(RuntimeError, match="impl='triton' takes float16, bfloat16 or float32 tensors, got float64"):
+        _backends.resolve("triton", cuda, FWD_OP, torch.float64)
 
 
 @pytest.mark.parametrize(
@@ -668,13 +731,21 @@ BAD_INPUTS = [
     ("k: M must be at least 1", _replace(k=lambda k: k[:, :0])),
     ("q: D must be at least 1", _replace(q=lambda q: q[..., :0], k=lambda k: k[..., :0])),
     ("mode must be one of", _replace(mode="hinge")),
-    ("hardest must be a bool", _replace(hardest=1, neg=None, key_grid=(2, 3))),
+    ("hardest must be a bool, got int", _replace(hardest=1, neg=None, key_grid=(2, 3))),
+    ("hardest must be a bool, got numpy.bool", _replace(hardest=np.bool_(True), neg=None, key_grid=(2, 3))),
     ("hardest=True is a triplet option", _replace(mode="nll", hardest=True, neg=None, key_grid=(2, 3))),
-    ("margin must be a finite number", _replace(margin=float("inf"))),
-    ("margin must be a finite number", _replace(margin="12")),
-    ("scale must be a finite number", _replace(scale=float("nan"))),
+    ("margin must be finite and within float32's range", _replace(margin=float("inf"))),
+    ("margin must be a real number, got str", _replace(margin="12")),
+    ("margin must be a real number, got bool", _replace(margin=True)),
+    ("margin must be a real number, got torch.Tensor", _replace(margin=torch.tensor(1.0))),
+    ("scale must be finite and within float32's range", _replace(scale=float("nan"))),
+    ("scale must be finite and within float32's range", _replace(scale=1e39)),
+    ("scale must be a real number, got str", _replace(scale="0.5")),
+    ("scale must be a real number, got list", _replace(scale=[0.5])),
+    ("scale must be a real number, got torch.Tensor", _replace(scale=torch.tensor(0.5, requires_grad=True))),
     ("exclusion must be an int >= 0", _replace(exclusion=-1)),
     ("exclusion must be an int >= 0", _replace(exclusion=1.0)),
+    ("q must be a dense \\(strided\\) tensor, got layout torch.sparse_coo", _replace(q=lambda q: q.to_sparse())),
     ("pos must have dtype", _replace(pos=lambda p: p.int())),
     ("pos must have rank", _replace(pos=lambda p: p[0])),
     ("pos: leading dims", _replace(pos=lambda p: p[:, :4])),
@@ -703,6 +774,37 @@ def test_bad_inputs_name_the_argument(message, corrupt):
     kwargs.setdefault("impl", "cpp")
     with pytest.raises((ValueError, TypeError), match=message):
         correspondence_loss(q, k, pos, **kwargs)
+
+
+def test_numpy_scalars_are_numbers():
+    q, k, pos, kwargs = _base()
+    exact = correspondence_loss(q, k, pos, margin=1.0, scale=0.5, impl="reference", **kwargs)
+    loss = correspondence_loss(q, k, pos, margin=np.float32(1.0), scale=np.float64(0.5), impl="cpp", **kwargs)
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-6)
+    hardest = dict(hardest=True, key_grid=(2, 3))
+    exact = correspondence_loss(q, k, pos, exclusion=1, impl="reference", **hardest)
+    assert correspondence_loss(q, k, pos, exclusion=np.int64(1), impl="cpp", **hardest).item() == pytest.approx(exact.item())
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_exclusion_past_the_grid_covers_it(impl):
+    # Any half-width of max(h, w) or more excludes every key: no term, loss 0, even past int64.
+    q, k, pos, _ = _base()
+    for exclusion in (3, 2**40, 2**63, 2**70):
+        loss = correspondence_loss(q, k, pos, hardest=True, key_grid=(2, 3), exclusion=exclusion, impl=impl)
+        assert loss.item() == 0, exclusion
+
+
+def test_meta_and_fake_tensors_propagate_shapes():
+    # No values to range-check: shape propagation works as for scft_attention.
+    q, k, pos, kwargs = _base()
+    meta = [t.to("meta") for t in (q, k, pos, kwargs["neg"])]
+    assert correspondence_loss(*meta[:3], neg=meta[3], impl="reference").shape == ()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (q, k, pos)]
+        assert correspondence_loss(*fake, mode="nll", impl="cpp").shape == ()
 
 
 def test_head_axis_index_shapes_are_checked():

@@ -25,6 +25,7 @@ from test_correspondence_loss import (
     check_hardest,
     check_hardest_ties,
     check_hardest_without_candidates,
+    check_nan_reaches_the_loss,
     check_small_margin_and_strided_inputs,
     check_triplet_backward_ignores_missing_keys,
     compare_with_reference,
@@ -135,6 +136,11 @@ def test_cuda_sliced_rows_are_read_in_place_or_copied():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_hardest_ties_pick_the_lowest_index(dtype):
     check_hardest_ties(dtype, impl="cuda", device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_nan_reaches_the_loss(dtype):
+    check_nan_reaches_the_loss("cuda", dtype, device=DEVICE)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -51,6 +51,7 @@ from test_correspondence_loss import (
     check_hardest,
     check_hardest_ties,
     check_hardest_without_candidates,
+    check_nan_reaches_the_loss,
     check_small_margin_and_strided_inputs,
     check_triplet_backward_ignores_missing_keys,
     compare_with_reference,
@@ -462,6 +463,11 @@ def test_emulated_cuda_small_margin_and_strided_inputs(mode):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_cuda_hardest_ties_pick_the_lowest_index(dtype):
     check_hardest_ties(dtype, impl="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_cuda_nan_reaches_the_loss(dtype):
+    check_nan_reaches_the_loss("cuda", dtype)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -6,6 +6,7 @@ cpu_isa fixture): the fused AVX-512 loops and the generic ATen code.
 from __future__ import annotations
 
 import ctypes
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -347,6 +348,22 @@ def test_torch_compile():
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+def test_torch_compile_with_a_scale_that_changes_between_calls(dynamic):
+    # The second call's scale arrives as a symbolic float (the first one's with dynamic=True): the
+    # op's checks must take it, and the graph must use each call's value.
+    q, k, v = (t.detach() for t in make_inputs(1, None, 9, 11, 8, 5, torch.float32))
+    torch._dynamo.reset()  # both parametrizations' graphs count against one code object's recompile limit
+    compiled = torch.compile(lambda q, scale: scft_attention(q, k, v, scale, impl="cpp"), fullgraph=True,
+                             backend="aot_eager", dynamic=dynamic)
+    for scale in (0.5, 0.7, -1.25):
+        torch.testing.assert_close(compiled(q, scale), scft_attention(q, k, v, scale, impl="reference"))
+    # Raised while tracing: fullgraph torch.compile reports it wrapped, with the op's message (for
+    # a symbolic scale, which the message cannot format, with the line that raises it).
+    with pytest.raises(Exception, match="must be finite"):
+        compiled(q, math.inf)
+
+
 def test_auto_picks_cpp_on_cpu(recwarn):
     q, k, v = make_inputs(1, None, 4, 5, 8, 8, torch.float32)
     torch.testing.assert_close(scft_attention(q, k, v), scft_attention(q, k, v, impl="cpp"), rtol=0, atol=0)
@@ -376,6 +393,7 @@ BAD_INPUTS = [
     ("q: D must be at least 1", lambda q, k, v: (q[..., :0], k[..., :0], v)),
     ("v: Dv must be at least 1", lambda q, k, v: (q, k, v[..., :0])),
     ("q must be a torch.Tensor", lambda q, k, v: (q.tolist(), k, v)),
+    ("v must be a dense \\(strided\\) tensor, got layout torch.sparse_coo", lambda q, k, v: (q, k, v.to_sparse())),
 ]
 
 
@@ -390,8 +408,13 @@ def test_bad_impl_and_scale():
     q, k, v = (t.detach() for t in make_inputs(1, None, 5, 6, 4, 3, torch.float32))
     with pytest.raises(ValueError, match="impl must be one of"):
         scft_attention(q, k, v, impl="fast")
-    with pytest.raises(ValueError, match="scale must be a finite number"):
+    with pytest.raises(ValueError, match="scale must be finite and within float32's range"):
         scft_attention(q, k, v, scale=float("nan"), impl="cpp")
+    with pytest.raises(ValueError, match="scale must be finite and within float32's range"):
+        scft_attention(q, k, v, scale=-1e39, impl="reference")
+    for bad in ("0.5", True, torch.tensor(0.5)):
+        with pytest.raises(TypeError, match="scale must be a real number"):
+            scft_attention(q, k, v, scale=bad, impl="cpp")
 
 
 def test_device_mismatch_is_named():

@@ -235,6 +235,25 @@ if not INTERPRETING:
         assert passed and int(passed.group(1)) >= len(PARAMS), output
         assert "skipped" not in result.stdout, output
 
+    def test_compiled_call_before_any_eager_one():
+        """sketchcolor.ops registers the triton ops when it is imported, wherever triton can run:
+        torch.compile cannot trace a registration, so a fullgraph compile that comes before any
+        eager call must find them registered. A fresh process, so no earlier call registered them."""
+        pytest.importorskip("triton")
+        script = (
+            "import torch\n"
+            "from sketchcolor.ops import correspondence_loss, scft_attention\n"
+            "q, k = torch.randn(1, 5, 8), torch.randn(1, 6, 8)\n"
+            "pos = torch.tensor([[0, 5, -1, 2, 3]])\n"
+            "attention = torch.compile(lambda q: scft_attention(q, k, k, impl='triton'), fullgraph=True, backend='aot_eager')\n"
+            "loss = torch.compile(lambda q: correspondence_loss(q, k, pos, mode='nll', impl='triton'), fullgraph=True, backend='aot_eager')\n"
+            "torch.testing.assert_close(attention(q), scft_attention(q, k, k, impl='reference'))\n"
+            "torch.testing.assert_close(loss(q), correspondence_loss(q, k, pos, mode='nll', impl='reference'))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+
     def _qkv(dtype=torch.float32, n=5, m=6, d=8, dv=4, device="cpu"):
         return (torch.randn(1, 2, n, d, dtype=dtype, device=device), torch.randn(1, 2, m, d, dtype=dtype, device=device),
                 torch.randn(1, 2, m, dv, dtype=dtype, device=device))

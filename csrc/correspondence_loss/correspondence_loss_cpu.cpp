@@ -50,6 +50,20 @@ acc_t dot(const scalar_t* a, const scalar_t* b, int64_t d) {
   return sum;
 }
 
+// max(0, x) that keeps a NaN x (std::max(acc_t(0), NaN) is 0): a NaN score must reach the loss,
+// as it does through the reference's relu, instead of becoming a zero term.
+template <typename acc_t>
+acc_t hinge(acc_t x) {
+  return x < acc_t(0) ? acc_t(0) : x;
+}
+
+// Whether score a ranks above score b in the hardest-negative search: larger, or NaN where b is
+// not (torch.argmax, the reference's, ranks NaN above every number).
+template <typename acc_t>
+bool ranks_above(acc_t a, acc_t b) {
+  return a > b || (std::isnan(a) && !std::isnan(b));
+}
+
 // out += alpha * x over d elements.
 template <typename scalar_t, typename acc_t>
 void add_scaled(acc_t* out, const scalar_t* x, acc_t alpha, int64_t d) {
@@ -83,7 +97,7 @@ void triplet_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t t = 0; t < negatives; ++t) {
         const int64_t j = row_neg[t];
         row_terms[t] =
-            j < 0 ? acc_t(0) : std::max(acc_t(0), scale_acc * dot(q_row, k_batch + j * d, d) - pos_score + margin_acc);
+            j < 0 ? acc_t(0) : hinge(scale_acc * dot(q_row, k_batch + j * d, d) - pos_score + margin_acc);
       }
     }
   });
@@ -215,13 +229,13 @@ void hardest_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::
             if (p < 0) continue;
             const acc_t* row_scores = score_data + r * cols;
             if (p >= k0 && p < k0 + cols) pos_score[r] = row_scores[p - k0];
-            // Keys in increasing order and a strict comparison: ties keep the lowest index.
+            // Keys in increasing order and a strict ranking: ties (and later NaNs) keep the lowest index.
             const int64_t pos_row = p / grid_w, pos_col = p % grid_w;
             int64_t key_row = k0 / grid_w, key_col = k0 % grid_w;
             for (int64_t c = 0; c < cols; ++c) {
               const bool outside =
                   std::abs(key_row - pos_row) > exclusion || std::abs(key_col - pos_col) > exclusion;
-              if (outside && (best_key[r] < 0 || row_scores[c] > best[r])) {
+              if (outside && (best_key[r] < 0 || ranks_above(row_scores[c], best[r]))) {
                 best[r] = row_scores[c];
                 best_key[r] = k0 + c;
               }
@@ -236,7 +250,7 @@ void hardest_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t r = 0; r < rows; ++r) {
         neg_data[row0 + r] = best_key[r];
         terms_data[row0 + r] =
-            best_key[r] < 0 ? acc_t(0) : std::max(acc_t(0), best[r] - pos_score[r] + static_cast<acc_t>(margin));
+            best_key[r] < 0 ? acc_t(0) : hinge(best[r] - pos_score[r] + static_cast<acc_t>(margin));
       }
     }
   });

@@ -96,10 +96,21 @@ __device__ __forceinline__ const uint16_t* k_row(const CorrInputs& in, int b, in
   return static_cast<const uint16_t*>(in.k) + b * in.k_stride_b + j * in.k_stride_row;
 }
 
-// (value, key) candidates of an argmax: a key >= 0 beats none, a larger value beats a smaller one,
-// and equal values go to the lower key. A total order, so any reduction order gives one answer.
+// Whether score a ranks above score b: larger, or NaN where b is not (torch.argmax, the
+// reference's, ranks NaN above every number). x != x is true for NaN alone (--use_fast_math
+// does not assume finite values).
+__device__ __forceinline__ bool ranks_above(float a, float b) { return a > b || (a != a && b == b); }
+
+// max(0, x) that keeps a NaN x (fmaxf(0, NaN) is 0): a NaN score must reach the loss, as it does
+// through the reference's relu, instead of becoming a zero term.
+__device__ __forceinline__ float hinge(float x) { return x < 0.f ? 0.f : x; }
+
+// (value, key) candidates of an argmax: a key >= 0 beats none, a value ranking above beats the
+// other, and values of one rank (equal, or both NaN) go to the lower key. A total order, so any
+// reduction order gives one answer.
 __device__ __forceinline__ bool beats(float value, int key, float best, int best_key) {
-  return key >= 0 && (best_key < 0 || value > best || (value == best && key < best_key));
+  const bool same_rank = value == best || (value != value && best != best);
+  return key >= 0 && (best_key < 0 || ranks_above(value, best) || (same_rank && key < best_key));
 }
 
 __device__ __forceinline__ void warp_argmax(float& best, int& best_key) {
@@ -224,7 +235,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) corr_hard
             const bool outside = pos_row[mt][half] >= 0 && (abs(key_row - pos_row[mt][half]) > p.exclusion ||
                                                              abs(key_col - pos_col[mt][half]) > p.exclusion);
             const float s = acc[mt][nt][2 * half + odd] * in.scale;
-            if (outside && (best_key[mt][half] < 0 || s > best[mt][half])) {
+            if (outside && (best_key[mt][half] < 0 || ranks_above(s, best[mt][half]))) {
               best[mt][half] = s;
               best_key[mt][half] = key;
             }
@@ -295,7 +306,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) corr_hardest_finalize_kernel(co
   float term = 0.f;
   if (pos >= 0 && best_key >= 0) {
     const float s_pos = in.scale * warp_row_dot<T>(q_row(in, r.b, r.i), k_row(in, r.b, pos), in.head_dim, lane);
-    term = fmaxf(0.f, best - s_pos + p.margin);
+    term = hinge(best - s_pos + p.margin);
   } else {
     best_key = -1;
   }
@@ -328,7 +339,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) corr_triplet_terms_kernel(const
     float term = 0.f;
     if (j >= 0) {
       const float s_neg = in.scale * warp_row_dot<T>(qi, k_row(in, r.b, j), in.head_dim, lane);
-      term = fmaxf(0.f, s_neg - s_pos + p.margin);
+      term = hinge(s_neg - s_pos + p.margin);
     }
     if (lane == 0) terms[t] = term;
   }

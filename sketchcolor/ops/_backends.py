@@ -20,7 +20,7 @@ from . import _extension
 IMPLS = ("auto", "reference", "cpp", "triton", "cuda")
 _AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 # Backends whose kernels take only some floating dtypes; the others take every one they can run.
-DTYPES = {"cuda": (torch.float16, torch.bfloat16)}
+DTYPES = {"cuda": (torch.float16, torch.bfloat16), "triton": (torch.float16, torch.bfloat16, torch.float32)}
 # Shared memory per block the cuda backend needs at least: its largest kernel on a device that
 # grants little, where the launchers take the compact (2-stage) forward and probability kernels
 # (csrc/scft_attention/scft_attention.h: ScftFwdCompactConfigDv512 and the hardest-negative
@@ -49,7 +49,8 @@ def unavailable_reason(impl: str, device: torch.device, op_name: str, dtype: tor
     reason = _placement_reason(impl, device, op_name)
     accepted = DTYPES.get(impl)
     if reason is None and dtype is not None and accepted is not None and dtype not in accepted:
-        names = " or ".join(str(d).removeprefix("torch.") for d in accepted)
+        *others, last = (str(d).removeprefix("torch.") for d in accepted)
+        names = f"{', '.join(others)} or {last}" if others else last
         reason = f"impl={impl!r} takes {names} tensors, got {str(dtype).removeprefix('torch.')}"
     return reason
 
@@ -92,6 +93,16 @@ def _placement_reason(impl: str, device: torch.device, op_name: str) -> str | No
             return None
         return f"impl='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def registered_at_import(op_name: str) -> tuple[str, ...]:
+    """The fused backends whose ops sketchcolor.ops registers (fake kernels, autograd) when it is
+    imported: the ones this process can run ``op_name`` on. torch.compile cannot trace a
+    registration, so a compiled call that came first would otherwise fail with fullgraph=True.
+    ("cpp" stands for the extension's ops, the cuda kernels' too.)"""
+    triton_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    candidates = (("cpp", torch.device("cpu")), ("triton", triton_device))
+    return tuple(impl for impl, device in candidates if _placement_reason(impl, device, op_name) is None)
 
 
 def _cuda_device(device: torch.device) -> tuple[str, tuple[int, int], int]:

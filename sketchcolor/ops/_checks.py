@@ -2,15 +2,26 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# The kernels take scale and margin as float32.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def type_name(value) -> str:
+    """A value's type for messages: "int", or "numpy.bool" where a bare "bool" would mislead."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def check_tensor(name: str, t, ranks: tuple[int, ...], dtypes: tuple[torch.dtype, ...] | None = None) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(t)}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dim() not in ranks:
         raise ValueError(f"{name} must have rank {' or '.join(map(str, ranks))}, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -31,10 +42,22 @@ def check_dim(name: str, size: int, expected: int, what: str) -> None:
         raise ValueError(f"{name}: {what} must be {expected}, got {size}")
 
 
+def check_number(name: str, value) -> float:
+    """``value`` as a float: a finite real number within float32's range. Python and NumPy numbers
+    pass; bools, strings and tensors do not (a tensor's gradient would be dropped). Under
+    torch.compile a float that changes between calls arrives symbolic; the check then guards the
+    compiled graph."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"{name} must be a real number, got {type_name(value)}")
+    value = float(value)
+    # Comparisons rather than math.isfinite, which a symbolic float does not take: NaN fails the
+    # first, infinities the second.
+    if not (value == value and abs(value) <= FLOAT32_MAX):
+        raise ValueError(f"{name} must be finite and within float32's range (|{name}| <= {FLOAT32_MAX:.4g}), got {value!r}")
+    return value
+
+
 def resolve_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale}")
-    return scale
+    return check_number("scale", scale)

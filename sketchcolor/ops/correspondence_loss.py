@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import reference
 from . import _backends
-from ._checks import FLOAT_DTYPES, check_dim, check_same, check_tensor, resolve_scale
+from ._checks import FLOAT_DTYPES, check_dim, check_number, check_same, check_tensor, resolve_scale, type_name
 from .scft_attention import lse_dtype
 
 MODES = ("triplet", "nll")
@@ -88,13 +90,14 @@ def correspondence_loss(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(hardest, bool):
-        raise TypeError(f"hardest must be a bool, got {type(hardest).__name__}")
+        raise TypeError(f"hardest must be a bool, got {type_name(hardest)}")
     if hardest and mode != "triplet":
         raise ValueError(f"hardest=True is a triplet option; it is not allowed with mode={mode!r}")
-    margin = _check_margin(margin)
+    margin = check_number("margin", margin)
     scale = resolve_scale(scale, q.shape[-1])
-    if isinstance(exclusion, bool) or not isinstance(exclusion, int) or exclusion < 0:
-        raise ValueError(f"exclusion must be an int >= 0, got {exclusion!r}")
+    if isinstance(exclusion, bool) or not isinstance(exclusion, numbers.Integral) or exclusion < 0:
+        raise ValueError(f"exclusion must be an int >= 0, got {exclusion!r} ({type_name(exclusion)})")
+    exclusion = int(exclusion)
     num_keys = k.shape[-2]
     _check_index("pos", pos, q, num_keys, trailing_dims=0)
     sampled = mode == "triplet" and not hardest
@@ -106,6 +109,9 @@ def correspondence_loss(
         raise ValueError(f"neg is only used by mode='triplet' without hardest; pass neg=None for mode={mode!r}, hardest={hardest}")
     if hardest:
         key_grid = _check_key_grid(key_grid, num_keys)
+        # A window of half-width max(h, w) already covers the grid: wider ones mean the same, and
+        # this keeps the value within the kernels' int64 (and the reference's tensor arithmetic).
+        exclusion = min(exclusion, max(key_grid))
     elif key_grid is not None:
         raise ValueError("key_grid is only used with hardest=True; pass key_grid=None")
     backend = _backends.resolve(impl, q.device, FWD_OP, q.dtype)
@@ -137,12 +143,6 @@ def correspondence_loss(
     return terms.sum() / count.clamp_min(1).to(terms.dtype)
 
 
-def _check_margin(margin) -> float:
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise ValueError(f"margin must be a finite number, got {margin!r}")
-    return float(margin)
-
-
 def _check_index(name: str, index, q: torch.Tensor, num_keys: int, trailing_dims: int) -> None:
     """int64 (B, [H,] N, *trailing) on q's device, or (B, N, *trailing) shared by the heads, in [-1, M)."""
     with_heads, shared = tuple(q.shape[:-1]), (q.shape[0], q.shape[-2])
@@ -163,6 +163,8 @@ def _check_index(name: str, index, q: torch.Tensor, num_keys: int, trailing_dims
         lowest, highest = torch.aminmax(index)
         torch._assert_async((lowest >= -1) & (highest < num_keys), expected)
         return
+    if index.device.type == "meta" or is_fake(index):
+        return  # shape propagation: there are no values to check
     lowest, highest = (int(v) for v in torch.aminmax(index))
     if lowest < -1 or highest >= num_keys:
         raise ValueError(f"{expected}, got values in [{lowest}, {highest}]")
@@ -318,5 +320,5 @@ def _register_autograd(suffix: str, library: str = "sketchcolor") -> _ForwardOps
     )
 
 
-if _backends.unavailable_reason("cpp", torch.device("cpu"), FWD_OP) is None:
-    _fused_ops("cpp")  # the C++ ops are usable (and opcheck-able) as soon as sketchcolor.ops is imported
+for _backend in _backends.registered_at_import(FWD_OP):
+    _fused_ops(_backend)

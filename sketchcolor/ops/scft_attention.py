@@ -134,5 +134,5 @@ def _register_autograd(fwd_name: str, bwd_name: str, library: str = "sketchcolor
     return getattr(ops, fwd_name)
 
 
-if _backends.unavailable_reason("cpp", torch.device("cpu"), FWD_OP) is None:
-    _fused_ops("cpp")  # the C++ ops are usable (and opcheck-able) as soon as sketchcolor.ops is imported
+for _backend in _backends.registered_at_import(FWD_OP):
+    _fused_ops(_backend)
