@@ -76,7 +76,8 @@ def correspondence_loss(
     - mode="triplet", hardest=True: one term per i, the negative being the first (lowest index)
       argmax of S[i, j] over keys j whose cell on key_grid=(h, w) (key j at (j // w, j % w)) is
       more than ``exclusion`` cells from pos_i's in Chebyshev distance; an i with no such key
-      has no term.
+      has no term. A NaN score ranks above every number (as in torch.argmax), so NaN inputs
+      give a NaN loss in every mode, never a silently finite one.
     - mode="nll": terms logsumexp_j S[i, j] - S[i, pos_i] over i with pos_i >= 0.
     No valid term gives 0 (with zero gradients). Scores of bf16/fp16 inputs are rounded to the
     input dtype by the matmul and then evaluated in float32, so the loss is float32 for
