@@ -76,12 +76,20 @@ def read_checkpoint(path: str | Path, sections: tuple[str, ...] | None = None) -
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file")
+    damaged = f"checkpoint {str(path)!r} is damaged"
     try:
         with safe_open(str(path), framework="pt") as opened:
             metadata = opened.metadata() or {}
             if metadata.get("format") != FORMAT:
                 raise ValueError(f"checkpoint {str(path)!r} is not a sketchcolor checkpoint (format {metadata.get('format')!r})")
-            skeleton = json.loads(metadata["state"])
+            if "state" not in metadata:
+                raise ValueError(f"{damaged}: its metadata has no 'state'")
+            try:
+                skeleton = json.loads(metadata["state"])
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{damaged}: its state is not JSON ({error})") from error
+            if not isinstance(skeleton, dict):
+                raise ValueError(f"{damaged}: its state is a JSON {type(skeleton).__name__}, not an object")
             if sections is not None:
                 missing = [name for name in sections if name not in skeleton]
                 if missing:
@@ -94,4 +102,9 @@ def read_checkpoint(path: str | Path, sections: tuple[str, ...] | None = None) -
             tensors = {name: opened.get_tensor(name) for name in names}
     except (OSError, SafetensorError) as error:
         raise ValueError(f"checkpoint {str(path)!r} cannot be read: {error}") from error
-    return _unpack(skeleton, tensors)
+    try:
+        return _unpack(skeleton, tensors)
+    except KeyError as error:
+        raise ValueError(f"{damaged}: its state names the tensor {error}, which the file does not hold") from error
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{damaged}: its state is not a checkpoint's tree ({error})") from error

@@ -128,7 +128,8 @@ def add_demo(subparsers) -> None:
         help="train briefly on the built-in shapes and evaluate (minutes on a CPU)",
         description="Train a small model (64x64, narrow channels) on the built-in procedural shapes, then score it "
         "on held-out pairs against the blank-reference and mean-color baselines. Writes sample grids, a "
-        "checkpoint, metrics.jsonl and eval.json to --out.",
+        "checkpoint, metrics.jsonl and eval.json to --out. Run again with the same --out, it continues the run "
+        "there (one that stopped early trains on; a finished one is only evaluated again).",
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
@@ -151,11 +152,15 @@ def run_demo(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table, scores_json
     from .train import demo_config, train
 
+    # Checked before training, which an error after it would waste.
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.eval_count < 1:
+        raise ValueError(f"--eval-count must be at least 1, got {args.eval_count}")
     torch.set_num_threads(args.threads)
     config = demo_config(args.out)
-    changes = {"attn": args.attn, "device": args.device}
+    # The demo continues the run in --out, if there is one, instead of refusing it.
+    changes = {"attn": args.attn, "device": args.device, "resume": "auto"}
     if args.steps is not None:
         changes["steps"] = args.steps
     if args.workers is not None:

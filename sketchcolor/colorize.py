@@ -16,13 +16,21 @@ from PIL import Image
 from .checkpoint import read_checkpoint
 from .data import load_rgb_image, pil_to_tensor, tensor_to_pil, xdog
 from .models import SIZE_MULTIPLE, Generator, ModelConfig
+from .ops.scft_attention import FWD_OP as SCFT_ATTENTION_OP
+from .train import check_attn
 
 
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu", attn: str = "auto") -> tuple[Generator, dict]:
-    """The generator of a training checkpoint in eval mode, and the run's training config (a dict)."""
+    """The generator of a training checkpoint in eval mode, and the run's training config (a dict).
+    Raises ValueError if backend ``attn`` cannot run its attention on ``device`` (in float32)."""
+    check_attn(attn, torch.device(device), {SCFT_ATTENTION_OP: torch.float32})
     state = read_checkpoint(checkpoint, sections=("model", "config", "generator"))
-    generator = Generator(ModelConfig.from_dict(state["model"]), attn_impl=attn)
-    generator.load_state_dict(state["generator"])
+    try:
+        generator = Generator(ModelConfig.from_dict(state["model"]), attn_impl=attn)
+        # RuntimeError: missing or unexpected keys and shape mismatches.
+        generator.load_state_dict(state["generator"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} holds no generator that loads ({type(error).__name__}: {error})") from error
     return generator.to(device).eval(), state["config"]
 
 
@@ -63,7 +71,7 @@ def colorize_file(
         raise ValueError("give exactly one of sketch (a line drawing) and color_image (to extract one from)")
     generator, train_config = load_generator(checkpoint, device, attn)
     source = load_rgb_image(sketch if sketch is not None else color_image)
-    work_size = processing_size(*source.size, size or int(train_config["size"]))
+    work_size = processing_size(*source.size, size if size is not None else int(train_config["size"]))
     if sketch is not None:
         sketch_tensor = _resized(source.convert("L"), work_size)
     else:

@@ -1,7 +1,7 @@
 """Held-out evaluation: L1, PSNR and SSIM against the ground truth for the model and two baselines.
 
-On augmented-self pairs the model never saw (the training source with the held-out seed, or a
-separate folder), it reports
+On augmented-self pairs of held-out images (the built-in procedural shapes drawn with the run's
+held-out seed, whatever the run trained on; or, given a folder, that folder's images), it reports
 - model:            the generator with the real reference;
 - blank_reference:  the same generator with the reference replaced by uniform gray, i.e. what
                     it produces from the sketch alone: the gap to "model" is what the
@@ -55,8 +55,9 @@ def evaluate(
     Without ``data`` the pairs are the built-in procedural shapes drawn with the held-out seed
     of the training seed (images the run never saw); with ``data``, the images of that folder.
     """
-    if not (isinstance(count, int) and count >= 1):
-        raise ValueError(f"count must be a positive int, got {count!r}")
+    for name, value in (("count", count), ("batch_size", batch_size)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     generator, train_config = load_generator(checkpoint, device, attn)
     size = int(train_config["size"])
     pairs = make_dataset(data, size, generator.config.feature_grid(size), held_out_seed(int(train_config["seed"])), count)

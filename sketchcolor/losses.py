@@ -7,6 +7,7 @@ optimizer steps and never looks inside.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,13 +16,15 @@ import torch.nn.functional as F
 from . import ops
 from .models import Generator, PatchDiscriminator, VGGFeatures
 
-GAN_LOSSES = ("lsgan", "hinge")
+GAN_LOSSES = ("lsgan", "hinge", "standard")
 NEGATIVE_MODES = ("sampled", "hardest")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss weights and options; the defaults are the paper's (DESIGN.md, "Model")."""
+    """Loss weights and options. The defaults are the paper's (DESIGN.md, "Model") except the
+    adversarial objective: the paper's is the conditional GAN's log loss, gan_loss="standard"; the
+    default is "lsgan", with which the project's demo results were measured."""
 
     l1_weight: float = field(default=30.0, metadata={"help": "weight of the L1 distance to the ground truth"})
     correspondence_weight: float = field(default=1.0, metadata={"help": "weight of the SCFT correspondence triplet loss"})
@@ -31,13 +34,13 @@ class LossConfig:
     triplet_margin: float = field(default=12.0, metadata={"help": "margin of the triplet loss, on scaled dot products q.k/sqrt(D)"})
     negatives: str = field(default="sampled", metadata={"help": "triplet negatives: 'sampled' (random reference cells) or 'hardest' (best-scoring cell away from the true one)", "choices": NEGATIVE_MODES})
     num_negatives: int = field(default=32, metadata={"help": "sampled negatives per sketch cell (negatives='sampled')"})
-    gan_loss: str = field(default="lsgan", metadata={"help": "adversarial objective", "choices": GAN_LOSSES})
+    gan_loss: str = field(default="lsgan", metadata={"help": "adversarial objective: 'lsgan' (least squares), 'hinge', or 'standard' (the paper's log loss, non-saturating for G); the other loss defaults are the paper's", "choices": GAN_LOSSES})
 
     def __post_init__(self) -> None:
         for name in ("l1_weight", "correspondence_weight", "adversarial_weight", "perceptual_weight", "style_weight", "triplet_margin"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
         if self.negatives not in NEGATIVE_MODES:
             raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {self.negatives!r}")
         if not (isinstance(self.num_negatives, int) and not isinstance(self.num_negatives, bool) and self.num_negatives >= 1):
@@ -47,6 +50,28 @@ class LossConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def discriminator_adversarial_loss(gan_loss: str, real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """The discriminator's loss for GAN_LOSSES ``gan_loss`` on its scores of real and fake pairs."""
+    if gan_loss == "lsgan":
+        return 0.5 * ((real_scores - 1).square().mean() + fake_scores.square().mean())
+    if gan_loss == "hinge":
+        return F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
+    # Binary cross-entropy on the logits: -log sigmoid(real) - log(1 - sigmoid(fake)).
+    return F.softplus(-real_scores).mean() + F.softplus(fake_scores).mean()
+
+
+def generator_adversarial_loss(gan_loss: str, fake_scores: torch.Tensor) -> torch.Tensor:
+    """The generator's adversarial loss for GAN_LOSSES ``gan_loss`` on the discriminator's scores
+    of its fakes."""
+    if gan_loss == "lsgan":
+        return (fake_scores - 1).square().mean()
+    if gan_loss == "hinge":
+        return -fake_scores.mean()
+    # The non-saturating form, -log sigmoid(fake): log(1 - sigmoid(fake)) has vanishing gradients
+    # while D rejects the fakes confidently, early in training.
+    return F.softplus(-fake_scores).mean()
 
 
 def sample_negatives(pos: torch.Tensor, num_keys: int, count: int) -> torch.Tensor:
@@ -97,10 +122,7 @@ class ColorizationLoss:
             fake = self.generator(sketch, batch["reference"]).image
         real_scores = self.discriminator(sketch, batch["ground_truth"]).float()
         fake_scores = self.discriminator(sketch, fake.detach()).float()
-        if self.config.gan_loss == "lsgan":
-            loss = 0.5 * ((real_scores - 1).square().mean() + fake_scores.square().mean())
-        else:
-            loss = F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
+        loss = discriminator_adversarial_loss(self.config.gan_loss, real_scores, fake_scores)
         return loss, {"D/real": real_scores.mean().detach(), "D/fake": fake_scores.mean().detach()}
 
     def run_G(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -124,8 +146,7 @@ class ColorizationLoss:
             add("correspondence", config.correspondence_weight, self._correspondence(output.query, output.key, batch["pos"], reference))
         if config.adversarial_weight:
             scores = self.discriminator(sketch, output.image).float()
-            adversarial = (scores - 1).square().mean() if config.gan_loss == "lsgan" else -scores.mean()
-            add("adversarial", config.adversarial_weight, adversarial)
+            add("adversarial", config.adversarial_weight, generator_adversarial_loss(config.gan_loss, scores))
         if self.vgg is not None and (config.perceptual_weight or config.style_weight):
             fake_features = self.vgg(output.image)
             with torch.no_grad():
@@ -147,8 +168,11 @@ class ColorizationLoss:
                 f"pos must have shape (B, N) = {tuple(query.shape[:2])} (one entry per SCFT sketch cell), got "
                 f"{tuple(pos.shape)}; the data's feature_grid must be size / scft_stride"
             )
-        # Scores in float32 even under autocast: the margin is a difference of dot products.
-        query, key = query.float(), key.float()
+        # Scores in float32 even under autocast: the margin is a difference of dot products. The
+        # fused backends score bfloat16 q and k in float32 themselves (the cuda kernels take no
+        # float32 inputs); the reference would round each score to bfloat16, so it gets float32.
+        if self.attn_impl == "reference":
+            query, key = query.float(), key.float()
         if config.negatives == "hardest":
             key_grid = (reference.shape[-2] // self.scft_stride, reference.shape[-1] // self.scft_stride)
             return ops.correspondence_loss(

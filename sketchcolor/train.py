@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
+import os
 import random
 import signal
 import threading
@@ -38,8 +40,11 @@ from .distributed import (
     world_size,
 )
 from .losses import ColorizationLoss, LossConfig
-from .models import Generator, ModelConfig, PatchDiscriminator, VGGFeatures
-from .ops._backends import IMPLS
+from .models import SIZE_MULTIPLE, Generator, ModelConfig, PatchDiscriminator, VGGFeatures
+from .models.discriminator import min_input_side
+from .ops._backends import IMPLS, unavailable_reason
+from .ops.correspondence_loss import FWD_OP as CORRESPONDENCE_LOSS_OP
+from .ops.scft_attention import FWD_OP as SCFT_ATTENTION_OP
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_GLOB = "checkpoint-*.safetensors"
@@ -49,6 +54,9 @@ SAMPLES_DIR = "samples"
 # seed: other procedural images, other augmentations.
 HELD_OUT_SEED_OFFSET = 2**31
 SAMPLE_ROWS = 8
+# Settings that change neither the weights nor the data of a step: a resumed run may change them
+# without saying so. (The model is compared on its own: another one cannot be loaded.)
+RUN_SETTINGS = ("out", "resume", "steps", "max_minutes", "device", "workers", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints")
 
 
 def held_out_seed(seed: int) -> int:
@@ -75,12 +83,12 @@ class TrainConfig:
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on GPUs of compute capability 8.0 and later (older GPUs and CPUs use float32)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes (0 loads in the training process)"})
     vgg_weights: str | None = field(default=None, metadata={"help": "torchvision-format VGG19 state dict (.pth or .safetensors) for the perceptual and style losses; without it they are off"})
-    out: str = field(default="runs/train", metadata={"help": "output folder: checkpoints/, samples/, metrics.jsonl"})
+    out: str = field(default="runs/train", metadata={"help": "output folder: checkpoints/, samples/, metrics.jsonl; a run without --resume refuses one that holds checkpoints"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics lines"})
     sample_every: int = field(default=500, metadata={"help": "steps between sample grids (sketch | reference | output | ground truth)"})
     checkpoint_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=3, metadata={"help": "how many of the latest checkpoints to keep"})
-    resume: str | None = field(default=None, metadata={"help": "checkpoint to resume from, or 'auto' for the latest in OUT/checkpoints (none there: start fresh)"})
+    resume: str | None = field(default=None, metadata={"help": "checkpoint to resume from, or 'auto' for the latest in OUT/checkpoints (none there: start fresh); the command line's settings apply from there on, and the run lists those that differ from the checkpoint's"})
     max_minutes: float | None = field(default=None, metadata={"help": "stop (with a checkpoint) once training has run this long"})
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -90,15 +98,20 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.size % 16:
-            raise ValueError(f"size must be a multiple of 16 (the encoders downsample 16x), got {self.size}")
+        if self.size % SIZE_MULTIPLE:
+            raise ValueError(f"size must be a multiple of {SIZE_MULTIPLE} (the encoders downsample {SIZE_MULTIPLE}x), got {self.size}")
+        if self.dataset_length is not None and not (
+            isinstance(self.dataset_length, int) and not isinstance(self.dataset_length, bool) and self.dataset_length >= 1
+        ):
+            raise ValueError(f"dataset_length must be None or a positive int, got {self.dataset_length!r}")
         for name in ("seed", "workers"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         for name in ("lr_g", "lr_d"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
         for name in ("beta1", "beta2"):
             if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < 1):
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -108,6 +121,13 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes!r}")
         if not isinstance(self.model, ModelConfig) or not isinstance(self.loss, LossConfig):
             raise ValueError("model must be a ModelConfig and loss a LossConfig")
+        smallest_side = min_input_side(self.model)
+        if self.size < smallest_side:
+            smallest_size = -(-smallest_side // SIZE_MULTIPLE) * SIZE_MULTIPLE
+            raise ValueError(
+                f"size {self.size} is too small for disc_layers={self.model.disc_layers}: the discriminator's convs need "
+                f"images of at least {smallest_side}x{smallest_side}; the smallest size is {smallest_size} (or use fewer disc_layers)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,6 +169,20 @@ def use_bf16_autocast(amp: bool, device: torch.device, say) -> bool:
             "tensor cores; training in float32")
         return False
     return True
+
+
+def check_attn(attn: str, device: torch.device, op_dtypes: dict[str, torch.dtype]) -> None:
+    """Raise ValueError naming ``attn`` if that backend cannot run each op of ``op_dtypes`` (C++
+    schema name -> the dtype it will see) on ``device``: up front, instead of at the first
+    forward pass, deep inside a run. auto falls back to reference, which runs everywhere."""
+    if attn not in IMPLS:
+        raise ValueError(f"attn must be one of {IMPLS}, got {attn!r}")
+    if attn in ("auto", "reference"):
+        return
+    for op_name, dtype in op_dtypes.items():
+        reason = unavailable_reason(attn, device, op_name, dtype)
+        if reason is not None:
+            raise ValueError(f"attn={attn!r}: {reason}")
 
 
 def seed_everything(seed: int) -> None:
@@ -263,7 +297,7 @@ class BatchStream:
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss was NaN or infinite; the run stopped after saving its last good state."""
+    """A loss or its gradients were NaN or infinite; the run stopped after saving its last good state."""
 
 
 @contextlib.contextmanager
@@ -291,8 +325,8 @@ def train_step(
     """One D step then one G step on the same micro-batches; returns the loss terms averaged over
     the micro-batches (and, data-parallel, over the ranks).
 
-    Raises NonFiniteLossError (before that phase's optimizer step) if a phase's loss is not finite;
-    the check is on the ranks' average, so every rank raises or none does.
+    Raises NonFiniteLossError (before that phase's optimizer step) if a phase's loss or gradients
+    are not finite; both checks are on the ranks' averages, so every rank raises or none does.
     """
     count = len(micro_batches)
 
@@ -308,6 +342,7 @@ def train_step(
     d_terms = average_across_ranks(d_terms)
     if not torch.isfinite(d_terms["D/loss"]):
         raise NonFiniteLossError(f"non-finite discriminator loss ({_format(d_terms)})")
+    _check_gradients(optimizer_d, "discriminator", d_terms)
     optimizer_d.step()
 
     # G step
@@ -324,8 +359,23 @@ def train_step(
     terms = {**d_terms, **g_terms}
     if not torch.isfinite(g_terms["G/loss"]):
         raise NonFiniteLossError(f"non-finite generator loss ({_format(terms)})")
+    _check_gradients(optimizer_g, "generator", terms)
     optimizer_g.step()
     return terms
+
+
+def _check_gradients(optimizer: torch.optim.Optimizer, network: str, terms: dict[str, torch.Tensor]) -> None:
+    """Raise NonFiniteLossError if a gradient of ``optimizer``'s parameters is NaN or infinite.
+
+    A finite loss can have them (an overflow in the backward pass), and the optimizer step would
+    write them into the weights, which the next step's failure would then save as the last good
+    state. One fused reduction per phase: the largest magnitude (the inf-norm, which unlike a sum
+    of squares cannot overflow on finite values) is finite only if every entry is. Data-parallel,
+    the gradients are the ranks' average once the last micro-batch is back, so every rank decides
+    alike."""
+    gradients = [parameter.grad for group in optimizer.param_groups for parameter in group["params"] if parameter.grad is not None]
+    if not torch.isfinite(torch.nn.utils.get_total_norm(gradients, norm_type=math.inf)):
+        raise NonFiniteLossError(f"non-finite {network} gradients; the loss is finite ({_format(terms)})")
 
 
 def _format(terms: dict[str, torch.Tensor | float]) -> str:
@@ -389,11 +439,31 @@ def checkpoint_state(trainer: Trainer, rng: dict | None = None, data: dict | Non
     return state
 
 
-def restore_checkpoint(trainer: Trainer, path: str | Path) -> None:
+def changed_settings(saved: dict, config: TrainConfig) -> dict[str, tuple]:
+    """The settings that change the result (all but RUN_SETTINGS and the model) whose value in
+    ``saved`` (a checkpoint's config, a dict) differs from ``config``'s: name ("loss.<name>" for
+    the loss's) -> (saved, now)."""
+
+    def flat(values: dict) -> dict:
+        settings = {name: value for name, value in values.items() if name not in (*RUN_SETTINGS, "model", "loss")}
+        settings.update({f"loss.{name}": value for name, value in values.get("loss", {}).items()})
+        return settings
+
+    saved, now = flat(saved), flat(config.to_dict())
+    return {name: (saved.get(name), value) for name, value in now.items() if saved.get(name) != value}
+
+
+def restore_checkpoint(trainer: Trainer, path: str | Path) -> dict[str, tuple]:
     """Load models, optimizers, step, data position and RNG states from ``path``: this rank's RNG
-    state when the checkpoint was saved by as many ranks, else a fresh per-rank seed."""
+    state when the checkpoint was saved by as many ranks, else a fresh per-rank seed. The
+    optimizers take the learning rates and betas of the trainer's config, not the saved ones.
+    Returns the settings that differ from the checkpoint's (``changed_settings``)."""
     state = read_checkpoint(path)
-    saved_model = ModelConfig.from_dict(state["model"])
+    try:
+        saved_model = ModelConfig.from_dict(state["model"])
+        changed = changed_settings(state["config"], trainer.config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"resume: checkpoint {str(path)!r} is damaged: its configs do not load ({type(error).__name__}: {error})") from error
     if saved_model != trainer.config.model:
         differences = {
             name: (getattr(saved_model, name), getattr(trainer.config.model, name))
@@ -402,19 +472,30 @@ def restore_checkpoint(trainer: Trainer, path: str | Path) -> None:
         }
         raise ValueError(f"resume: checkpoint {str(path)!r} has another model config (saved, asked): {differences}")
     device = next(trainer.generator.parameters()).device
-    trainer.generator.load_state_dict(state["generator"])
-    trainer.discriminator.load_state_dict(state["discriminator"])
-    trainer.optimizer_g.load_state_dict(state["optimizer_g"])
-    trainer.optimizer_d.load_state_dict(state["optimizer_d"])
+    try:
+        trainer.generator.load_state_dict(state["generator"])
+        trainer.discriminator.load_state_dict(state["discriminator"])
+        trainer.optimizer_g.load_state_dict(state["optimizer_g"])
+        trainer.optimizer_d.load_state_dict(state["optimizer_d"])
+        trainer.stream.load_state(state["data"])
+        step = int(state["step"])
+        rng_by_rank = state.get("rng_by_rank", [state["rng"]])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        # RuntimeError: load_state_dict's missing or unexpected keys and shape mismatches.
+        raise ValueError(f"resume: checkpoint {str(path)!r} does not load into this run ({type(error).__name__}: {error})") from error
     trainer.generator.to(device)
     trainer.discriminator.to(device)
-    trainer.stream.load_state(state["data"])
-    trainer.step = int(state["step"])
-    rng_by_rank = state.get("rng_by_rank", [state["rng"]])
+    betas = (trainer.config.beta1, trainer.config.beta2)
+    for optimizer, lr in ((trainer.optimizer_g, trainer.config.lr_g), (trainer.optimizer_d, trainer.config.lr_d)):
+        for group in optimizer.param_groups:
+            # load_state_dict brought back the saved ones; the command line's apply from here on.
+            group.update(lr=lr, betas=betas)
+    trainer.step = step
     if len(rng_by_rank) == world_size():
         restore_rng(rng_by_rank[rank()])
     else:
         seed_everything(rank_seed(trainer.config.seed, rank(), trainer.step))
+    return changed
 
 
 def checkpoint_path(out: Path, step: int) -> Path:
@@ -496,11 +577,49 @@ def sample_grid(generator: Generator, batch: dict[str, torch.Tensor]) -> torch.T
     return torch.cat(list(rows), dim=1)
 
 
-class MetricsLog:
-    """Appends one JSON object per line to OUT/metrics.jsonl, and to TensorBoard when installed."""
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics line, or None for one that is not a whole metrics line."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = entry.get("step") if isinstance(entry, dict) else None
+    return step if isinstance(step, int) else None
 
-    def __init__(self, out: Path) -> None:
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Rewrite the metrics file ``path``, if there is one, without the lines of steps after
+    ``step`` and without torn lines (a write the process died in). It happens atomically: a crash
+    meanwhile leaves the old file."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
+    if kept == lines:
+        return
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.writelines(kept)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to OUT/metrics.jsonl, and to TensorBoard when installed.
+
+    The file continues from the run's current ``step``: lines of later steps were logged after the
+    checkpoint the run resumed from (by a run that crashed or was killed before its next one), and
+    the resumed run logs those steps again; a fresh run (step 0) starts an empty file."""
+
+    def __init__(self, out: Path, step: int) -> None:
         self.path = out / METRICS_FILE
+        _drop_metrics_after(self.path, step)
         self._file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -524,7 +643,7 @@ class MetricsLog:
 
 class _InterruptFlag:
     """Turns the first Ctrl-C into a request to stop after the current step (which then saves a
-    checkpoint); a second Ctrl-C interrupts at once."""
+    checkpoint); one during the final save lets it finish. A second Ctrl-C interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -579,6 +698,23 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
     device = data_parallel_device(config.device) if is_distributed() else resolve_device(config.device)
     use_bf16 = use_bf16_autocast(config.amp, device, say)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+    # Under autocast both ops get bfloat16 q and k (the fused correspondence loss scores them in
+    # float32 itself: losses.py).
+    attention_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    check_attn(config.attn, device, {SCFT_ATTENTION_OP: attention_dtype, CORRESPONDENCE_LOSS_OP: attention_dtype})
+    existing = list_checkpoints(out)
+    # Every rank goes by what rank 0 found (a rank's own listing may lag or differ).
+    latest = broadcast_from_main(str(existing[-1]) if existing else None)
+    continues_out = config.resume == "auto" or (
+        config.resume is not None and Path(config.resume).resolve().parent == (out / CHECKPOINT_DIR).resolve()
+    )
+    if latest is not None and not continues_out:
+        # A second run would mix its checkpoints and metrics with the first one's, and pruning by
+        # step number could delete its own newer work.
+        raise ValueError(
+            f"out {str(out)!r} already holds the checkpoints of a run (the latest: {latest}); pass --resume auto to "
+            "continue that run, or choose another --out"
+        )
 
     seed_everything(config.seed)  # the same initial weights on every rank
     generator, discriminator = build_models(config, device)
@@ -595,21 +731,19 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
     )
     trainer = Trainer(config, generator, discriminator, optimizer_g, optimizer_d, stream)
 
-    resume = config.resume
-    if resume == "auto":
-        existing = list_checkpoints(out)
-        # Every rank loads the checkpoint rank 0 found (a rank's own listing may lag or differ).
-        resume = broadcast_from_main(str(existing[-1]) if existing else None)
+    resume = latest if config.resume == "auto" else config.resume
     if resume is not None:
-        restore_checkpoint(trainer, resume)
+        changed = restore_checkpoint(trainer, resume)
         say(f"resumed from {resume} at step {trainer.step}")
+        if changed:
+            say("settings changed since the checkpoint (saved -> now): " + ", ".join(f"{name} {saved} -> {now}" for name, (saved, now) in changed.items()))
 
     sample_batch = _sample_batch(config, feature_grid, device) if is_main else None
     metrics = None
     if is_main:
         (out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        metrics = MetricsLog(out)
+        metrics = MetricsLog(out, trainer.step)
 
     def write_samples() -> None:
         tensor_to_pil(sample_grid(generator, sample_batch)).save(out / SAMPLES_DIR / f"step-{trainer.step:08d}.png")
@@ -624,7 +758,9 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
     discriminator.train()
     started = last_log_time = time.monotonic()
     last_log_step = trainer.step
-    checkpoint, stopped_early = None, None
+    # A resumed run's checkpoint is the one it resumed from until it saves another: resumed in its
+    # own folder with no step left to take, it does not write the same state again.
+    checkpoint, stopped_early = None if resume is None else Path(resume), None
     progress = tqdm(total=config.steps, initial=trainer.step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
     try:
         with _InterruptFlag() as interrupt:
@@ -667,15 +803,17 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
                     stopped_early = "time limit"
                 if stopped_early:
                     break
+
+            # Still under the interrupt flag: a Ctrl-C now must not cost the steps since the last checkpoint.
+            if is_main and stopped_early:
+                write_samples()
+            if checkpoint != checkpoint_path(out, trainer.step):
+                checkpoint = save(checkpoint_state(trainer))
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
 
-    if is_main and stopped_early:
-        write_samples()
-    if checkpoint != checkpoint_path(out, trainer.step):
-        checkpoint = save(checkpoint_state(trainer))
     if stopped_early:
         say(f"stopped at step {trainer.step} ({stopped_early}); checkpoint: {checkpoint}")
     return TrainResult(out, trainer.step, checkpoint, stopped_early)
@@ -685,7 +823,8 @@ def demo_config(out: str) -> TrainConfig:
     """A run of minutes on 2 CPU cores: the built-in shapes at 64x64, networks a quarter of the
     paper's width (D = 248) with one residual block, SCFT at 1/4 of the side (a 16x16 grid, so
     colors are looked up per 4x4 cell), small batches and higher learning rates so that the
-    reference's colors reach the output within the time. The loss is the paper's."""
+    reference's colors reach the output within the time. The loss is LossConfig's default: the
+    paper's weights, with the lsgan adversarial objective."""
     return TrainConfig(
         size=64,
         dataset_length=4000,
@@ -726,6 +865,8 @@ __all__ = [
     "build_loss",
     "build_models",
     "build_optimizers",
+    "changed_settings",
+    "check_attn",
     "checkpoint_state",
     "demo_config",
     "find_checkpoint",

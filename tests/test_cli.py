@@ -86,6 +86,13 @@ def test_bad_option_values_name_the_option(tmp_path, capsys):
     assert "--scft-stride" in capsys.readouterr().err
 
 
+def test_train_refuses_to_start_afresh_in_a_run_folder(tiny_run, capsys):
+    checkpoints = sorted((tiny_run / "checkpoints").iterdir())
+    assert main(["train", *TINY_TRAIN_OPTIONS, "--steps", "4", "--out", str(tiny_run)]) == 2
+    assert f"already holds the checkpoints of a run (the latest: {checkpoints[-1]}); pass --resume auto" in capsys.readouterr().err
+    assert sorted((tiny_run / "checkpoints").iterdir()) == checkpoints
+
+
 def test_colorize_any_size(tiny_run, tmp_path):
     sketch = _write_image(tmp_path / "sketch.png", (50, 37), 0, mode="L")
     reference = _write_image(tmp_path / "reference.png", (23, 61), 1)
@@ -109,6 +116,21 @@ def test_colorize_reports_a_missing_checkpoint(tmp_path, capsys):
     image = _write_image(tmp_path / "image.png", (32, 32), 3)
     code = main(["colorize", "--sketch", str(image), "--reference", str(image), "--checkpoint", str(tmp_path / "nope"), "-o", str(tmp_path / "o.png")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--size", "0"], "size must be an int >= 16, got 0"),
+        (["--attn", "cuda", "--device", "cpu"], "attn='cuda': impl='cuda' runs on CUDA tensors, got tensors on cpu"),
+    ],
+)
+def test_colorize_rejects_options_it_cannot_run_with(tiny_run, tmp_path, capsys, options, message):
+    image = _write_image(tmp_path / "image.png", (32, 32), 4)
+    out = tmp_path / "o.png"
+    assert main(["colorize", "--sketch", str(image), "--reference", str(image), "--checkpoint", str(tiny_run), "-o", str(out), *options]) == 2
+    assert f"sketchcolor colorize: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_sketch_extracts_outlines(tmp_path):
@@ -135,21 +157,64 @@ def test_eval_reports_model_and_baselines(tiny_run, tmp_path, capsys):
     assert scores["model"] != scores["blank_reference"]
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
-    # The demo preset, shrunk to a few steps of a tiny model: the command's own wiring
-    # (train, evaluate, eval.json, the closing summary) is what is tested here.
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--batch-size", "0"], "batch_size must be a positive int, got 0"),
+        (["--batch-size", "-1"], "batch_size must be a positive int, got -1"),
+        (["--attn", "cuda", "--device", "cpu"], "attn='cuda': impl='cuda' runs on CUDA tensors, got tensors on cpu"),
+    ],
+)
+def test_eval_rejects_options_it_cannot_run_with(tiny_run, capsys, options, message):
+    assert main(["eval", "--checkpoint", str(tiny_run), "--count", "4", *options]) == 2
+    assert f"sketchcolor eval: error: {message}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_demo(monkeypatch):
+    """The demo preset, shrunk to a tiny model on 32x32 images."""
     import sketchcolor.train as train_module
     from sketchcolor.models import ModelConfig
 
     preset = train_module.demo_config
 
-    def tiny_demo(out):
+    def tiny_demo_config(out):
         return train_module.replace_config(
             preset(out), size=32, dataset_length=4, batch_size=2, workers=0, model=ModelConfig(width=2, scft_stride=8, residual_blocks=1, disc_width=8, disc_layers=2)
         )
 
-    monkeypatch.setattr(train_module, "demo_config", tiny_demo)
+    monkeypatch.setattr(train_module, "demo_config", tiny_demo_config)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys, tiny_demo):
+    # A few steps of a tiny model: the command's own wiring (train, evaluate, eval.json, the
+    # closing summary) is what is tested here.
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--eval-count", "2", "--attn", "reference"]) == 0
     report = json.loads((tmp_path / "demo" / "eval.json").read_text())
     assert report["steps"] == 2 and report["scores"]["model"]["l1"] > 0
     assert f"outputs in {(tmp_path / 'demo').resolve()}" in capsys.readouterr().out
+
+
+def test_demo_continues_the_run_in_its_folder(tmp_path, capsys, tiny_demo):
+    out = tmp_path / "demo"
+    demo = ["demo", "--out", str(out), "--eval-count", "2", "--attn", "reference"]
+    assert main([*demo, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*demo, "--steps", "3"]) == 0
+    assert f"resumed from {out / 'checkpoints' / 'checkpoint-00000002.safetensors'} at step 2" in capsys.readouterr().out
+    assert json.loads((out / "eval.json").read_text())["steps"] == 3
+    # Finished: evaluated again, the checkpoint left as it was.
+    checkpoint = out / "checkpoints" / "checkpoint-00000003.safetensors"
+    written = checkpoint.stat().st_mtime_ns
+    (out / "eval.json").unlink()
+    assert main([*demo, "--steps", "3"]) == 0
+    assert f"checkpoint:  {checkpoint}" in capsys.readouterr().out
+    assert checkpoint.stat().st_mtime_ns == written and json.loads((out / "eval.json").read_text())["steps"] == 3
+    # Each run logs its last step (the preset logs every 10 otherwise).
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 3]
+
+
+def test_demo_checks_its_options_before_training(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--eval-count", "0"]) == 2
+    assert "sketchcolor demo: error: --eval-count must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

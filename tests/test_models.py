@@ -4,6 +4,7 @@ encoders' feature concatenation, the discriminator's spectral norm and VGG19 loa
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from sketchcolor.models import (
     to_tokens,
     vgg19_features,
 )
+from sketchcolor.models.discriminator import min_input_side
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,6 +150,16 @@ def test_discriminator_uses_spectral_norm_on_every_conv():
         discriminator(torch.rand(1, 1, 32, 32), torch.rand(1, 3, 16, 16))
 
 
+@pytest.mark.parametrize("disc_layers", [1, 2, 3, 4, 6])
+def test_discriminator_min_input_side_is_the_smallest_it_takes(disc_layers):
+    config = ModelConfig(width=WIDTH, disc_width=2, disc_layers=disc_layers)
+    discriminator = PatchDiscriminator(config)
+    side = min_input_side(config)
+    assert discriminator(torch.rand(1, 1, side, side), torch.rand(1, 3, side, side)).shape == (1, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        discriminator(torch.rand(1, 1, side - 1, side - 1), torch.rand(1, 3, side - 1, side - 1))
+
+
 # torchvision's vgg19().features: a conv at each of these indices (ReLUs and max pools between).
 TORCHVISION_VGG19_CONVS = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34)
 
@@ -192,5 +204,20 @@ def test_vgg_rejects_other_files(tmp_path):
     torch.save({"features.0.weight": torch.randn(2)}, path)
     with pytest.raises(ValueError, match="not a torchvision vgg19"):
         VGGFeatures.from_file(path)
+    torch.save({"features.0.weight": torch.randn(64, 3, 3, 3)}, path)  # the right shape, the other keys missing
+    with pytest.raises(ValueError, match="(?s)not a torchvision vgg19.*Missing key"):
+        VGGFeatures.from_file(path)
     with pytest.raises(FileNotFoundError, match="vgg_weights"):
         VGGFeatures.from_file(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("damage", ["junk .pth", "junk .safetensors", "truncated .pth"])
+def test_vgg_names_a_file_it_cannot_read(tmp_path, damage):
+    path = tmp_path / f"vgg19{damage.split()[1]}"
+    if damage == "truncated .pth":
+        torch.save({f"features.{key}": value for key, value in vgg19_features()[:3].state_dict().items()}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(b"not a state dict\n")
+    with pytest.raises(ValueError, match=f"vgg_weights {re.escape(repr(str(path)))} cannot be read"):
+        VGGFeatures.from_file(path)

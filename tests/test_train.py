@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,10 +16,12 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import sketchcolor.train as train_module
-from sketchcolor.checkpoint import read_checkpoint, write_checkpoint
+from sketchcolor.checkpoint import FORMAT, read_checkpoint, write_checkpoint
+from sketchcolor.colorize import load_generator
 from sketchcolor.data import make_dataset
 from sketchcolor.losses import ColorizationLoss, LossConfig, sample_negatives
 from sketchcolor.models import Generator, ModelConfig, PatchDiscriminator, vgg19_features
@@ -122,7 +126,19 @@ class _StubDiscriminator(nn.Module):
         return torch.full((image.shape[0], 1, 2, 2), value) + self.weight
 
 
-@pytest.mark.parametrize(("gan_loss", "d_loss", "g_adversarial"), [("lsgan", 0.5 * (0.25 + 0.0625), 1.5625), ("hinge", 0.5 + 0.75, 0.25)])
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+@pytest.mark.parametrize(
+    ("gan_loss", "d_loss", "g_adversarial"),
+    [
+        ("lsgan", 0.5 * (0.25 + 0.0625), 1.5625),
+        ("hinge", 0.5 + 0.75, 0.25),
+        # -log sigmoid(0.5) - log(1 - sigmoid(-0.25)); for G the non-saturating -log sigmoid(-0.25).
+        ("standard", softplus(-0.5) + softplus(-0.25), softplus(0.25)),
+    ],
+)
 def test_adversarial_objectives(gan_loss, d_loss, g_adversarial):
     batch = make_dataset(None, 32, 4, seed=1, length=2)
     batch = {name: torch.stack([batch[i][name] for i in range(2)]) for name in batch[0]}
@@ -231,6 +247,77 @@ def test_bf16_autocast_only_where_gpus_have_bf16_tensor_cores(capability, expect
     assert use_bf16_autocast(True, torch.device("cpu"), said.append) is False
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"lr_g": float("inf")}, "lr_g must be a finite positive number, got inf"),
+        ({"lr_d": float("nan")}, "lr_d must be a finite positive number, got nan"),
+        ({"dataset_length": 0}, "dataset_length must be None or a positive int, got 0"),
+        ({"dataset_length": 2.5}, "dataset_length must be None or a positive int, got 2.5"),
+        ({"size": 16, "model": ModelConfig(width=2, disc_layers=3)}, "size 16 is too small for disc_layers=3: .* the smallest size is 32"),
+        ({"size": 32, "model": ModelConfig(width=2, disc_layers=6)}, "size 32 is too small for disc_layers=6: .* the smallest size is 192"),
+    ],
+)
+def test_config_rejects_bad_values(changes, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **changes)
+    assert tiny_config(tmp_path, size=32, model=ModelConfig(width=2, disc_layers=3)).size == 32
+
+
+@pytest.mark.parametrize("name", ["l1_weight", "correspondence_weight", "adversarial_weight", "perceptual_weight", "style_weight", "triplet_margin"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_loss_config_rejects_non_finite_numbers(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite non-negative number, got {value}"):
+        LossConfig(**{name: value})
+
+
+@pytest.mark.parametrize("attn, scored_as", [("cpp", torch.bfloat16), ("reference", torch.float32)])
+def test_correspondence_loss_gets_autocast_q_and_k_on_fused_backends(monkeypatch, attn, scored_as):
+    # The cuda kernels take no float32, so the fused backends get the bfloat16 q and k of autocast
+    # and score them in float32 themselves; the reference, which would round each score to
+    # bfloat16, gets float32 copies. The loss is the same either way, up to summation order.
+    import sketchcolor.losses as losses_module
+
+    model = ModelConfig(width=2, scft_stride=8, residual_blocks=1, disc_width=8, disc_layers=2)
+    loss = ColorizationLoss(Generator(model), PatchDiscriminator(model), attn_impl=attn)
+    query, key = (torch.randn(2, 16, model.feature_dim).bfloat16() for _ in range(2))
+    pos = torch.randint(-1, 16, (2, 16))
+    seen = []
+    fused_loss = losses_module.ops.correspondence_loss
+
+    def recording(q, k, *args, **kwargs):
+        seen.append((q.dtype, k.dtype))
+        return fused_loss(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(losses_module.ops, "correspondence_loss", recording)
+    torch.manual_seed(0)
+    value = loss._correspondence(query, key, pos, torch.zeros(2, 3, 32, 32))
+    assert seen == [(scored_as, scored_as)] and value.dtype == torch.float32
+    torch.manual_seed(0)
+    exact = loss._correspondence(query.double(), key.double(), pos, torch.zeros(2, 3, 32, 32))
+    assert value.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_an_attn_backend_that_cannot_run_fails_before_anything_is_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "build_models", lambda *args: pytest.fail("the models were built"))
+    with pytest.raises(ValueError, match=r"attn='cuda': impl='cuda' runs on CUDA tensors, got tensors on cpu"):
+        train(tiny_config(tmp_path, attn="cuda"))
+    # Under bf16 autocast both ops see bfloat16 q and k (the fused correspondence loss scores them in
+    # float32 itself).
+    asked = []
+
+    def unavailable(impl, device, op_name, dtype=None):
+        asked.append((impl, op_name, dtype))
+        return "not here" if op_name == "corr_nll_loss" else None
+
+    monkeypatch.setattr(train_module, "unavailable_reason", unavailable)
+    monkeypatch.setattr(train_module, "use_bf16_autocast", lambda amp, device, say: True)
+    with pytest.raises(ValueError, match="attn='cpp': not here"):
+        train(tiny_config(tmp_path, attn="cpp"))
+    assert asked == [("cpp", "scft_attn_fwd", torch.bfloat16), ("cpp", "corr_nll_loss", torch.bfloat16)]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_batch_stream_resumes_mid_epoch_and_wraps():
     dataset = make_dataset(None, 32, 4, seed=0, length=5)
     stream = BatchStream(dataset, 2, seed=0, workers=0)
@@ -276,6 +363,48 @@ def test_checkpoint_file_round_trip(tmp_path):
         write_checkpoint(tmp_path / "other.safetensors", {"thing": object()})
 
 
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"format": FORMAT}, "its metadata has no 'state'"),
+        ({"format": FORMAT, "state": '{"step": '}, "its state is not JSON"),
+        ({"format": FORMAT, "state": json.dumps({"weights": {"$tensor": "weights/missing"}})}, "its state names the tensor 'weights/missing', which the file does not hold"),
+    ],
+)
+def test_damaged_checkpoint_metadata_names_the_file(tmp_path, metadata, message):
+    path = tmp_path / "damaged.safetensors"
+    save_file({"weights/present": torch.zeros(2)}, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=f"checkpoint {re.escape(repr(str(path)))} is damaged: {message}"):
+        read_checkpoint(path)
+
+
+def _unexpected_key(weights: dict[str, torch.Tensor]) -> None:
+    weights["extra.weight"] = torch.zeros(1)
+
+
+def _missing_key(weights: dict[str, torch.Tensor]) -> None:
+    del weights[next(iter(weights))]
+
+
+def _wrong_shape(weights: dict[str, torch.Tensor]) -> None:
+    name = next(iter(weights))
+    weights[name] = torch.zeros(weights[name].numel() + 1)
+
+
+@pytest.mark.parametrize("damage", [_unexpected_key, _missing_key, _wrong_shape])
+def test_a_checkpoint_whose_weights_do_not_load_is_named(reference_runs, tmp_path, damage):
+    two, _ = reference_runs
+    state = read_checkpoint(two.checkpoint)
+    damage(state["generator"])
+    path = tmp_path / "damaged.safetensors"
+    write_checkpoint(path, state)
+    named = re.escape(repr(str(path)))
+    with pytest.raises(ValueError, match=f"resume: checkpoint {named} does not load into this run"):
+        train(tiny_config(tmp_path / "run", resume=str(path)))
+    with pytest.raises(ValueError, match=f"checkpoint {named} holds no generator that loads"):
+        load_generator(path)
+
+
 def test_run_writes_samples_metrics_and_keeps_the_last_checkpoints(reference_runs, tmp_path):
     result = train(tiny_config(tmp_path, steps=3, checkpoint_every=1, keep_checkpoints=2))
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-00000002.safetensors", "checkpoint-00000003.safetensors"]
@@ -291,12 +420,64 @@ def test_run_writes_samples_metrics_and_keeps_the_last_checkpoints(reference_run
         assert grid.size == (4 * 34, 8 * 34)  # sketch | reference | output | ground truth, 8 rows, 1px borders
 
 
-def test_resume_continues_exactly(reference_runs, tmp_path):
+def test_resume_continues_exactly(reference_runs, tmp_path, capsys):
     two, four = reference_runs
     shutil.copytree(two.out, tmp_path / "run")
     result = train(tiny_config(tmp_path / "run", steps=4, resume="auto"))
     assert result.step == 4
     assert_same_checkpoint(result.checkpoint, four.checkpoint)
+    assert "settings changed" not in capsys.readouterr().out  # steps alone changed: a run setting
+
+
+def test_a_fresh_run_refuses_an_out_that_holds_checkpoints(reference_runs, tmp_path, monkeypatch):
+    two, _ = reference_runs
+    run = tmp_path / "run"
+    shutil.copytree(two.out, run)
+    before = {path.name: path.read_bytes() for path in (*list_checkpoints(run), run / "metrics.jsonl")}
+    monkeypatch.setattr(train_module, "build_models", lambda *args: pytest.fail("the models were built"))
+    latest = run / "checkpoints" / "checkpoint-00000002.safetensors"
+    with pytest.raises(ValueError, match=rf"out {re.escape(repr(str(run)))} already holds the checkpoints of a run \(the latest: {re.escape(str(latest))}\); pass --resume auto to continue that run, or choose another --out"):
+        train(tiny_config(run, steps=4))
+    # Nor may a run resumed from another folder's checkpoint write among this one's.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(two.out, elsewhere)
+    with pytest.raises(ValueError, match="already holds the checkpoints of a run"):
+        train(tiny_config(run, steps=4, resume=str(list_checkpoints(elsewhere)[-1])))
+    assert {path.name: path.read_bytes() for path in (*list_checkpoints(run), run / "metrics.jsonl")} == before
+
+
+def test_resume_takes_the_optimizer_settings_of_the_command_line_and_lists_the_changes(reference_runs, tmp_path, capsys):
+    two, _ = reference_runs
+    shutil.copytree(two.out, tmp_path / "run")
+    changes = dict(lr_g=1e-3, lr_d=3e-4, beta1=0.8, beta2=0.99, loss=LossConfig(gan_loss="hinge"))
+    result = train(tiny_config(tmp_path / "run", steps=3, resume="auto", log_every=3, **changes))
+    assert (
+        "settings changed since the checkpoint (saved -> now): lr_g 0.0001 -> 0.001, lr_d 0.0002 -> 0.0003, beta1 0.5 -> 0.8, "
+        "beta2 0.999 -> 0.99, loss.gan_loss lsgan -> hinge\n"
+    ) in capsys.readouterr().out
+    state = read_checkpoint(result.checkpoint)
+    for optimizer, lr in (("optimizer_g", 1e-3), ("optimizer_d", 3e-4)):
+        (group,) = state[optimizer]["param_groups"]
+        assert group["lr"] == lr and tuple(group["betas"]) == (0.8, 0.99)
+
+
+def test_resume_drops_the_metrics_logged_after_its_checkpoint(reference_runs, tmp_path):
+    two, four = reference_runs
+    run = tmp_path / "run"
+    shutil.copytree(two.out, run)
+    # As if the run had logged steps 3 and 4, then died before their checkpoint in the middle of a line.
+    logged_later = (four.out / "metrics.jsonl").read_text().splitlines(keepends=True)[2:]
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.writelines([*logged_later, '{"step": 5, "D/lo'])
+    train(tiny_config(run, steps=4, resume="auto"))
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "samples"]
+    # A fresh run in a folder with metrics but no checkpoint (one that died before its first) starts the file anew.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(four.out / "metrics.jsonl", fresh)
+    train(tiny_config(fresh, steps=1))
+    assert [json.loads(line)["step"] for line in (fresh / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_resume_rejects_another_model(reference_runs, tmp_path):
@@ -323,6 +504,30 @@ def test_non_finite_loss_stops_with_the_last_good_state(reference_runs, tmp_path
     assert_same_checkpoint(list_checkpoints(tmp_path)[-1], two.checkpoint)
 
 
+@pytest.mark.parametrize(("phase", "network"), [("run_D", "discriminator"), ("run_G", "generator")])
+def test_non_finite_gradients_of_a_finite_loss_stop_with_the_last_good_state(reference_runs, tmp_path, monkeypatch, phase, network):
+    two, _ = reference_runs
+    original = getattr(ColorizationLoss, phase)
+    calls = []
+
+    def poisoned(self, batch):
+        calls.append(1)
+        loss, terms = original(self, batch)
+        if len(calls) == 3:
+            # The loss stays finite; its backward pass hands every gradient NaN.
+            loss.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+        return loss, terms
+
+    monkeypatch.setattr(ColorizationLoss, phase, poisoned)
+    with pytest.raises(NonFiniteLossError, match=rf"step 3: non-finite {network} gradients; the loss is finite .* last good state \(step 2\)"):
+        train(tiny_config(tmp_path, steps=4))
+    saved = list_checkpoints(tmp_path)[-1]
+    assert saved.name == "checkpoint-00000002.safetensors"
+    floats = [value for value in checkpoint_tensors(saved).values() if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    assert floats and all(bool(value.isfinite().all()) for value in floats)
+    assert_same_checkpoint(saved, two.checkpoint)
+
+
 def test_ctrl_c_saves_after_the_current_step(reference_runs, tmp_path, monkeypatch):
     two, _ = reference_runs
     original = train_module.train_step
@@ -337,4 +542,21 @@ def test_ctrl_c_saves_after_the_current_step(reference_runs, tmp_path, monkeypat
     monkeypatch.setattr(train_module, "train_step", interrupted)
     result = train(tiny_config(tmp_path, steps=4, checkpoint_every=10))
     assert result.stopped_early == "interrupted" and result.step == 2
+    assert_same_checkpoint(result.checkpoint, two.checkpoint)
+
+
+def test_ctrl_c_during_the_final_save_does_not_stop_it(reference_runs, tmp_path, monkeypatch):
+    two, _ = reference_runs
+    save_checkpoint = train_module.save_checkpoint
+
+    def interrupted_save(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return save_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", interrupted_save)
+    try:
+        result = train(tiny_config(tmp_path, steps=2, checkpoint_every=10))  # the final save is the only one
+    except KeyboardInterrupt:
+        pytest.fail("a Ctrl-C during the final save interrupted it")
+    assert result.step == 2 and result.checkpoint.is_file()
     assert_same_checkpoint(result.checkpoint, two.checkpoint)

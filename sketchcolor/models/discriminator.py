@@ -11,6 +11,23 @@ from .layers import NEGATIVE_SLOPE
 
 # Channels stop doubling at this multiple of disc_width, as in pix2pix's PatchGAN.
 _MAX_WIDTH_MULTIPLE = 8
+_KERNEL, _PADDING = 4, 1
+
+
+def _conv_strides(config: ModelConfig) -> tuple[int, ...]:
+    """Strides of the discriminator's convs in order: ``disc_layers`` of 2, then two of 1 (the
+    last of them the 1-channel output)."""
+    return (2,) * config.disc_layers + (1, 1)
+
+
+def min_input_side(config: ModelConfig) -> int:
+    """The smallest image side the discriminator takes: every conv's padded input must be at
+    least its kernel, so from a 1x1 score map back through the convs, each needs an input of
+    (output - 1) * stride + kernel - 2 * padding."""
+    side = 1
+    for stride in reversed(_conv_strides(config)):
+        side = (side - 1) * stride + _KERNEL - 2 * _PADDING
+    return side
 
 
 class PatchDiscriminator(nn.Module):
@@ -22,12 +39,12 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         super().__init__()
         layers, in_channels = [], 1 + 3
-        for index in range(config.disc_layers + 1):
+        *hidden_strides, output_stride = _conv_strides(config)
+        for index, stride in enumerate(hidden_strides):
             out_channels = config.disc_width * min(2**index, _MAX_WIDTH_MULTIPLE)
-            stride = 2 if index < config.disc_layers else 1
-            layers += [spectral_norm(nn.Conv2d(in_channels, out_channels, 4, stride, padding=1)), nn.LeakyReLU(NEGATIVE_SLOPE)]
+            layers += [spectral_norm(nn.Conv2d(in_channels, out_channels, _KERNEL, stride, _PADDING)), nn.LeakyReLU(NEGATIVE_SLOPE)]
             in_channels = out_channels
-        layers.append(spectral_norm(nn.Conv2d(in_channels, 1, 4, 1, padding=1)))
+        layers.append(spectral_norm(nn.Conv2d(in_channels, 1, _KERNEL, output_stride, _PADDING)))
         self.net = nn.Sequential(*layers)
 
     def forward(self, sketch: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

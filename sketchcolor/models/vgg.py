@@ -37,12 +37,18 @@ def vgg19_features() -> nn.Sequential:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    # weights_only: a pickled checkpoint cannot run code while it is read.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            # weights_only: a pickled checkpoint cannot run code while it is read.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    # A file that is not what its name says fails with a different error type in each reader
+    # (KeyError, pickle's UnpicklingError, a zip RuntimeError, SafetensorError, ...).
+    except Exception as error:
+        raise ValueError(f"vgg_weights {str(path)!r} cannot be read ({type(error).__name__}: {error})") from error
     if not isinstance(state, dict):
         raise ValueError(f"vgg_weights {str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
@@ -67,7 +73,7 @@ class VGGFeatures(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"vgg_weights {str(path)!r} is not a file")
         state = _read_state_dict(path)
-        features_state = {key[len(_PREFIX):]: value for key, value in state.items() if key.startswith(_PREFIX)}
+        features_state = {key[len(_PREFIX):]: value for key, value in state.items() if isinstance(key, str) and key.startswith(_PREFIX)}
         if not features_state:
             raise ValueError(
                 f"vgg_weights {str(path)!r} has no 'features.*' entries; expected a torchvision vgg19 state dict"
