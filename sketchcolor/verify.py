@@ -4,7 +4,8 @@ For each op (attention, and the correspondence loss in each mode), backend, dtyp
 a sweep, the backend's outputs and gradients are compared with the reference run in float64
 (the exact answer) by the rules of sketchcolor.testing, whose yardstick is the reference run
 in the backend's own dtype. torch.autograd.gradcheck then checks each backend that accepts
-float64 on a small shape. The result is one table; any FAIL makes the exit status 1.
+float64 on a small shape. The result is one table; any FAIL makes the exit status 1, and a run
+in which nothing could be checked (every case skipped) exits with 2.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from .benchmarking.cases import (
     output_gradient,
     skip_reason,
 )
-from .benchmarking.options import add_target_options, dtype_list, non_negative_int, selected_ops
+from .benchmarking.options import add_target_options, check_output_file, dtype_list, random_seed, selected_ops
 from .benchmarking.report import format_table, write_json
 from .testing import compare_mean_loss, compare_to_reference, score_rounding_error
 
@@ -59,6 +60,10 @@ GRADCHECK_CORRESPONDENCE_SHAPE = (2, None, 5, 12, 4, 3)
 # both sides of the hinge are checked (the paper's 12 would keep every term active).
 VERIFY_MARGIN = 1.0
 RESULTS = ("PASS", "FAIL", "SKIP")
+NOTHING_TO_COMPARE = (
+    "nothing to compare: every loss term of these inputs is left out (near a kink) or clipped at 0, so the exact "
+    "loss and gradients are 0 (another --seed draws other inputs)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,9 +195,13 @@ def check_case(case: Case, seed: int) -> Row:
     worst = max(checks, key=lambda c: (not c.passed, c.max_abs_error / c.allowed if c.allowed else math.inf))
     failed = [c for c in checks if not c.passed]
     note = "; ".join(f"{c.name}: {c.problem}" if c.problem else f"{c.name}: {c.max_abs_error:.2e} > {c.allowed:.2e}" for c in failed)
+    result = "FAIL" if failed else "PASS"
+    if not failed and not any(e.any() for e in exact):
+        # A backend that returns zeros where the exact answer is zero has shown nothing: not a PASS.
+        result, note = "SKIP", NOTHING_TO_COMPARE
     return Row(
         **base, worst=worst.name, max_abs_error=worst.max_abs_error, max_rel_error=worst.max_rel_error,
-        allowed=worst.allowed, result="FAIL" if failed else "PASS", note=note, checks=tuple(checks),
+        allowed=worst.allowed, result=result, note=note, checks=tuple(checks),
     )
 
 
@@ -269,7 +278,7 @@ def _first_line(error: Exception) -> str:
 
 LEGEND = (
     "worst: the output or gradient nearest its allowance (every check is in --json). max rel err = max abs err / "
-    "max |exact|. allowed: float64 1e-10 x max |exact|; other dtypes 2 x the error of the reference run in that dtype "
+    "max |exact|. allowed: float64 1e-10 x max(1, max |exact|); other dtypes 2 x the error of the reference run in that dtype "
     "+ atol; the loss (a mean) 4 x the reference's score rounding error + atol."
 )
 INTERPRETER_NOTE = "triton on cpu runs in the Triton interpreter (NumPy, ~1000x slower): quick shapes only."
@@ -300,8 +309,8 @@ def add_verify(subparsers) -> None:
         description="Run every available backend of the SCFT attention and correspondence-loss ops against "
         "sketchcolor.reference over a sweep of shapes: outputs and every gradient, float64 where the backend "
         "allows it and low precision by the 2x-reference rule, plus torch.autograd.gradcheck in float64. "
-        "Prints one table; the exit status is 1 if any check fails. Backends that cannot run here are listed "
-        "as skipped with the reason.",
+        "Prints one table; the exit status is 1 if any check fails, and 2 if nothing was verified (every case "
+        "skipped). Backends that cannot run here are listed as skipped with the reason.",
     )
     add_target_options(parser)
     parser.add_argument(
@@ -314,11 +323,13 @@ def add_verify(subparsers) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="two shapes per op instead of the full sweep")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the table to this JSON file")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random inputs (default: 0)")
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the random inputs (default: 0)")
     parser.set_defaults(handler=run_verify)
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file("--json", args.json)
     rows = verify(selected_ops(args.op), args.impl, args.device, args.dtype, args.quick, args.seed)
     print(format_table(TABLE_HEADERS, table_rows(rows)))
     print(f"\n{LEGEND}")
@@ -329,4 +340,9 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"environment": machine.describe(args.device), "summary": tally, "rows": [dataclasses.asdict(r) for r in rows]})
         print(f"wrote {args.json}")
-    return 1 if tally["fail"] else 0
+    if tally["fail"]:
+        return 1
+    if not tally["pass"]:
+        reasons = "; ".join(dict.fromkeys(f"{r.backend}: {r.note}" for r in rows))
+        raise ValueError(f"nothing was verified on {args.device}: every case was skipped ({reasons})")
+    return 0

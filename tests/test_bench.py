@@ -2,6 +2,7 @@
 peak RSS of a function run in a child process."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -14,9 +15,10 @@ import torch
 from PIL import Image
 
 from sketchcolor import cli
-from sketchcolor.benchmarking import cases
+from sketchcolor.benchmarking import cases, command
 from sketchcolor.benchmarking.memory import CPU_METHOD, PeakMemory
-from sketchcolor.benchmarking.report import publish
+from sketchcolor.benchmarking.options import MAX_SEED
+from sketchcolor.benchmarking.report import memory_notes, publish, result_record
 from sketchcolor.benchmarking.results_file import write_section
 from sketchcolor.benchmarking.suite import BenchResult, run_benchmarks
 from sketchcolor.benchmarking.timing import Timing
@@ -25,8 +27,10 @@ from sketchcolor.benchmarking.timing import Timing
 def test_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out_dir = tmp_path / "bench"
-    # Inputs of 256 KiB and more: above glibc's mmap threshold, so every case's peak RSS rises by at
-    # least its inputs (at N = 32 a case could fit in already mapped heap and peak at 0 bytes).
+    # Inputs of 256 KiB and more: above glibc's mmap threshold, so every case's peak RSS rises by
+    # about its live tensors at least. torch_sdpa and cpp allocate little more than those, so
+    # their rise can still fall just short of them (some reuse freed heap): then it is no
+    # measurement, and is reported as such.
     argv = ["bench", "--op", "attention", "--impl", "cpp,triton", "--device", "cpu", "--sizes", "1024,1536", "--head-dim", "64", "--repeats", "2", "--threads", "1", "--out", str(out_dir)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -41,11 +45,21 @@ def test_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
         assert record["fwd_flops"] == 2 * record["n"] * record["m"] * (record["d"] + record["dv"])
         assert record["fwd_bwd_flops"] == pytest.approx(3.5 * record["fwd_flops"])
         assert record["fwd_flops_per_s"] == pytest.approx(record["fwd_flops"] / (record["fwd_median_ms"] * 1e-3))
-        assert record["peak_bytes"] > 0 and record["raw_peak_bytes"] > record["peak_bytes"]
         assert record["memory_method"] == "peak RSS of a child process"
+        assert record["floor_bytes"] == 4 * record["n"] * 64 * 8  # q, k, v, out, the upstream gradient, dq, dk, dv
+        if record["peak_bytes"] is None:
+            assert record["peak_unmeasured_reason"].startswith("the peak RSS rose by")
+            assert record["raw_peak_bytes"] - record["baseline_bytes"] < record["floor_bytes"]
+        else:
+            assert record["peak_bytes"] >= record["floor_bytes"] and record["raw_peak_bytes"] > record["peak_bytes"]
         baseline = next(r for r in results if r["provider"] == "torch_sdpa" and r["n"] == record["n"])
         assert record["time_vs_torch_sdpa"] == pytest.approx(record["fwd_bwd_median_ms"] / baseline["fwd_bwd_median_ms"])
-        assert record["memory_vs_torch_sdpa"] == pytest.approx(record["peak_bytes"] / baseline["peak_bytes"])
+        if record["peak_bytes"] is None or baseline["peak_bytes"] is None:
+            assert record["memory_vs_torch_sdpa"] is None
+        else:
+            assert record["memory_vs_torch_sdpa"] == pytest.approx(record["peak_bytes"] / baseline["peak_bytes"])
+    # The reference materializes N x M scores: far above its live tensors, always measured.
+    assert all(r["peak_bytes"] > 16 * r["n"] ** 2 for r in results if r["provider"] == "reference")
     assert data["skipped"] == {"attention triton": "set TRITON_INTERPRET=1 to run Triton kernels on CPU"}
     assert data["environment"]["torch"] == torch.__version__ and data["environment"]["torch_threads"] == 1
 
@@ -54,6 +68,61 @@ def test_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
             image.verify()
         with Image.open(out_dir / name) as image:
             assert image.format == "PNG" and image.width > 200 and image.height > 200
+
+
+def test_cpu_peaks_below_the_live_tensors_are_not_reported_as_measured(tmp_path, capsys):
+    # At small sizes a case can reuse heap the child already holds, and its peak RSS rises by less
+    # than its own inputs and gradients, often by 0: that used to print as 0 MiB and 0x ratios.
+    out_dir = tmp_path / "bench"
+    argv = ["bench", "--device", "cpu", "--op", "correspondence", "--modes", "triplet", "--impl", "cpp", "--sizes", "64,256",
+            "--head-dim", "8", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out_dir)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    records = json.loads((out_dir / "bench.json").read_text())["results"]
+    unmeasured = [r for r in records if r["peak_bytes"] is None]
+    assert unmeasured, "the sampled triplet's cpp kernel allocates too little to raise the peak RSS"
+    for record in records:
+        case = cases.Case.from_json({field.name: record[field.name] for field in dataclasses.fields(cases.Case)})
+        assert record["floor_bytes"] == cases.live_tensor_bytes(case)
+        if record["peak_bytes"] is None:
+            assert "less than the" in record["peak_unmeasured_reason"] and record["memory_vs_reference"] is None
+        else:
+            assert record["peak_bytes"] >= record["floor_bytes"] and record["peak_unmeasured_reason"] is None
+    table = printed.split("\n\n")[0].splitlines()[2:]
+    peaks = [row.split()[8] for row in table]
+    assert len(peaks) == len(records) and sum(peak.startswith(">=") for peak in peaks) == len(unmeasured)
+    assert all(peak.startswith(">=") or float(peak) > 0 for peak in peaks)
+    assert "0.00e+00" not in printed and "e+00x" not in printed
+    assert "peak MiB >=X: not measured." in printed
+
+
+def test_a_peak_below_the_floor_prints_as_a_bound_with_a_note(capsys):
+    reference = _bench_result("reference")
+    unmeasured = dataclasses.replace(
+        _bench_result("cpp"),
+        memory=PeakMemory(CPU_METHOD, None, 2 * 2**20, 2 * 2**20, floor_bytes=2**19, unmeasured_reason="the peak RSS rose by 0 bytes"),
+    )
+    options = dict(title="t", section="s", device="cpu", check_lines=[], legend="the legend", notes=[], results_path="unused.md")
+    assert publish([reference, unmeasured], **options, write=False) == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if " cpp " in line).split()
+    assert row[8:11] == [">=0.5", "1.00x", "-"]  # peak MiB, time/ref, mem/ref
+    assert printed.endswith("\nthe legend\n" + "\n".join(memory_notes([unmeasured])) + "\n")
+    record = result_record(unmeasured, [reference, unmeasured])
+    assert record["peak_bytes"] is None and record["floor_bytes"] == 2**19 and record["memory_vs_reference"] is None
+    assert record["peak_unmeasured_reason"] == "the peak RSS rose by 0 bytes"
+
+
+def test_live_tensor_bytes_are_those_of_the_tensors_of_a_forward_backward():
+    grid = [cases.bench_case(v, p, 40, head_dim=12, dtype=dtype, negatives=5)
+            for v in ("attention", "correspondence/triplet", "correspondence/hardest", "correspondence/nll")
+            for p in ("reference", "cpp") for dtype in (torch.float32, torch.float64, torch.bfloat16)]
+    grid.append(cases.Case("attention", "cpp", 7, 9, 5, dv=4, batch=2, heads=3))
+    for case in grid:
+        inputs, grad_output = cases.make_inputs(case), cases.output_gradient(case)
+        outputs, grads = cases.forward_backward(case, inputs, grad_output)
+        alive = [*inputs.values(), grad_output, *outputs, *grads]
+        assert cases.live_tensor_bytes(case) == sum(t.nbytes for t in alive), case
 
 
 def test_correspondence_modes_run_in_process():
@@ -83,6 +152,35 @@ def test_bench_rejects_bad_sizes_and_missing_cuda(capsys):
     if not torch.cuda.is_available():
         assert cli.main(["bench", "--device", "cuda"]) == 2
         assert "--device cuda: no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("a_file", "--out '{tmp}/a_file' is a file; expected a folder"),
+        ("a_file/bench", "--out '{tmp}/a_file/bench' cannot be created: '{tmp}/a_file' is a file"),
+        ("taken", "--out '{tmp}/taken/bench.json' is a folder"),
+    ],
+)
+def test_the_out_folder_is_checked_before_the_run(out, message, tmp_path, capsys, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("the benchmarks ran before --out was checked")
+
+    monkeypatch.setattr(command, "run_benchmarks", no_run)
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "taken" / "bench.json").mkdir(parents=True)
+    assert cli.main(["bench", "--device", "cpu", "--out", str(tmp_path / out)]) == 2
+    assert f"sketchcolor bench: error: {message.format(tmp=tmp_path)}" in capsys.readouterr().err
+
+
+def test_the_seed_is_bounded(capsys):
+    # The generators take 64-bit seeds, and the upstream gradient's is seed + 1.
+    for seed in (str(2**64 - 1), str(MAX_SEED + 1)):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--seed", seed])
+        assert f"argument --seed: expected an integer from 0 to {MAX_SEED} (2**63 - 2), got {seed}" in capsys.readouterr().err
+    case = cases.bench_case("attention", "cpp", 8, head_dim=4)
+    assert cases.output_gradient(case, MAX_SEED).shape == (1, 1, 8, 4)
 
 
 def test_results_sections_are_replaced_in_place(tmp_path):

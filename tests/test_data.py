@@ -1,6 +1,7 @@
 """The data pipeline: XDoG sketches, appearance transform, image sources, training pairs, preview.
 (The TPS warp and its correspondence, also inside dataset items, are tested in test_data_warp.py.)"""
 
+import math
 import warnings
 
 import numpy as np
@@ -25,6 +26,7 @@ from sketchcolor.data import (
     pil_to_tensor,
     xdog,
 )
+from sketchcolor import cli
 from sketchcolor.data import preview
 
 
@@ -90,11 +92,35 @@ def test_xdog_sigma_sets_line_width_and_batches_and_gray_inputs_work():
         ({"p": -1}, "p"),
         ({"epsilon": float("nan")}, "epsilon"),
         ({"phi": 0}, "phi"),
+        # Non-finite, subnormal and beyond float32 (the filter's dtype), each of which used to
+        # crash the filter or give a NaN sketch, saved as black.
+        ({"sigma": 1e-320}, "sigma"),
+        ({"sigma": 1e-4}, "sigma"),
+        ({"sigma": math.inf}, "sigma"),
+        ({"sigma": math.nan}, "sigma"),
+        ({"k": math.inf}, "k"),
+        ({"k": math.nan}, "k"),
+        ({"p": math.inf}, "p"),
+        ({"p": 1e39}, "p"),
+        ({"p": math.nan}, "p"),
+        ({"epsilon": -math.inf}, "epsilon"),
+        ({"phi": math.inf}, "phi"),
     ],
 )
 def test_bad_xdog_params_name_the_argument(arguments, name):
     with pytest.raises(ValueError, match=f"^{name} "):
         XDoGParams(**arguments)
+
+
+def test_the_smallest_xdog_sigma_draws_and_the_command_line_names_a_bad_parameter(tmp_path, capsys):
+    image = pil_to_tensor(square_image(32))
+    # Both Gaussians narrower than a pixel: no blur, no difference of Gaussians, blank paper.
+    assert torch.equal(xdog(image, XDoGParams(sigma=1e-3)), torch.ones(1, 32, 32))
+    square_image(32).save(tmp_path / "in.png")
+    for option, value in (("--k", "inf"), ("--p", "inf"), ("--sigma", "1e-320")):
+        assert cli.main(["sketch", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), option, value]) == 2
+        assert f"sketchcolor sketch: error: {option[2:]} must be" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()
 
 
 def test_xdog_rejects_bad_images():
@@ -235,7 +261,9 @@ def test_image_folder_errors_name_the_problem(tmp_path):
         ImageFolder(tmp_path, size=0)
     (tmp_path / "broken.png").write_bytes(b"garbage")
     folder = ImageFolder(tmp_path, size=32)
-    with pytest.warns(UnreadableImageWarning, match="broken.png"), pytest.raises(RuntimeError, match="could be read"):
+    # ValueError, which the command line reports as an error instead of a traceback.
+    message = f"^data_dir '{tmp_path}': none of its 1 image files could be read"
+    with pytest.warns(UnreadableImageWarning, match="broken.png"), pytest.raises(ValueError, match=message):
         folder[0]
 
 
@@ -246,6 +274,33 @@ def test_load_rgb_image_composites_transparency_over_white(tmp_path):
     loaded = np.asarray(load_rgb_image(tmp_path / "la.png"))
     assert loaded.shape == (8, 8, 3)
     assert (loaded[2, 2] == 0).all() and (loaded[0, 0] == 255).all()
+
+
+def test_a_transparent_colour_key_is_composited_over_white(tmp_path):
+    # PNG's tRNS chunk on gray, RGB and 16-bit images: one value is transparent, no alpha channel.
+    rgb = np.full((8, 8, 3), 90, dtype=np.uint8)
+    rgb[:4] = 0
+    Image.fromarray(rgb).save(tmp_path / "rgb.png", transparency=(0, 0, 0))
+    gray = np.full((8, 8), 90, dtype=np.uint8)
+    gray[:4] = 7
+    Image.fromarray(gray).save(tmp_path / "gray.png", transparency=7)
+    deep = np.full((8, 8), 90 * 257, dtype=np.uint16)
+    deep[:4] = 7  # scales to the same 8-bit value as 0: the key is matched before scaling
+    deep[4, 0] = 0
+    Image.fromarray(deep).save(tmp_path / "deep.png", transparency=7)
+    for name in ("rgb.png", "gray.png", "deep.png"):
+        assert "transparency" in Image.open(tmp_path / name).info
+        loaded = np.asarray(load_rgb_image(tmp_path / name))
+        assert (loaded[:4] == 255).all(), name  # transparent: white paper, not black
+        assert (loaded[5:] == 90).all(), name
+    assert (np.asarray(load_rgb_image(tmp_path / "deep.png"))[4, 0] == 0).all()
+    # Through the folder source too.
+    folder_root = tmp_path / "folder"
+    folder_root.mkdir()
+    Image.fromarray(rgb).save(folder_root / "keyed.png", transparency=(0, 0, 0))
+    item = ImageFolder(folder_root, size=8)[0]
+    assert torch.equal(item[:, :4], torch.ones(3, 4, 8))
+    assert torch.allclose(item[:, 4:], torch.full((3, 4, 8), 90 / 255))
 
 
 # --- training pairs ---------------------------------------------------------------------------
@@ -329,6 +384,10 @@ def test_bad_dataset_arguments_name_the_argument(arguments, name):
 def test_bad_pair_config_and_dataset_arguments_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="sketch_sigma_range"):
         PairConfig(sketch_sigma_range=(0.5, 0.3))
+    # Every sigma drawn from the range must be one XDoGParams takes.
+    for sigmas in ((1e-4, 0.5), (0.3, math.inf)):
+        with pytest.raises(ValueError, match="^sketch_sigma_range "):
+            PairConfig(sketch_sigma_range=sigmas)
     with pytest.raises(ValueError, match="^warp "):
         PairConfig(warp=ColorPerturbation())
     images = ProceduralShapes(32, 2)
@@ -385,3 +444,31 @@ def test_preview_reports_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         preview.main(["--out", str(tmp_path / "p.png"), "--data", str(tmp_path / "none")])
     assert "not a directory" in capsys.readouterr().err
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "broken.png").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as exit_info, pytest.warns(UnreadableImageWarning):
+        preview.main(["--out", str(tmp_path / "p.png"), "--data", str(unreadable), "--size", "32", "--feature-grid", "4"])
+    assert exit_info.value.code == 2
+    assert f"error: data_dir '{unreadable}': none of its 1 image files could be read" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("missing/p.png", "the folder '{tmp}/missing' does not exist"),
+        (".", "is a folder"),
+        ("preview", "must end in an image suffix Pillow writes"),
+    ],
+)
+def test_preview_checks_out_before_drawing_samples(tmp_path, capsys, monkeypatch, out, message):
+    def no_dataset(*args, **kwargs):
+        raise AssertionError("the samples were drawn before --out was checked")
+
+    monkeypatch.setattr(preview, "make_dataset", no_dataset)
+    with pytest.raises(SystemExit) as exit_info:
+        preview.main(["--out", str(tmp_path / out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --out " in err and message.format(tmp=tmp_path) in err

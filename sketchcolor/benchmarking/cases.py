@@ -172,7 +172,9 @@ def differentiable_names(case: Case) -> tuple[str, ...]:
 
 def make_inputs(case: Case, seed: int = 0, requires_grad: bool = True) -> dict[str, torch.Tensor]:
     """Fresh seeded inputs of ``case`` on its device: normal features, and for the loss pos
-    (B, N) and neg (B, N, T) with INVALID_FRACTION of their entries -1 and neg never = pos."""
+    (B, N) and neg (B, N, T) with INVALID_FRACTION of their entries -1 and neg never = pos;
+    every batch row keeps at least one term of the loss (in mode "hardest", one needs a key
+    outside pos's exclusion window on the key grid, which every M but 1, 2 and 4 has)."""
     generator = torch.Generator().manual_seed(seed)
     lead = (case.batch,) if case.heads is None else (case.batch, case.heads)
 
@@ -186,14 +188,40 @@ def make_inputs(case: Case, seed: int = 0, requires_grad: bool = True) -> dict[s
     if case.op == "attention":
         return {"q": features(case.n, case.d), "k": features(case.m, case.d), "v": features(case.m, case.dv)}
     inputs = {"q": features(case.n, case.d), "k": features(case.m, case.d)}
-    pos = torch.randint(case.m, (case.batch, case.n), generator=generator)
+    drawn_pos = torch.randint(case.m, (case.batch, case.n), generator=generator)
     if case.mode == "triplet":
         # Draw among the M - 1 other keys and step over pos, as the training loss samples them.
         draws = torch.randint(max(case.m - 1, 1), (case.batch, case.n, case.negatives), generator=generator)
-        neg = draws + (draws >= pos.unsqueeze(-1)).long() if case.m > 1 else draws
-        inputs["neg"] = invalidate(neg).to(case.device)
-    inputs["pos"] = invalidate(pos).to(case.device)
+        drawn_neg = draws + (draws >= drawn_pos.unsqueeze(-1)).long() if case.m > 1 else draws
+        neg = invalidate(drawn_neg)
+    pos = invalidate(drawn_pos)
+    # A batch row without a term adds nothing to the loss and its gradients: with a single query
+    # that is the whole case, and its check compares zeros. Such a row gets a term at its first
+    # query: its drawn pos (and, for sampled negatives, its first drawn negative).
+    first_pos = drawn_pos[:, 0]
+    if case.mode == "triplet":
+        has_term = ((pos >= 0).unsqueeze(-1) & (neg >= 0)).flatten(1).any(dim=1)
+        neg[~has_term, 0, 0] = drawn_neg[~has_term, 0, 0]
+        inputs["neg"] = neg.to(case.device)
+    elif case.mode == "hardest":
+        has_term = ((pos >= 0) & _has_hardest_candidate(pos, case.key_grid)).any(dim=1)
+        # Key 0, a corner, has keys outside its window whenever any key has.
+        first_pos = torch.where(_has_hardest_candidate(first_pos, case.key_grid), first_pos, 0)
+    else:
+        has_term = (pos >= 0).any(dim=1)
+    pos[~has_term, 0] = first_pos[~has_term]
+    inputs["pos"] = pos.to(case.device)
     return inputs
+
+
+def _has_hardest_candidate(pos: torch.Tensor, key_grid: tuple[int, int]) -> torch.Tensor:
+    """Per entry of ``pos`` (valid key indices): whether some key lies more than HARDEST_EXCLUSION
+    cells (Chebyshev distance) from it on ``key_grid``, so that mode "hardest" has a negative.
+    The farthest key from a cell is a corner of the grid."""
+    height, width = key_grid
+    row, col = pos // width, pos % width
+    farthest = torch.maximum(torch.maximum(row, height - 1 - row), torch.maximum(col, width - 1 - col))
+    return farthest > HARDEST_EXCLUSION
 
 
 def output_gradient(case: Case, seed: int = 0) -> torch.Tensor:
@@ -204,6 +232,22 @@ def output_gradient(case: Case, seed: int = 0) -> torch.Tensor:
     lead = (case.batch,) if case.heads is None else (case.batch, case.heads)
     generator = torch.Generator().manual_seed(seed + 1)
     return torch.randn(*lead, case.n, case.dv, generator=generator).to(device=case.device, dtype=case.dtype)
+
+
+def live_tensor_bytes(case: Case) -> int:
+    """Bytes of the tensors alive when forward_backward of make_inputs(case) returns: the inputs,
+    the upstream gradient, the outputs and the gradients. A forward+backward needs at least this
+    much memory at once, so a measured peak below it is below the measuring method's resolution."""
+    rows = case.batch * (case.heads or 1)
+    if case.op == "attention":
+        inputs = rows * (case.n * case.d + case.m * case.d + case.m * case.dv)  # q, k, v
+        output = rows * case.n * case.dv
+        return case.dtype.itemsize * (2 * inputs + 2 * output)  # and their gradients
+    features = rows * (case.n + case.m) * case.d  # q and k
+    indices = case.batch * case.n * (1 + (case.negatives or 0))  # pos, and neg in mode "triplet"
+    loss_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
+    # q, k and their gradients; pos (and neg); the scalar loss and its upstream gradient.
+    return case.dtype.itemsize * 2 * features + torch.int64.itemsize * indices + loss_dtype.itemsize * 2
 
 
 # --- calls -------------------------------------------------------------------------------------

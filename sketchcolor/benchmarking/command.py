@@ -13,11 +13,23 @@ import torch
 
 from . import machine
 from .cases import CORRESPONDENCE_MODES, DEFAULT_NEGATIVES, PAPER_HEAD_DIM, bench_case, dtype_skip_reason, providers_for, skip_reason
-from .options import add_target_options, default_dtype, dtype, mode_list, non_negative_int, positive_int, selected_ops, size_list
-from .report import bench_table, format_table, result_record, write_json
+from .options import (
+    add_target_options,
+    check_output_folder,
+    default_dtype,
+    dtype,
+    mode_list,
+    non_negative_int,
+    positive_int,
+    random_seed,
+    selected_ops,
+    size_list,
+)
+from .report import bench_table, format_table, memory_notes, result_record, write_json
 from .suite import run_benchmarks
 
 DEFAULT_SIZES = (1024, 4096, 16384)
+OUT_FILES = ("bench.json", "time.png", "memory.png")  # what --out receives
 LEGEND = (
     "fwd runs without autograd; fwd+bwd is one forward and the backward of all inputs. peak MiB: fwd+bwd, "
     "inputs included, above the process's memory after imports (CPU: peak RSS of a child process per case; "
@@ -48,7 +60,7 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--negatives", type=positive_int, default=DEFAULT_NEGATIVES, help=f"T of the triplet mode (default: {DEFAULT_NEGATIVES})")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions per pass; the median is reported (default: 5)")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs before timing (default: 1)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random inputs (default: 0)")
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the random inputs (default: 0)")
     parser.add_argument(
         "--threads", type=positive_int, default=None,
         help="CPU threads of torch (default: torch's, one per core); 1 gives steadier numbers on a shared machine",
@@ -60,6 +72,7 @@ def add_bench(subparsers) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available on this machine")
+    check_output_folder("--out", args.out, OUT_FILES)
     case_dtype = args.dtype or default_dtype(args.device)
     cases, skipped = [], {}
     for op in selected_ops(args.op):
@@ -86,7 +99,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     headers, rows = bench_table(results)
     print(format_table(headers, rows))
-    print(f"\n{LEGEND}")
+    print("\n" + "\n".join([LEGEND, *memory_notes(results)]))
     for what, reason in skipped.items():
         print(f"skipped {what}: {reason}")
 
@@ -100,11 +113,12 @@ def run_bench(args: argparse.Namespace) -> int:
         "skipped": skipped,
         "results": [result_record(result, results) for result in results],
     }
-    write_json(out / "bench.json", payload)
+    json_path, time_path, memory_path = (out / name for name in OUT_FILES)
+    write_json(json_path, payload)
     from .plots import plot_memory, plot_times  # matplotlib is loaded only when a bench has run
 
-    plot_times(results, out / "time.png")
-    plot_memory(results, out / "memory.png")
-    print(f"wrote {out / 'bench.json'}, {out / 'time.png'}, {out / 'memory.png'}")
+    plot_times(results, time_path)
+    plot_memory(results, memory_path)
+    print(f"wrote {json_path}, {time_path}, {memory_path}")
     failed = [r for r in results if r.error is not None and not r.out_of_memory]
     return 1 if failed else 0

@@ -5,6 +5,10 @@ see run_in_child), because a process's peak RSS never goes down. For a case the 
 torch and sketchcolor, runs the case once at a tiny size (lazy imports, op registration, thread
 pools), records its RSS ("after imports"), runs the case and reports its peak RSS (VmHWM). What
 the case needed, inputs included, is the peak minus the RSS after imports; the raw peak is kept too.
+RSS counts the pages a process has touched, so allocations that reuse memory the process already
+holds (freed heap of the imports and the warm-up) do not raise it: a small case can peak below
+the bytes of its own live tensors, even at 0. Such a peak is not a measurement: it is reported
+as None with the reason, next to that floor (cases.live_tensor_bytes), a lower bound of the truth.
 
 CUDA: in this process. A warm-up run first (Triton autotuning allocates scratch), then
 torch.cuda.max_memory_allocated over one run, reset before the inputs are allocated; the
@@ -24,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .cases import Case, forward_backward, make_inputs, output_gradient
+from .cases import Case, forward_backward, live_tensor_bytes, make_inputs, output_gradient
 
 CPU_METHOD = "peak RSS of a child process"
 CUDA_METHOD = "torch.cuda.max_memory_allocated"
@@ -33,7 +37,9 @@ _WARMUP_SIZE = 8  # N and M of the child's warm-up run
 
 @dataclasses.dataclass(frozen=True)
 class PeakMemory:
-    """``peak_bytes`` is what the case needed above ``baseline_bytes``; None when it failed."""
+    """``peak_bytes`` is what the case needed above ``baseline_bytes``; None when it failed, or,
+    with ``unmeasured_reason``, when the method could not resolve it (the peak it saw was below
+    ``floor_bytes``, the case's live tensors, which it needs at least; CPU only)."""
 
     method: str
     peak_bytes: int | None = None
@@ -41,6 +47,8 @@ class PeakMemory:
     baseline_bytes: int | None = None
     error: str | None = None
     out_of_memory: bool = False
+    floor_bytes: int | None = None
+    unmeasured_reason: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +97,14 @@ def _measure_in_child(case: Case, seed: int) -> PeakMemory:
     if run.error is not None:
         return PeakMemory(CPU_METHOD, error=run.error, out_of_memory=run.out_of_memory)
     rss_after_imports = run.returned["rss_after_imports"]
-    return PeakMemory(CPU_METHOD, run.peak_rss_bytes - rss_after_imports, run.peak_rss_bytes, rss_after_imports)
+    rise, floor = run.peak_rss_bytes - rss_after_imports, live_tensor_bytes(case)
+    if rise < floor:
+        reason = (
+            f"the peak RSS rose by {rise} bytes, less than the {floor} bytes of the tensors alive at the end of "
+            "fwd+bwd: so the case reused memory the process already held, which peak RSS does not see"
+        )
+        return PeakMemory(CPU_METHOD, None, run.peak_rss_bytes, rss_after_imports, floor_bytes=floor, unmeasured_reason=reason)
+    return PeakMemory(CPU_METHOD, rise, run.peak_rss_bytes, rss_after_imports, floor_bytes=floor)
 
 
 def _run_case_after_warmup(case: dict, seed: int) -> dict:

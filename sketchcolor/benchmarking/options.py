@@ -1,11 +1,16 @@
 """Command-line options shared by ``sketchcolor verify`` and ``sketchcolor bench``.
 
 Each type function raises argparse.ArgumentTypeError, so a bad value is reported by argparse
-as ``argument --<option>: <why>`` with exit status 2.
+as ``argument --<option>: <why>`` with exit status 2. The output path checks look at the file
+system, so the commands run them when they start (before any work, so that a long run does not
+fail at its end); they raise ValueError naming the option, which the CLI reports with exit
+status 2.
 """
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import torch
 
@@ -54,22 +59,33 @@ def mode_list(text: str) -> tuple[str, ...]:
     return _choices(text, CORRESPONDENCE_MODES, "correspondence mode")
 
 
-def _int_at_least(text: str, minimum: int, expected: str) -> int:
+# The inputs' generator is seeded with the seed and output_gradient's with seed + 1. torch's
+# manual_seed takes any 64-bit value (up to 2**64 - 1); keeping both seeds in int64's range
+# leaves them valid for signed 64-bit seed APIs too, and is more than any run needs.
+MAX_SEED = 2**63 - 2
+
+
+def _int_in_range(text: str, minimum: int, expected: str, maximum: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if value < minimum:
+    if value < minimum or (maximum is not None and value > maximum):
         raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
 
 
 def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
+    return _int_in_range(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "an integer >= 0")
+    return _int_in_range(text, 0, "an integer >= 0")
+
+
+def random_seed(text: str) -> int:
+    """A seed of the random inputs: 0 to MAX_SEED."""
+    return _int_in_range(text, 0, f"an integer from 0 to {MAX_SEED} (2**63 - 2)", MAX_SEED)
 
 
 def size_list(text: str) -> tuple[int, ...]:
@@ -106,3 +122,40 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
 
 def selected_ops(op: str) -> tuple[str, ...]:
     return OPS if op == "all" else (op,)
+
+
+def check_output_file(option: str, path: str | Path) -> None:
+    """Raise ValueError naming ``option`` unless the file ``path`` can be written (created or
+    replaced): it is not a folder, and its folder exists and is writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a folder; expected the path of a file to write")
+    if not path.parent.is_dir():
+        problem = "is not a folder" if path.parent.exists() else "does not exist"
+        raise ValueError(f"{option} {str(path)!r}: the folder {str(path.parent)!r} {problem}")
+    _check_writable(option, path if path.exists() else path.parent)
+
+
+def check_output_folder(option: str, path: str | Path, file_names: tuple[str, ...]) -> None:
+    """Raise ValueError naming ``option`` unless ``path`` is a folder in which the files
+    ``file_names`` can be written, or can be created as one (with its missing parents)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in file_names:
+            check_output_file(option, path / name)
+        return
+    if path.exists():
+        raise ValueError(f"{option} {str(path)!r} is a file; expected a folder (created if missing)")
+    nearest = path.parent
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ValueError(f"{option} {str(path)!r} cannot be created: {str(nearest)!r} is a file")
+    _check_writable(option, nearest)
+
+
+def _check_writable(option: str, path: Path) -> None:
+    kind = "folder" if path.is_dir() else "file"
+    # Creating a file in a folder needs write and search permission on the folder.
+    if not os.access(path, os.W_OK | os.X_OK if kind == "folder" else os.W_OK):
+        raise ValueError(f"{option}: the {kind} {str(path)!r} is not writable")

@@ -46,7 +46,8 @@ def _plot(results, path, ylabel: str, lines) -> None:
     for ax, variant in zip(axes, variants):
         for color_index, provider in enumerate(providers):
             for label, style, value in lines:
-                # A log axis cannot show 0 (a tiny case can peak at 0 MiB above the baseline RSS).
+                # A log axis shows positive values only; a case without a value (not timed, or a CPU
+                # peak below the method's resolution) has no point.
                 points = sorted(
                     (r.case.n, value(r))
                     for r in results

@@ -2,7 +2,8 @@
 
 Rates use the FLOP counts of cases.flops: GFLOP/s on CPU, TFLOP/s on GPU. Ratios divide a
 row's fwd+bwd time and peak memory by those of torch_sdpa and of the reference at the same
-variant, size and dtype (lower is better).
+variant, size and dtype (lower is better). A CPU peak below the method's resolution (see
+memory.py) is shown as ">=" its floor, a bound and not a measurement, and has no ratios.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from . import machine
 from .cases import Case, flops
+from .memory import PeakMemory
 from .results_file import write_section
 from .suite import BenchResult
 
@@ -65,12 +67,23 @@ def bench_table(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]
         for pass_ in ("fwd", "fwd+bwd"):
             rate = result.flops_per_second(pass_)
             row += [_number(result.median_ms(pass_)), _number(rate and rate / divisor)]
-        peak = result.memory.peak_bytes if result.memory else None
-        row.append(_number(peak and peak / MIB))
+        row.append(_peak_cell(result.memory))
         row += [_number(ratios[f"{kind}_vs_{provider}"], ratio=True) for kind in ("time", "memory") for provider, _ in baselines]
         row.append(result.error or "")
         rows.append(row)
     return headers, rows
+
+
+def memory_notes(results: list[BenchResult]) -> list[str]:
+    """The note that explains ">=" peak cells, if the table has any."""
+    if not any(r.memory and r.memory.unmeasured_reason for r in results):
+        return []
+    return [
+        "peak MiB >=X: not measured. The child's peak RSS rose by less than the X MiB of the tensors alive at "
+        "the end of fwd+bwd (inputs, outputs, gradients): RSS sees only pages the process newly touches, not "
+        "allocations that reuse memory it already holds, as small cases do. X is a lower bound; its mem/x "
+        "ratios are '-'."
+    ]
 
 
 def publish(
@@ -93,6 +106,7 @@ def publish(
     memory (an oversized case is a result, a broken one is not), else 0.
     """
     headers, rows = bench_table(results)
+    notes = [*notes, *memory_notes(results)]
     print(format_table(headers, rows))
     print("\n" + "\n".join([legend, *notes]))
     if write:
@@ -136,6 +150,8 @@ def result_record(result: BenchResult, results: list[BenchResult]) -> dict:
         peak_bytes=memory and memory.peak_bytes,
         raw_peak_bytes=memory and memory.raw_peak_bytes,
         baseline_bytes=memory and memory.baseline_bytes,
+        floor_bytes=memory and memory.floor_bytes,
+        peak_unmeasured_reason=memory and memory.unmeasured_reason,
         memory_method=memory and memory.method,
         error=result.error,
         out_of_memory=result.out_of_memory,
@@ -172,6 +188,16 @@ def safe_ratio(value, baseline) -> float | None:
     return value / baseline if value is not None and baseline else None
 
 
+def _peak_cell(memory: PeakMemory | None) -> str:
+    """The peak MiB cell: the measurement, ">=" the floor where the method could not resolve the
+    peak (memory_notes says why), or '-' where there is neither."""
+    if memory is None:
+        return "-"
+    if memory.unmeasured_reason is not None:
+        return ">=" + _number(memory.floor_bytes / MIB)
+    return _number(None if memory.peak_bytes is None else memory.peak_bytes / MIB)
+
+
 def _number(value: float | None, ratio: bool = False) -> str:
     """A table cell: '-' for a missing value, 3 significant digits otherwise."""
     if value is None:
@@ -185,7 +211,7 @@ def _number(value: float | None, ratio: bool = False) -> str:
 
 def _is_number(cell: str) -> bool:
     try:
-        float(cell.removesuffix("x"))
+        float(cell.removeprefix(">=").removesuffix("x"))
     except ValueError:
         return False
     return True

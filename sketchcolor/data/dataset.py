@@ -16,7 +16,7 @@ from .color import ColorPerturbation
 from .folder import ImageFolder
 from .procedural import ProceduralShapes
 from .warp import TPSParams
-from .xdog import XDoGParams, xdog
+from .xdog import MAX_PARAMETER, MIN_SIGMA, XDoGParams, xdog
 
 # Length of the procedural dataset when none is asked for: an epoch of a few hundred steps
 # at batch 16; the images themselves are unlimited (any index renders).
@@ -51,8 +51,12 @@ class PairConfig:
             )
         sigmas = self.sketch_sigma_range
         is_pair = isinstance(sigmas, tuple) and len(sigmas) == 2 and all(isinstance(s, numbers.Real) for s in sigmas)
-        if not (is_pair and 0 < sigmas[0] <= sigmas[1]):
-            raise ValueError(f"sketch_sigma_range must be a tuple (low, high) with 0 < low <= high, got {sigmas!r}")
+        # XDoGParams' bounds on sigma, so that every sigma drawn from the range is one it takes.
+        if not (is_pair and MIN_SIGMA <= sigmas[0] <= sigmas[1] <= MAX_PARAMETER):
+            raise ValueError(
+                f"sketch_sigma_range must be a tuple (low, high) with {MIN_SIGMA:g} <= low <= high <= {MAX_PARAMETER:.2g}, "
+                f"got {sigmas!r}"
+            )
         for name, kind in (("sketch", XDoGParams), ("color", ColorPerturbation), ("warp", TPSParams)):
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")

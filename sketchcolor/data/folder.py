@@ -25,7 +25,7 @@ class ImageFolder(Dataset):
 
     A file that cannot be decoded is skipped with one ``UnreadableImageWarning`` naming it
     (per process), and the next readable file in order is returned in its place, so an epoch
-    never stops on a bad file.
+    never stops on a bad file; when no file can be read, ValueError names the folder.
     """
 
     def __init__(self, root: str | Path, size: int) -> None:
@@ -61,7 +61,11 @@ class ImageFolder(Dataset):
                 warnings.warn(f"skipping unreadable image {path}: {error}", UnreadableImageWarning, stacklevel=2)
                 continue
             return pil_to_tensor(self._scale(image))
-        raise RuntimeError(f"none of the {len(self.paths)} image files under {str(self.root)!r} could be read")
+        # ValueError: bad input, which the command line reports as an error naming the folder.
+        raise ValueError(
+            f"data_dir {str(self.root)!r}: none of its {len(self.paths)} image files could be read "
+            "(each was skipped with a warning naming it)"
+        )
 
     def _scale(self, image: Image.Image) -> Image.Image:
         width, height = image.size

@@ -16,19 +16,26 @@ UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.Decompression
 def load_rgb_image(path: str | Path) -> Image.Image:
     """Decode an image file fully and return it as 8-bit RGB.
 
-    Grayscale and palette images are expanded to RGB; transparent images (RGBA, LA, palette
-    with transparency) are composited over white, since line art is usually drawn on
-    transparent or white paper; 16-bit images are scaled to 8 bits; EXIF orientation is
-    applied. Raises one of ``UNREADABLE_IMAGE_ERRORS`` when the file cannot be decoded.
+    Grayscale and palette images are expanded to RGB; transparent images (an alpha channel, or
+    a transparent colour key such as PNG's tRNS chunk on gray, RGB, 16-bit or palette images)
+    are composited over white, since line art is usually drawn on transparent or white paper;
+    16-bit images are scaled to 8 bits; EXIF orientation is applied. Raises one of
+    ``UNREADABLE_IMAGE_ERRORS`` when the file cannot be decoded.
     """
     with Image.open(path) as opened:
         opened.load()
         image = ImageOps.exif_transpose(opened)
+    transparent_key = image.info.get("transparency")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         # 32-bit and 16-bit integer grayscale: Pillow's convert("RGB") would clip at 255.
         values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
+        scaled = Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8), "L")
+        if transparent_key is not None:
+            # The key is a 16-bit value: compare it before scaling, which merges 257 values into one.
+            scaled.putalpha(Image.fromarray(np.where(values == transparent_key, 0, 255).astype(np.uint8), "L"))
+        image = scaled
+    elif transparent_key is not None:
+        # Pillow turns the colour key of 1, L, RGB and P images into an alpha channel.
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")

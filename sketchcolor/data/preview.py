@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import os
 from pathlib import Path
 
 import torch
@@ -100,6 +101,19 @@ def render_preview(samples: list[dict[str, torch.Tensor]], grid: int) -> Image.I
     return sheet
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why the sheet cannot be written to ``out``, or None; checked before the samples are drawn."""
+    if out.is_dir():
+        return f"--out {str(out)!r} is a folder; expected the path of an image file to write"
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        return f"--out {str(out)!r} must end in an image suffix Pillow writes, such as .png"
+    if not out.parent.is_dir():
+        return f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist"
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        return f"--out {str(out)!r} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m sketchcolor.data.preview",
@@ -114,12 +128,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be >= 1, got {args.count}")
+    out_problem = _out_problem(args.out)
+    if out_problem is not None:
+        parser.error(out_problem)
     try:
         # length=count: a folder with fewer images repeats them with fresh augmentations.
         dataset = make_dataset(args.data, args.size, args.feature_grid, args.seed, args.count)
+        # A folder whose every image is unreadable is found out here, drawing the samples.
+        samples = [dataset[index] for index in range(args.count)]
     except (ValueError, NotADirectoryError) as error:
         parser.error(str(error))
-    samples = [dataset[index] for index in range(args.count)]
     render_preview(samples, args.feature_grid).save(args.out)
     print(f"wrote {args.out}: {args.count} samples")
 

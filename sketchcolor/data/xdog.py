@@ -21,10 +21,20 @@ from kornia.filters import gaussian_blur2d
 from .checks import check_real
 from .images import load_rgb_image, pil_to_tensor, tensor_to_pil
 
+# The largest value of any parameter. The filter computes in float32: a parameter beyond its range
+# becomes inf there (p = inf makes the sharpened image inf - inf = NaN, a sketch saved silently
+# as black).
+MAX_PARAMETER = torch.finfo(torch.float32).max
+# The smallest sigma: kornia needs a sigma that is positive in float32 (1e-320 rounds to 0), and a
+# Gaussian narrower than about 0.1 pixel already leaves every pixel as it is (its neighbours'
+# weights underflow), so no sigma below this bound would draw anything different.
+MIN_SIGMA = 1e-3
+
 
 @dataclass(frozen=True)
 class XDoGParams:
-    """XDoG parameters; intensities are in [0, 1] and sigma is in pixels."""
+    """XDoG parameters; intensities are in [0, 1] and sigma is in pixels. Each is a finite float32
+    value (at most about 3.4e38 in magnitude)."""
 
     sigma: float = 0.4
     """Standard deviation of the inner Gaussian (line width); 0.3 to 0.5 suits line art."""
@@ -38,11 +48,13 @@ class XDoGParams:
     """Steepness of the soft threshold; very large gives binary lines."""
 
     def __post_init__(self) -> None:
-        check_real("sigma", self.sigma, "a positive number of pixels", lambda value: value > 0)
-        check_real("k", self.k, "a number greater than 1", lambda value: value > 1)
-        check_real("p", self.p, "a non-negative number", lambda value: value >= 0)
-        check_real("epsilon", self.epsilon, "a finite number", math.isfinite)
-        check_real("phi", self.phi, "a positive number", lambda value: value > 0)
+        # NaN fails every comparison, and inf the upper bound.
+        largest = f"{MAX_PARAMETER:.2g} (float32's largest)"
+        check_real("sigma", self.sigma, f"a number of pixels from {MIN_SIGMA:g} to {largest}", lambda value: MIN_SIGMA <= value <= MAX_PARAMETER)
+        check_real("k", self.k, f"a number greater than 1 and at most {largest}", lambda value: 1 < value <= MAX_PARAMETER)
+        check_real("p", self.p, f"a number from 0 to {largest}", lambda value: 0 <= value <= MAX_PARAMETER)
+        check_real("epsilon", self.epsilon, f"a number from -{MAX_PARAMETER:.2g} to {largest}", lambda value: abs(value) <= MAX_PARAMETER)
+        check_real("phi", self.phi, f"a positive number at most {largest}", lambda value: 0 < value <= MAX_PARAMETER)
 
 
 def _gaussian(image: torch.Tensor, sigma: float) -> torch.Tensor:
