@@ -486,26 +486,11 @@ def test_resume_rejects_another_model(reference_runs, tmp_path):
         train(tiny_config(tmp_path, resume=str(two.checkpoint), model=ModelConfig(width=3, scft_stride=8, residual_blocks=1, disc_width=8, disc_layers=2)))
 
 
-@pytest.mark.parametrize("phase", ["run_D", "run_G"])
-def test_non_finite_loss_stops_with_the_last_good_state(reference_runs, tmp_path, monkeypatch, phase):
-    two, _ = reference_runs
-    original = getattr(ColorizationLoss, phase)
-    calls = []
-
-    def poisoned(self, batch):
-        calls.append(1)
-        loss, terms = original(self, batch)
-        return (loss * float("nan"), terms) if len(calls) == 3 else (loss, terms)
-
-    monkeypatch.setattr(ColorizationLoss, phase, poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite .* last good state \(step 2\)"):
-        train(tiny_config(tmp_path, steps=4))
-    assert list_checkpoints(tmp_path)[-1].name == "checkpoint-00000002.safetensors"
-    assert_same_checkpoint(list_checkpoints(tmp_path)[-1], two.checkpoint)
-
-
+@pytest.mark.parametrize("poison", ["loss", "gradients"])
 @pytest.mark.parametrize(("phase", "network"), [("run_D", "discriminator"), ("run_G", "generator")])
-def test_non_finite_gradients_of_a_finite_loss_stop_with_the_last_good_state(reference_runs, tmp_path, monkeypatch, phase, network):
+def test_non_finite_values_stop_with_the_last_good_state(reference_runs, tmp_path, monkeypatch, phase, network, poison):
+    # Step 3's loss is NaN, or finite with NaN gradients (which the optimizer step would write into
+    # the weights): either way the run stops with step 2's state, finite and as an unbroken run had it.
     two, _ = reference_runs
     original = getattr(ColorizationLoss, phase)
     calls = []
@@ -514,12 +499,15 @@ def test_non_finite_gradients_of_a_finite_loss_stop_with_the_last_good_state(ref
         calls.append(1)
         loss, terms = original(self, batch)
         if len(calls) == 3:
-            # The loss stays finite; its backward pass hands every gradient NaN.
-            loss.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+            if poison == "loss":
+                loss = loss * float("nan")
+            else:
+                loss.register_hook(lambda grad: torch.full_like(grad, float("nan")))
         return loss, terms
 
     monkeypatch.setattr(ColorizationLoss, phase, poisoned)
-    with pytest.raises(NonFiniteLossError, match=rf"step 3: non-finite {network} gradients; the loss is finite .* last good state \(step 2\)"):
+    what = f"{network} loss" if poison == "loss" else f"{network} gradients; the loss is finite"
+    with pytest.raises(NonFiniteLossError, match=rf"step 3: non-finite {what}.* last good state \(step 2\)"):
         train(tiny_config(tmp_path, steps=4))
     saved = list_checkpoints(tmp_path)[-1]
     assert saved.name == "checkpoint-00000002.safetensors"
