@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sketchcolor.ops._checks import check_index_values, check_number
+
 from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows
 from .scft_attention import MAX_HEAD_DIM, _dot_precision, get_options
 
@@ -435,6 +437,16 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> None:
         raise ValueError(f"pos must be ({batch}, {n}) int64 on {q.device}, got {tuple(pos.shape)} {pos.dtype} on {pos.device}")
     if batch > _MAX_GRID_YZ:
         raise ValueError(f"B * H = {batch} exceeds the {_MAX_GRID_YZ} programs a CUDA grid axis holds")
+    # The ops can be called directly (torch.ops.sketchcolor.corr_*_triton), past the public op's
+    # checks: an index outside [-1, M) would make the kernels read outside k.
+    check_index_values("pos", pos, k.shape[1])
+
+
+def _check_neg(neg: torch.Tensor, q: torch.Tensor, num_keys: int) -> None:
+    batch, n, _ = q.shape
+    if neg.dtype != torch.int64 or neg.dim() != 3 or tuple(neg.shape[:2]) != (batch, n) or neg.device != q.device:
+        raise ValueError(f"neg must be ({batch}, {n}, T) int64 on {q.device}, got {tuple(neg.shape)} {neg.dtype} on {neg.device}")
+    check_index_values("neg", neg, num_keys)
 
 
 def _check_stat(name: str, t: torch.Tensor, shape: tuple) -> None:
@@ -445,9 +457,9 @@ def _check_stat(name: str, t: torch.Tensor, shape: tuple) -> None:
 def triplet_forward(q, k, pos, neg, scale: float, margin: float, *, launch: Callable = _identity) -> torch.Tensor:
     """terms (B, N, T) float32."""
     _check_inputs(q, k, pos)
+    _check_neg(neg, q, k.shape[1])
+    scale, margin = check_number("scale", scale), check_number("margin", margin)
     batch, n, d = q.shape
-    if neg.dtype != torch.int64 or neg.dim() != 3 or tuple(neg.shape[:2]) != (batch, n):
-        raise ValueError(f"neg must be ({batch}, {n}, T) int64, got {tuple(neg.shape)} {neg.dtype}")
     negatives = neg.shape[2]
     terms = torch.empty((batch, n, negatives), dtype=torch.float32, device=q.device)
     if terms.numel() == 0:
@@ -469,6 +481,8 @@ def triplet_backward(grad_terms, q, k, pos, neg, terms, scale: float, *, launch:
     pos_i) sorted stably by key, in the order (b, i, pos first, then t).
     """
     _check_inputs(q, k, pos)
+    _check_neg(neg, q, k.shape[1])
+    scale = check_number("scale", scale)
     batch, n, d = q.shape
     m = k.shape[1]
     negatives = neg.shape[2]
@@ -517,6 +531,7 @@ def hardest_forward(q, k, pos, grid_h: int, grid_w: int, exclusion: int, scale: 
     m = k.shape[1]
     if grid_h < 1 or grid_w < 1 or grid_h * grid_w != m or exclusion < 0:
         raise ValueError(f"key_grid ({grid_h}, {grid_w}) must multiply to M = {m} and exclusion ({exclusion}) be >= 0")
+    scale, margin = check_number("scale", scale), check_number("margin", margin)
     terms = torch.empty((batch, n), dtype=torch.float32, device=q.device)
     neg = torch.empty((batch, n), dtype=torch.int64, device=q.device)
     if terms.numel() == 0:
@@ -535,6 +550,7 @@ def hardest_forward(q, k, pos, grid_h: int, grid_w: int, exclusion: int, scale: 
 def nll_forward(q, k, pos, scale: float, *, launch: Callable = _identity):
     """terms (B, N) and lse (B, N), float32."""
     _check_inputs(q, k, pos)
+    scale = check_number("scale", scale)
     batch, n, d = q.shape
     m = k.shape[1]
     terms = torch.empty((batch, n), dtype=torch.float32, device=q.device)

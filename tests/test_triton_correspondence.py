@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -168,6 +169,28 @@ if INTERPRETING or ON_GPU:
         q, k, pos, kwargs = make_case(1, None, 5, 6, (2, 3), 4, torch.float64, **MODES["nll"], device=DEVICE)
         with pytest.raises(RuntimeError, match="impl='triton' takes float16, bfloat16 or float32 tensors, got float64"):
             correspondence_loss(q, k, pos, impl="triton", **kwargs)
+
+    @pytest.mark.parametrize(
+        "message, call",
+        [
+            (r"neg values must be in \[-1, M\) = \[-1, 6\), got values in \[100, 100\]",
+             lambda ops, q, k, pos, neg: ops.corr_triplet_fwd_triton(q, k, pos, neg.fill_(100), 0.5, 1.0)),
+            (r"pos values must be in \[-1, M\)", lambda ops, q, k, pos, neg: ops.corr_triplet_fwd_triton(q, k, pos.fill_(-7), neg, 0.5, 1.0)),
+            ("margin must be finite", lambda ops, q, k, pos, neg: ops.corr_triplet_fwd_triton(q, k, pos, neg, 0.5, math.nan)),
+            (r"neg values must be in \[-1, M\)", lambda ops, q, k, pos, neg: ops.corr_triplet_bwd_triton(
+                torch.ones(1, 3, 2, device=q.device), q, k, pos, neg.fill_(6), torch.ones(1, 3, 2, device=q.device), 0.5)),
+            ("scale must be finite", lambda ops, q, k, pos, neg: ops.corr_hardest_fwd_triton(q, k, pos, 2, 3, 1, math.inf, 1.0)),
+            (r"pos values must be in \[-1, M\)", lambda ops, q, k, pos, neg: ops.corr_nll_loss_triton(q, k, pos.fill_(6), 0.5, False)),
+        ],
+        ids=["neg-range", "pos-range", "margin", "backward-neg-range", "scale", "nll-pos-range"],
+    )
+    def test_triton_ops_called_directly_check_their_inputs(message, call):
+        # Past the public op's checks, an index outside [-1, M) would make the kernels read outside k.
+        q, k = torch.randn(1, 3, 4, device=DEVICE), torch.randn(1, 6, 4, device=DEVICE)
+        pos = torch.tensor([[0, 1, 2]], device=DEVICE)
+        neg = torch.tensor([[[3, 4], [5, 3], [4, 5]]], device=DEVICE)
+        with pytest.raises(ValueError, match=message):
+            call(torch.ops.sketchcolor, q, k, pos, neg)
 
     def test_triton_opcheck_registered_ops():
         q, k, pos, kwargs = make_case(2, None, 9, 12, (3, 4), 8, torch.float32, **MODES["triplet_t4"], device=DEVICE)

@@ -5,6 +5,7 @@ import math
 import numbers
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # The kernels take scale and margin as float32.
@@ -40,6 +41,25 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 def check_dim(name: str, size: int, expected: int, what: str) -> None:
     if size != expected:
         raise ValueError(f"{name}: {what} must be {expected}, got {size}")
+
+
+def check_index_values(name: str, index: torch.Tensor, num_keys: int) -> None:
+    """The int64 ``index`` holds key indices or -1 for none: values in [-1, num_keys)."""
+    if index.numel() == 0:
+        return
+    expected = f"{name} values must be in [-1, M) = [-1, {num_keys})"
+    if torch.compiler.is_compiling() or (index.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # No host copy here: a traced graph cannot branch on the values, and a copy would end a
+        # CUDA graph capture. The check runs on the device; on a GPU a bad index fails the next
+        # synchronizing call (a device-side assert), on the CPU it raises at once.
+        lowest, highest = torch.aminmax(index)
+        torch._assert_async((lowest >= -1) & (highest < num_keys), expected)
+        return
+    if index.device.type == "meta" or is_fake(index):
+        return  # shape propagation: there are no values to check
+    lowest, highest = (int(v) for v in torch.aminmax(index))
+    if lowest < -1 or highest >= num_keys:
+        raise ValueError(f"{expected}, got values in [{lowest}, {highest}]")
 
 
 def check_number(name: str, value) -> float:

@@ -23,11 +23,19 @@ import math
 import numbers
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from .. import reference
 from . import _backends
-from ._checks import FLOAT_DTYPES, check_dim, check_number, check_same, check_tensor, resolve_scale, type_name
+from ._checks import (
+    FLOAT_DTYPES,
+    check_dim,
+    check_index_values,
+    check_number,
+    check_same,
+    check_tensor,
+    resolve_scale,
+    type_name,
+)
 from .scft_attention import lse_dtype
 
 MODES = ("triplet", "nll")
@@ -153,21 +161,7 @@ def _check_index(name: str, index, q: torch.Tensor, num_keys: int, trailing_dims
     if lead not in (with_heads, shared):
         expected = " or ".join(str(s) for s in dict.fromkeys((with_heads, shared)))
         raise ValueError(f"{name}: leading dims (B, [H,] N) must be {expected} to match q, got {tuple(index.shape)}")
-    if index.numel() == 0:
-        return
-    expected = f"{name} values must be in [-1, M) = [-1, {num_keys})"
-    if torch.compiler.is_compiling() or (index.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # No host copy here: a traced graph cannot branch on the values, and a copy would end a
-        # CUDA graph capture. The check runs on the device; on a GPU a bad index fails the next
-        # synchronizing call (a device-side assert), on the CPU it raises at once.
-        lowest, highest = torch.aminmax(index)
-        torch._assert_async((lowest >= -1) & (highest < num_keys), expected)
-        return
-    if index.device.type == "meta" or is_fake(index):
-        return  # shape propagation: there are no values to check
-    lowest, highest = (int(v) for v in torch.aminmax(index))
-    if lowest < -1 or highest >= num_keys:
-        raise ValueError(f"{expected}, got values in [{lowest}, {highest}]")
+    check_index_values(name, index, num_keys)
 
 
 def _check_key_grid(key_grid, num_keys: int) -> tuple[int, int]:
