@@ -254,6 +254,31 @@ if not INTERPRETING:
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
 
+    def test_a_broken_triton_install_leaves_the_other_backends_working():
+        """The import-time registration must not make a broken triton fail `import sketchcolor.ops`:
+        the triton backend is then unavailable with the reason, and cpp runs."""
+        pytest.importorskip("triton")
+        script = (
+            "import importlib.abc, sys\n"
+            "class Broken(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'sketchcolor.kernels.scft_attention':\n"
+            "            raise ImportError('simulated broken triton')\n"
+            "sys.meta_path.insert(0, Broken())\n"
+            "import torch\n"
+            "from sketchcolor.ops import scft_attention\n"
+            "q = torch.randn(1, 4, 8)\n"
+            "torch.testing.assert_close(scft_attention(q, q, q, impl='cpp'), scft_attention(q, q, q, impl='reference'))\n"
+            "try:\n"
+            "    scft_attention(q, q, q, impl='triton')\n"
+            "except RuntimeError as error:\n"
+            "    print(error)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "impl='triton' is not available: the Triton kernels do not import (ImportError: simulated broken triton)" in result.stdout
+
     def _qkv(dtype=torch.float32, n=5, m=6, d=8, dv=4, device="cpu"):
         return (torch.randn(1, 2, n, d, dtype=dtype, device=device), torch.randn(1, 2, m, d, dtype=dtype, device=device),
                 torch.randn(1, 2, m, dv, dtype=dtype, device=device))

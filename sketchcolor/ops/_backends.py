@@ -43,6 +43,25 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        for module in ("sketchcolor.kernels.scft_attention", "sketchcolor.kernels.correspondence_loss"):
+            importlib.import_module(module)
+    except Exception as error:  # noqa: BLE001  (a broken triton install: any error makes the backend unavailable)
+        return f"the Triton kernels do not import ({type(error).__name__}: {error})"
+    return None
+
+
+# A constant to torch.compile, like _extension.load_error.
+@torch.compiler.assume_constant_result
+def triton_load_error() -> str | None:
+    """None when the Triton kernels (and triton itself) import, else why not (cached). sketchcolor.ops
+    registers the triton ops at import where triton can run: a broken install then makes the
+    triton backend unavailable, with this reason, instead of failing the import of every backend."""
+    return _triton_import_error()
+
+
 def unavailable_reason(impl: str, device: torch.device, op_name: str, dtype: torch.dtype | None = None) -> str | None:
     """None if ``impl`` can run ``op_name`` (the C++ schema name) on ``device`` (for ``dtype``
     inputs, when given), else why not."""
@@ -87,10 +106,8 @@ def _placement_reason(impl: str, device: torch.device, op_name: str) -> str | No
     if impl == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
-        if device.type == "cuda":
-            return None
-        if device.type == "cpu" and triton_interpreting():
-            return None
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return triton_load_error()
         return f"impl='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
