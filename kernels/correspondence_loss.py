@@ -36,7 +36,7 @@ import triton.language as tl
 
 from sketchcolor.ops._checks import check_index_values, check_number
 
-from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows
+from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows, int32_last_axis
 from .scft_attention import MAX_HEAD_DIM, _dot_precision, get_options
 
 # --------------------------------------------------------------------------------------
@@ -415,7 +415,8 @@ def _identity(kernel):
     return kernel
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> None:
+def _checked_inputs(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k checked, each copied where its head-dim offsets would pass int32 (int32_last_axis)."""
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor (B, rows, D), got {getattr(t, 'shape', type(t))}")
@@ -440,6 +441,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> None:
     # The ops can be called directly (torch.ops.sketchcolor.corr_*_triton), past the public op's
     # checks: an index outside [-1, M) would make the kernels read outside k.
     check_index_values("pos", pos, k.shape[1])
+    return int32_last_axis(q), int32_last_axis(k)
 
 
 def _check_neg(neg: torch.Tensor, q: torch.Tensor, num_keys: int) -> None:
@@ -456,7 +458,7 @@ def _check_stat(name: str, t: torch.Tensor, shape: tuple) -> None:
 
 def triplet_forward(q, k, pos, neg, scale: float, margin: float, *, launch: Callable = _identity) -> torch.Tensor:
     """terms (B, N, T) float32."""
-    _check_inputs(q, k, pos)
+    q, k = _checked_inputs(q, k, pos)
     _check_neg(neg, q, k.shape[1])
     scale, margin = check_number("scale", scale), check_number("margin", margin)
     batch, n, d = q.shape
@@ -480,7 +482,7 @@ def triplet_backward(grad_terms, q, k, pos, neg, terms, scale: float, *, launch:
     segmented sum over the contributions (c_it q_i into row neg_it, -sum_t c_it q_i into row
     pos_i) sorted stably by key, in the order (b, i, pos first, then t).
     """
-    _check_inputs(q, k, pos)
+    q, k = _checked_inputs(q, k, pos)
     _check_neg(neg, q, k.shape[1])
     scale = check_number("scale", scale)
     batch, n, d = q.shape
@@ -526,7 +528,7 @@ def _stream_grid(n: int, batch: int):
 def hardest_forward(q, k, pos, grid_h: int, grid_w: int, exclusion: int, scale: float, margin: float, *,
                     launch: Callable = _identity):
     """terms (B, N) float32 and neg (B, N) int64 (-1 where there is no term)."""
-    _check_inputs(q, k, pos)
+    q, k = _checked_inputs(q, k, pos)
     batch, n, d = q.shape
     m = k.shape[1]
     if grid_h < 1 or grid_w < 1 or grid_h * grid_w != m or exclusion < 0:
@@ -549,7 +551,7 @@ def hardest_forward(q, k, pos, grid_h: int, grid_w: int, exclusion: int, scale: 
 
 def nll_forward(q, k, pos, scale: float, *, launch: Callable = _identity):
     """terms (B, N) and lse (B, N), float32."""
-    _check_inputs(q, k, pos)
+    q, k = _checked_inputs(q, k, pos)
     scale = check_number("scale", scale)
     batch, n, d = q.shape
     m = k.shape[1]
@@ -583,7 +585,7 @@ def nll_loss(q, k, pos, scale: float, with_grad: bool, *, launch: Callable = _id
 
 def nll_backward(grad_terms, q, k, pos, lse, scale: float, *, launch: Callable = _identity):
     """(grad_q, grad_k) shaped like (q, k), contiguous float32."""
-    _check_inputs(q, k, pos)
+    q, k = _checked_inputs(q, k, pos)
     batch, n, d = q.shape
     m = k.shape[1]
     _check_stat("grad_terms", grad_terms, (batch, n))

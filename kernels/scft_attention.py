@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows
+from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows, int32_last_axis
 
 MAX_HEAD_DIM = 1024  # D and Dv: larger works numerically, but no config was tuned or proven for it
 LOG2E = 1.4426950408889634
@@ -264,9 +264,11 @@ def _scft_attn_bwd_dkdv(
 
         lse = tl.load(lse_head + offs_m * stride_ln, mask=m_valid, other=0.0)
         delta = tl.load(delta_head + offs_m, mask=m_valid, other=0.0)
-        # Padded query columns get P = 0 so they add nothing to dK, dV (their q, dO are 0
-        # already; this also keeps exp2 of garbage statistics out of the sums).
-        p_t = tl.where(m_valid[None, :], tl.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634), 0.0)
+        # Padded entries get P = 0. Query columns: they add nothing to dK, dV (their q, dO are 0
+        # already; this keeps exp2 of garbage statistics out of the sums). Key rows: their score
+        # is 0, so exp(0 - lse) overflows where lse is very negative, and the 16-bit dS would
+        # carry inf into the atomic dQ product, where inf * (k = 0) is NaN in every column.
+        p_t = tl.where(n_valid[:, None] & m_valid[None, :], tl.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634), 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
 
         do_slice = tl.load(
@@ -604,6 +606,14 @@ def _check_output(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.
         raise ValueError(f"{name} must be {shape} {dtype} on {device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+
+def _check_output_strides(name: str, t: torch.Tensor | None) -> None:
+    """A caller's output buffer cannot be swapped for a copy as inputs are (int32_last_axis)."""
+    if t is not None and int32_last_axis(t) is not t:
+        raise ValueError(f"{name}: its last axis's stride {t.stride(-1)} puts offsets past the kernels' int32 range; "
+                         "pass a buffer with a smaller one (a contiguous one, say)")
+
+
 def _dot_precision(dtype: torch.dtype, opts: Options) -> str:
     return "tf32" if dtype == torch.float32 and opts.tf32 else "ieee"
 
@@ -624,10 +634,13 @@ def attention_forward(
     are written, not read.
     """
     _check_qkv(q, k, v)
+    q, k, v = (int32_last_axis(t) for t in (q, k, v))
     batch, heads, n, d = q.shape
     m, dv = k.shape[2], v.shape[3]
     _check_output("out", out, (batch, heads, n, dv), q.dtype, q.device)
     _check_output("lse", lse, (batch, heads, n), torch.float32, q.device)
+    _check_output_strides("out", out)
+    _check_output_strides("lse", lse)
     if out is None:
         out = torch.empty((batch, heads, n, dv), dtype=q.dtype, device=q.device)
     if lse is None:
@@ -670,11 +683,13 @@ def attention_backward(
     _check_output("grad_out", grad_out, (batch, heads, n, dv), q.dtype, q.device)
     _check_output("out", out, (batch, heads, n, dv), q.dtype, q.device)
     _check_output("lse", lse, (batch, heads, n), torch.float32, q.device)
+    q, k, v, grad_out, out, lse = (int32_last_axis(t) for t in (q, k, v, grad_out, out, lse))
     caller_grads = grads is not None
     if grads is None:
         grads = tuple(torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
     for name, g, t in zip(("grad_q", "grad_k", "grad_v"), grads, (q, k, v)):
         _check_output(name, g, tuple(t.shape), q.dtype, q.device)
+        _check_output_strides(name, g)
     grad_q, grad_k, grad_v = grads
     if batch * heads == 0:
         return grad_q, grad_k, grad_v

@@ -359,6 +359,7 @@ def test_sass_uses_tensor_cores_and_no_local_memory(builds):
 # touching the device, so the rejections below run on any machine, GPU or not. Each line prints
 # the cudaError_t the launcher returned; cudaErrorInvalidValue is 1.
 _HOST_PROGRAM = r"""
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -384,6 +385,7 @@ int main() {
   { auto x = f; x.value_dim = kMaxHeadDim + 1; fwd("fwd_value_dim_too_large", x); }
   { auto x = f; x.batch = 300; x.heads = 300; fwd("fwd_too_many_batch_heads", x); }
   { auto x = f; x.n_keys = 0; fwd("fwd_no_keys", x); }
+  { auto x = f; x.n_keys = INT32_MAX / 2 + 1; fwd("fwd_too_many_keys", x); }
   { auto x = f; x.out = nullptr; fwd("fwd_null_out", x); }
   ScftAttnBwdParams b{};
   b.grad_out = b.q = b.k = b.v = b.out = buf; b.lse = fbuf; b.grad_q = b.grad_k = b.grad_v = buf;
@@ -514,7 +516,7 @@ def test_launchers_reject_bad_parameters_on_the_host(builds, tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     rejections = [line.split() for line in lines if not line.startswith(("plan", "hardest_plan"))]
-    assert len(rejections) == 35
+    assert len(rejections) == 36
     for name, code in rejections:
         assert int(code) == 1, f"{name}: launcher returned cudaError {code}, expected cudaErrorInvalidValue (1)"
     plans = {tuple(map(int, line.split()[1:9])): tuple(map(int, line.split()[9:])) for line in lines

@@ -121,6 +121,27 @@ def test_launchers_match_reference(case, deterministic):
 
 
 @needs_device
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+def test_very_negative_scores_with_a_key_tail(deterministic):
+    # Every score near -20, so lse is near -17 and exp(-lse) is past float16's range. The padded
+    # keys of the last key block (k = 0, score 0) must get P = 0: otherwise their dS overflows to
+    # inf in float16 and inf * 0 makes every dQ column NaN. M = 33 leaves a tail at every block size.
+    gen = torch.Generator().manual_seed(11)
+    n, m, d, dv = 16, 33, 16, 8
+    q = (2.25 + 0.05 * torch.randn((1, 1, n, d), generator=gen, dtype=torch.float64)).half().to(DEVICE)
+    k = (-2.25 + 0.05 * torch.randn((1, 1, m, d), generator=gen, dtype=torch.float64)).half().to(DEVICE)
+    v, grad_out = (torch.randn(shape, generator=gen, dtype=torch.float64).half().to(DEVICE) for shape in ((1, 1, m, dv), (1, 1, n, dv)))
+    scale = d**-0.5
+    out, lse = kernels.attention_forward(q, k, v, scale)
+    assert lse.max().item() < -11
+    with kernels.options(deterministic=deterministic):
+        grads = kernels.attention_backward(grad_out, q, k, v, out, lse, scale)
+    exact = _reference(q, k, v, grad_out, scale, torch.float64)
+    low = _reference(q, k, v, grad_out, scale, torch.float16)
+    _assert_close(("out", "lse", "grad_q", "grad_k", "grad_v"), (out, lse, *grads), exact, low)
+
+
+@needs_device
 def test_deterministic_backward_is_bitwise_reproducible():
     gen = torch.Generator().manual_seed(3)
     q, k, v, grad_out = (_make(s, torch.bfloat16, "contiguous", gen) for s in [(1, 2, 40, 48)] * 4)
@@ -278,6 +299,20 @@ if not INTERPRETING:
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
         assert "impl='triton' is not available: the Triton kernels do not import (ImportError: simulated broken triton)" in result.stdout
+
+    def test_layouts_past_int32_offsets_are_copied_or_refused():
+        """The kernels multiply head-dim offsets by the stride in int32: a q whose last-axis
+        offsets reach 2**31 elements reaches them as a contiguous copy, and an output buffer
+        like that is refused (it cannot be swapped for a copy). Meta tensors: no memory."""
+        q = torch.empty_strided((1, 2, 4, 3), (8, 4, 1, 2**30), dtype=torch.float16, device="meta")
+        k, v = (torch.empty((1, 2, 5, 3), dtype=torch.float16, device="meta") for _ in range(2))
+        recorder = aot.LaunchRecorder()
+        out, lse = kernels.attention_forward(q, k, v, 0.5, launch=recorder)
+        kernels.attention_backward(torch.empty_like(out), q, k, v, out, lse, 0.5, launch=recorder)
+        assert {launch.args["stride_qd"] for launch in recorder.launches if "stride_qd" in launch.args} == {1}
+        wide = torch.empty_strided((1, 2, 4, 3), (8, 4, 1, 2**30), dtype=torch.float16, device="meta")
+        with pytest.raises(ValueError, match="out: its last axis's stride 1073741824 puts offsets past the kernels' int32 range"):
+            kernels.attention_forward(k[:, :, :4], k, v, 0.5, out=wide, launch=recorder)
 
     def _qkv(dtype=torch.float32, n=5, m=6, d=8, dv=4, device="cpu"):
         return (torch.randn(1, 2, n, d, dtype=dtype, device=device), torch.randn(1, 2, m, d, dtype=dtype, device=device),

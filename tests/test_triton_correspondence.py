@@ -70,6 +70,25 @@ if not INTERPRETING:
                 if name in DOT_KERNELS and dtype == torch.bfloat16:
                     assert aot.uses_tensor_cores(compiled.asm["ptx"], target), f"{where}: no tensor-core product in the PTX"
 
+    def test_layouts_past_int32_offsets_are_copied():
+        """The kernels multiply head-dim offsets by the stride in int32: q and k whose last-axis
+        offsets reach 2**31 elements reach them as contiguous copies. Meta tensors: no memory."""
+        pytest.importorskip("triton")
+        from sketchcolor.kernels import aot
+        from sketchcolor.kernels import correspondence_loss as kernels
+
+        q = torch.empty_strided((1, 4, 3), (4, 1, 2**30), dtype=torch.bfloat16, device="meta")
+        k = torch.empty_strided((1, 6, 3), (6, 1, 2**30), dtype=torch.bfloat16, device="meta")
+        pos = torch.zeros((1, 4), dtype=torch.int64, device="meta")
+        neg = torch.zeros((1, 4, 2), dtype=torch.int64, device="meta")
+        recorder = aot.LaunchRecorder()
+        kernels.triplet_forward(q, k, pos, neg, 0.5, 1.0, launch=recorder)
+        kernels.hardest_forward(q, k, pos, 2, 3, 1, 0.5, 1.0, launch=recorder)
+        kernels.nll_loss(q, k, pos, 0.5, True, launch=recorder)
+        strides = {(launch.name, name): value for launch in recorder.launches for name, value in launch.args.items()
+                   if name in ("stride_qd", "stride_kd")}
+        assert strides and set(strides.values()) == {1}, strides
+
     def _record_launches(kernels, dtype, batch=2, n=4096, m=4096, d=992, negatives=32):
         """(name, jit function, arguments, configs) of every launch, run on meta tensors."""
         names = {id(getattr(kernels, name)): name for name in DOT_KERNELS + GATHER_KERNELS}

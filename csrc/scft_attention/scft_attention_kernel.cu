@@ -481,7 +481,8 @@ bool dims_ok(int batch, int heads, int n, int m, int d, int dv) {
   const int64_t batch_heads = int64_t(batch) * heads;
   return batch >= 1 && heads >= 1 && batch_heads <= 65535 && n >= 1 && m >= 1 && d >= 1 && dv >= 1 &&
          d <= kMaxHeadDim && dv <= kMaxHeadDim &&
-         ceil_div(n, ScftBwdProbsConfig::kBlockM) <= 65535;   // grid.y of the probs kernel
+         ceil_div(n, ScftBwdProbsConfig::kBlockM) <= 65535 &&   // grid.y of the probs kernel
+         m <= INT32_MAX / 2;   // key counts rounded up to tiles and chunk ends stay in int (as the binding's cap)
 }
 
 // The kernels the environment and the device pick (scft_mma_choice, scft_stages_choice).
