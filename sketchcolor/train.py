@@ -128,6 +128,16 @@ class TrainConfig:
                 f"size {self.size} is too small for disc_layers={self.model.disc_layers}: the discriminator's convs need "
                 f"images of at least {smallest_side}x{smallest_side}; the smallest size is {smallest_size} (or use fewer disc_layers)"
             )
+        if self.batch_size * (self.size // SIZE_MULTIPLE) ** 2 < 2:
+            raise ValueError(
+                f"size {self.size} with batch_size {self.batch_size}: the encoders' 1x1 deepest features would give batch "
+                "norm one value per channel; use a larger size or batch_size"
+            )
+        if self.loss.negatives == "sampled" and self.model.feature_grid(self.size) ** 2 < 2:
+            raise ValueError(
+                f"size {self.size} at scft_stride {self.model.scft_stride} leaves one reference cell: sampled negatives "
+                "need at least 2 (use a larger size or a smaller scft_stride)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -398,7 +408,10 @@ def capture_rng() -> dict:
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the saving process saw; a machine with fewer restores theirs only
+        # (set_rng_state_all would index past its devices). Training draws nothing from them.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
     name, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     random.setstate(state["python"])
@@ -495,6 +508,8 @@ def restore_checkpoint(trainer: Trainer, path: str | Path) -> dict[str, tuple]:
         restore_rng(rng_by_rank[rank()])
     else:
         seed_everything(rank_seed(trainer.config.seed, rank(), trainer.step))
+        # batch_size is per process: the global batch changes with the number of processes.
+        changed["world_size"] = (len(rng_by_rank), world_size())
     return changed
 
 

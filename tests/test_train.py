@@ -4,6 +4,7 @@ non-finite losses and Ctrl-C, on tiny models (32x32 images, width 2)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import math
@@ -256,6 +257,10 @@ def test_bf16_autocast_only_where_gpus_have_bf16_tensor_cores(capability, expect
         ({"dataset_length": 2.5}, "dataset_length must be None or a positive int, got 2.5"),
         ({"size": 16, "model": ModelConfig(width=2, disc_layers=3)}, "size 16 is too small for disc_layers=3: .* the smallest size is 32"),
         ({"size": 32, "model": ModelConfig(width=2, disc_layers=6)}, "size 32 is too small for disc_layers=6: .* the smallest size is 192"),
+        ({"size": 16, "batch_size": 1, "model": ModelConfig(width=2, scft_stride=8, disc_layers=1)},
+         "size 16 with batch_size 1: the encoders' 1x1 deepest features would give batch norm one value per channel"),
+        ({"size": 16, "model": ModelConfig(width=2, scft_stride=16, disc_layers=1)},
+         "size 16 at scft_stride 16 leaves one reference cell: sampled negatives need at least 2"),
     ],
 )
 def test_config_rejects_bad_values(changes, message, tmp_path):
@@ -459,6 +464,30 @@ def test_resume_takes_the_optimizer_settings_of_the_command_line_and_lists_the_c
     for optimizer, lr in (("optimizer_g", 1e-3), ("optimizer_d", 3e-4)):
         (group,) = state[optimizer]["param_groups"]
         assert group["lr"] == lr and tuple(group["betas"]) == (0.8, 0.99)
+
+
+def test_resume_with_another_number_of_processes_says_so(reference_runs, tmp_path, capsys):
+    # batch_size is per process, so the global batch changes: the run lists it with the settings.
+    two, _ = reference_runs
+    shutil.copytree(two.out, tmp_path / "run")
+    saved = list_checkpoints(tmp_path / "run")[-1]
+    state = read_checkpoint(saved)
+    write_checkpoint(saved, {**state, "rng_by_rank": [copy.deepcopy(state["rng"]) for _ in range(2)]})
+    train(tiny_config(tmp_path / "run", steps=3, resume="auto"))
+    assert "settings changed since the checkpoint (saved -> now): world_size 2 -> 1\n" in capsys.readouterr().out
+
+
+def test_cuda_rng_states_restore_on_a_machine_with_fewer_gpus(monkeypatch):
+    # A checkpoint holds a state per GPU its process saw: with fewer here, each existing one
+    # gets its own (set_rng_state_all would index past the devices).
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    state = train_module.capture_rng()
+    state["cuda"] = [torch.full((16,), index, dtype=torch.uint8) for index in range(8)]
+    train_module.restore_rng(state)
+    assert restored == [(0, 0), (1, 1)]
 
 
 def test_resume_drops_the_metrics_logged_after_its_checkpoint(reference_runs, tmp_path):
