@@ -407,8 +407,10 @@ corr_nll_bwd_dk = _autotune("slice", ["N", "M", "D", "DOT_PRECISION"])(_corr_nll
 # --------------------------------------------------------------------------------------
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# CUDA caps grid axes 1 and 2 at 65535: the batch (B * H) runs on one of them.
+# CUDA caps grid axes 1 and 2 at 65535: the batch (B * H) runs on one of them, and the nll
+# backward's query and key blocks (at least 16 rows each in every config) on the other.
 _MAX_GRID_YZ = 65535
+_MAX_ROWS = _MAX_GRID_YZ * 16
 
 
 def _identity(kernel):
@@ -438,6 +440,8 @@ def _checked_inputs(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> tupl
         raise ValueError(f"pos must be ({batch}, {n}) int64 on {q.device}, got {tuple(pos.shape)} {pos.dtype} on {pos.device}")
     if batch > _MAX_GRID_YZ:
         raise ValueError(f"B * H = {batch} exceeds the {_MAX_GRID_YZ} programs a CUDA grid axis holds")
+    if max(n, k.shape[1]) > _MAX_ROWS:
+        raise ValueError(f"q, k: N and M must be at most {_MAX_ROWS} rows for the Triton kernels, got N={n}, M={k.shape[1]}")
     # The ops can be called directly (torch.ops.sketchcolor.corr_*_triton), past the public op's
     # checks: an index outside [-1, M) would make the kernels read outside k.
     check_index_values("pos", pos, k.shape[1])

@@ -89,6 +89,18 @@ if not INTERPRETING:
                    if name in ("stride_qd", "stride_kd")}
         assert strides and set(strides.values()) == {1}, strides
 
+    def test_rows_past_the_grid_are_refused():
+        """The nll backward puts query and key blocks on a grid axis capped at 65535 programs."""
+        pytest.importorskip("triton")
+        from sketchcolor.kernels import correspondence_loss as kernels
+
+        rows = 65535 * 16 + 1
+        q = torch.empty((1, rows, 8), dtype=torch.bfloat16, device="meta")
+        k = torch.empty((1, 6, 8), dtype=torch.bfloat16, device="meta")
+        pos = torch.zeros((1, rows), dtype=torch.int64, device="meta")
+        with pytest.raises(ValueError, match=r"N and M must be at most 1048560 rows for the Triton kernels, got N=1048561, M=6"):
+            kernels.nll_loss(q, k, pos, 0.5, True)
+
     def _record_launches(kernels, dtype, batch=2, n=4096, m=4096, d=992, negatives=32):
         """(name, jit function, arguments, configs) of every launch, run on meta tensors."""
         names = {id(getattr(kernels, name)): name for name in DOT_KERNELS + GATHER_KERNELS}
