@@ -24,7 +24,7 @@ import torch
 from sketchcolor.benchmarking import machine
 from sketchcolor.benchmarking.cases import PAPER_HEAD_DIM, bench_case, skip_reason
 from sketchcolor.benchmarking.options import dtype, positive_int, size_list
-from sketchcolor.benchmarking.report import MIB, baseline_ratios, format_table, markdown_table
+from sketchcolor.benchmarking.report import MIB, baseline_ratios, format_table, markdown_table, memory_notes, peak_cell
 from sketchcolor.benchmarking.results_file import write_section
 from sketchcolor.benchmarking.suite import run_benchmarks
 
@@ -55,8 +55,8 @@ def memory_table(results) -> tuple[list[str], list[list[str]]]:
     rows = []
     for result in results:
         memory, ratios = result.memory, baseline_ratios(result, results)
-        row = [result.case.provider, str(result.case.n), result.case.dtype_name]
-        for value in (memory.peak_bytes, memory.raw_peak_bytes, memory.baseline_bytes):
+        row = [result.case.provider, str(result.case.n), result.case.dtype_name, peak_cell(memory)]
+        for value in (memory.raw_peak_bytes, memory.baseline_bytes):
             row.append("-" if value is None else f"{value / MIB:.0f}")
         for baseline in ("torch_sdpa", "reference"):
             ratio = ratios[f"memory_vs_{baseline}"]
@@ -87,8 +87,9 @@ def main() -> int:
 
     headers, rows = memory_table(results)
     targets = target_lines(results)
+    notes = memory_notes(results)
     print(format_table(headers, rows))
-    print("\n".join(["", *targets]))
+    print("\n".join(["", *targets, *notes]))
 
     body = "\n\n".join([
         "## SCFT attention: peak memory of forward+backward on CPU (benchmarks/attention_memory.py)",
@@ -96,7 +97,7 @@ def main() -> int:
         f"B = H = 1, D = Dv = {args.head_dim}. Each case in its own process: peak RSS minus the RSS after imports "
         "(inputs included), and the raw peak RSS.",
         markdown_table(headers, rows),
-        "\n".join(f"- {line}" for line in targets),
+        "\n".join(f"- {line}" for line in [*targets, *notes]),
     ])
     write_section(args.results, SECTION, body)
     print(f"wrote the '{SECTION}' section of {args.results}")

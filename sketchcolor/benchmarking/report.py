@@ -67,7 +67,7 @@ def bench_table(results: list[BenchResult]) -> tuple[list[str], list[list[str]]]
         for pass_ in ("fwd", "fwd+bwd"):
             rate = result.flops_per_second(pass_)
             row += [_number(result.median_ms(pass_)), _number(rate and rate / divisor)]
-        row.append(_peak_cell(result.memory))
+        row.append(peak_cell(result.memory))
         row += [_number(ratios[f"{kind}_vs_{provider}"], ratio=True) for kind in ("time", "memory") for provider, _ in baselines]
         row.append(result.error or "")
         rows.append(row)
@@ -188,7 +188,7 @@ def safe_ratio(value, baseline) -> float | None:
     return value / baseline if value is not None and baseline else None
 
 
-def _peak_cell(memory: PeakMemory | None) -> str:
+def peak_cell(memory: PeakMemory | None) -> str:
     """The peak MiB cell: the measurement, ">=" the floor where the method could not resolve the
     peak (memory_notes says why), or '-' where there is neither."""
     if memory is None:
