@@ -256,6 +256,14 @@ if not INTERPRETING:
         assert passed and int(passed.group(1)) >= len(PARAMS), output
         assert "skipped" not in result.stdout, output
 
+    def _run_in_a_fresh_interpreted_process(script: str) -> str:
+        """Runs ``script`` in a new Python process with TRITON_INTERPRET=1 (nothing imported or
+        registered yet); returns what it printed."""
+        result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result.stdout
+
     def test_compiled_call_before_any_eager_one():
         """sketchcolor.ops registers the triton ops when it is imported, wherever triton can run:
         torch.compile cannot trace a registration, so a fullgraph compile that comes before any
@@ -271,9 +279,7 @@ if not INTERPRETING:
             "torch.testing.assert_close(attention(q), scft_attention(q, k, k, impl='reference'))\n"
             "torch.testing.assert_close(loss(q), correspondence_loss(q, k, pos, mode='nll', impl='reference'))\n"
         )
-        result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-4000:]
+        _run_in_a_fresh_interpreted_process(script)
 
     def test_a_broken_triton_install_leaves_the_other_backends_working():
         """The import-time registration must not make a broken triton fail `import sketchcolor.ops`:
@@ -295,10 +301,8 @@ if not INTERPRETING:
             "except RuntimeError as error:\n"
             "    print(error)\n"
         )
-        result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-4000:]
-        assert "impl='triton' is not available: the Triton kernels do not import (ImportError: simulated broken triton)" in result.stdout
+        printed = _run_in_a_fresh_interpreted_process(script)
+        assert "impl='triton' is not available: the Triton kernels do not import (ImportError: simulated broken triton)" in printed
 
     def test_layouts_past_int32_offsets_are_copied_or_refused():
         """The kernels multiply head-dim offsets by the stride in int32: a q whose last-axis
