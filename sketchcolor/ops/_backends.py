@@ -129,15 +129,6 @@ def _cuda_device(device: torch.device) -> tuple[str, tuple[int, int], int]:
     return props.name, (props.major, props.minor), props.shared_memory_per_block_optin
 
 
-def _auto_order(device: torch.device, op_name: str) -> tuple[str, ...]:
-    """The backends auto tries, fastest first, for ``op_name`` on ``device``."""
-    order = _AUTO_ORDER.get(device.type, ())
-    if "cuda" in order and _placement_reason("cuda", device, op_name) is None:
-        if _cuda_device(device)[1][0] in AUTO_TRITON_FIRST_MAJORS:
-            return ("triton", *(c for c in order if c != "triton"))
-    return order
-
-
 @functools.cache
 def _warn_fallback(op_name: str, device_type: str, reasons: str) -> None:
     warnings.warn(
@@ -158,11 +149,11 @@ def resolve(impl: str, device: torch.device, op_name: str, dtype: torch.dtype | 
         if reason is not None:
             raise RuntimeError(f"sketchcolor: impl={impl!r} is not available: {reason}")
         return impl
-    reasons = []
-    for candidate in _auto_order(device, op_name):
-        reason = unavailable_reason(candidate, device, op_name, dtype)
-        if reason is None:
-            return candidate
-        reasons.append(f"{candidate}: {reason}")
-    _warn_fallback(op_name, device.type, "; ".join(reasons) or "no fused backend for this device")
+    reasons = {candidate: unavailable_reason(candidate, device, op_name, dtype) for candidate in _AUTO_ORDER.get(device.type, ())}
+    runnable = [candidate for candidate, reason in reasons.items() if reason is None]
+    if {"cuda", "triton"} <= set(runnable) and _cuda_device(device)[1][0] in AUTO_TRITON_FIRST_MAJORS:
+        return "triton"
+    if runnable:
+        return runnable[0]
+    _warn_fallback(op_name, device.type, "; ".join(f"{c}: {r}" for c, r in reasons.items()) or "no fused backend for this device")
     return "reference"
