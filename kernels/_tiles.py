@@ -15,16 +15,20 @@ import triton.language as tl
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def int32_last_axis(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a contiguous copy where its last axis's offsets reach 2**31 elements.
+def last_axis_passes_int32(t: torch.Tensor) -> bool:
+    """Whether ``t``'s last-axis offsets (index times stride) reach 2**31 elements.
 
     The kernels multiply last-axis offsets (tl.arange, int32) by the stride in int32: a 64-bit
     product in every program would cost the layouts training uses, whose stride there is 1 (or
     N, for a (B, D, N)-style view). Only a layout like a permuted (D, ..., N) buffer of over two
-    billion elements gets that far, and it is copied once here instead."""
-    if t.dim() and (t.shape[-1] - 1) * abs(t.stride(-1)) >= 2**31:
-        return t.contiguous()
-    return t
+    billion elements gets that far."""
+    return t.dim() > 0 and (t.shape[-1] - 1) * abs(t.stride(-1)) >= 2**31
+
+
+def int32_last_axis(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where its last-axis offsets would pass int32 (copied once here
+    instead of widening every kernel's arithmetic)."""
+    return t.contiguous() if last_axis_passes_int32(t) else t
 
 # Under TRITON_INTERPRET=1 the interpreter implements no bfloat16 arithmetic: it stores
 # bf16 as raw uint16, its tl.dot multiplies those bit patterns (triton-lang/triton#11584;

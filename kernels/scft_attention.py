@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows, int32_last_axis
+from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows, int32_last_axis, last_axis_passes_int32
 
 MAX_HEAD_DIM = 1024  # D and Dv: larger works numerically, but no config was tuned or proven for it
 LOG2E = 1.4426950408889634
@@ -394,7 +394,8 @@ BWD_DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_C": 256}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_C": 128}, num_warps=8, num_stages=2),
     # The same 128-wide slices over 32-wide D chunks: the only atomic dK/dV config that spills on
-    # no target (mma.sync keeps operand fragments in registers; the ones above spill on sm_80).
+    # no target from sm_80 to sm_100 (mma.sync keeps operand fragments in registers; the ones
+    # above spill on sm_80). sm_120 allocates differently: 16 bytes there (NOTES-triton.md).
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_C": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 32, "BLOCK_C": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_C": 64}, num_warps=4, num_stages=3),
@@ -609,7 +610,7 @@ def _check_output(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.
 
 def _check_output_strides(name: str, t: torch.Tensor | None) -> None:
     """A caller's output buffer cannot be swapped for a copy as inputs are (int32_last_axis)."""
-    if t is not None and int32_last_axis(t) is not t:
+    if t is not None and last_axis_passes_int32(t):
         raise ValueError(f"{name}: its last axis's stride {t.stride(-1)} puts offsets past the kernels' int32 range; "
                          "pass a buffer with a smaller one (a contiguous one, say)")
 
