@@ -11,6 +11,7 @@ each tensor replaced by its name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -55,19 +56,28 @@ def _unpack(tree, tensors: dict[str, torch.Tensor]):
     return tree
 
 
-def write_checkpoint(path: str | Path, state: dict) -> None:
-    """Write ``state`` (a dict tree holding tensors) to ``path`` atomically."""
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _pack(state, "", tensors)
+@contextlib.contextmanager
+def atomic_replacement(path: Path):
+    """A temporary path beside ``path`` for the block to write: when the block ends without an
+    error, the file is flushed to disk and replaces ``path`` in one step; otherwise, or after a
+    crash, ``path`` is as it was. The temporary name is hidden (a leading dot), so globs of the
+    real files do not see it."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(tensors, str(temporary), metadata={"format": FORMAT, "state": json.dumps(skeleton)})
+        yield temporary
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_checkpoint(path: str | Path, state: dict) -> None:
+    """Write ``state`` (a dict tree holding tensors) to ``path`` atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _pack(state, "", tensors)
+    with atomic_replacement(Path(path)) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": FORMAT, "state": json.dumps(skeleton)})
 
 
 def read_checkpoint(path: str | Path, sections: tuple[str, ...] | None = None) -> dict:

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
 import signal
 import threading
@@ -24,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import read_checkpoint, write_checkpoint
+from .checkpoint import atomic_replacement, read_checkpoint, write_checkpoint
 from .data import make_dataset, tensor_to_pil
 from .distributed import (
     any_rank,
@@ -614,15 +613,8 @@ def _drop_metrics_after(path: Path, step: int) -> None:
     kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
     if kept == lines:
         return
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.writelines(kept)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_replacement(path) as temporary:
+        temporary.write_text("".join(kept), encoding="utf-8")
 
 
 class MetricsLog:
