@@ -139,6 +139,10 @@ def _warn_fallback(op_name: str, device_type: str, reasons: str) -> None:
     )
 
 
+# A constant to torch.compile: dynamo calls it once while tracing, with the tensors' device and
+# dtype, instead of tracing through the checks (torch 2.11's dynamo refuses importlib.util.find_spec
+# and the dispatcher queries among them; the GPU machines run 2.11).
+@torch.compiler.assume_constant_result
 def resolve(impl: str, device: torch.device, op_name: str, dtype: torch.dtype | None = None) -> str:
     """The concrete backend name for ``impl`` on ``dtype`` inputs; raises with the reason if it
     cannot run. ``auto`` skips a backend that cannot take the dtype (float32 on CUDA: triton)."""
