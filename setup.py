@@ -7,13 +7,42 @@ this file imports torch, and pip's build isolation would fetch a second torch.
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _point_cuda_home_at_nvccs_toolkit() -> None:
+    """torch.utils.cpp_extension, when imported, takes CUDA_HOME (unless set) as the folder above
+    the nvcc on PATH. An nvcc that is a wrapper script (this development machine's
+    /usr/local/bin/nvcc runs /usr/local/cuda-13.0/bin/nvcc) makes that /usr/local, which has no
+    CUDA headers, and the bindings then fail to compile. nvcc names its own toolkit (TOP in
+    --dryrun's output): that one is passed on."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or _has_cuda_headers(os.path.dirname(os.path.dirname(nvcc))):
+        return
+    try:
+        dryrun = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return
+    top = re.search(r"^#\$ TOP=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
+    if top and _has_cuda_headers(os.path.realpath(top.group(1).strip())):
+        os.environ["CUDA_HOME"] = os.path.realpath(top.group(1).strip())
+
+
+def _has_cuda_headers(toolkit: str) -> bool:
+    return os.path.isfile(os.path.join(toolkit, "include", "cuda_runtime_api.h"))
+
+
+_point_cuda_home_at_nvccs_toolkit()
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402  (reads CUDA_HOME)
 
 
 def _cuda_build_wanted() -> bool:

@@ -23,6 +23,9 @@
 #   bench-attention-compact   and with the compact (2-stage) mma.sync kernels that GPUs granting
 #                             99 KiB per block run (SKETCHCOLOR_CUDA_STAGES=compact)
 #   triton-tests              the Triton backend's GPU tests
+#   bench-train               one training step's peak GPU memory and time at 512x512 and
+#                             1024x1024 with SCFT at 1/4 (16,384 and 65,536 tokens), reference
+#                             vs triton vs cuda (benchmarks/bench_train_memory.py)
 # One deadline (GPU_SESSION_SECONDS, default 540) bounds the whole run: each stage gets its own
 # limit or what is left of the deadline, whichever is less, so a hang costs one stage, not the
 # run. A failed stage does not stop the next ones.
@@ -100,6 +103,8 @@ SKETCHCOLOR_CUDA_MMA=mma_sync SKETCHCOLOR_CUDA_STAGES=compact stage bench-attent
   "$python" benchmarks/bench_attention.py --device cuda --impl cuda --sizes 16384 --no-write
 stage triton-tests 150 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
   tests/test_triton_attention.py tests/test_triton_correspondence.py
+stage bench-train 150 "$python" benchmarks/bench_train_memory.py --device cuda --sizes 512 1024 --strides 4 \
+  --attn reference triton cuda --steps 2 --timeout 60
 
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 echo "done after $SECONDS s" >>"$summary"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -171,6 +172,17 @@ def test_the_out_folder_is_checked_before_the_run(out, message, tmp_path, capsys
     (tmp_path / "taken" / "bench.json").mkdir(parents=True)
     assert cli.main(["bench", "--device", "cpu", "--out", str(tmp_path / out)]) == 2
     assert f"sketchcolor bench: error: {message.format(tmp=tmp_path)}" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused(tmp_path, capsys, monkeypatch):
+    # Permission bits do not bind root, who runs CI, so the permission query itself refuses here.
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == read_only else access(path, mode))
+    monkeypatch.setattr(command, "run_benchmarks", lambda *args, **kwargs: pytest.fail("ran before --out was checked"))
+    assert cli.main(["bench", "--device", "cpu", "--out", str(read_only)]) == 2
+    assert f"--out: the folder '{read_only}' is not writable" in capsys.readouterr().err
 
 
 def test_the_seed_is_bounded(capsys):
