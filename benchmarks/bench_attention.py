@@ -36,7 +36,7 @@ import torch
 
 from sketchcolor.benchmarking.cases import PAPER_HEAD_DIM, Case, bench_case, dtype_skip_reason, skip_reason
 from sketchcolor.benchmarking.correctness import print_check, run_check
-from sketchcolor.benchmarking.options import default_device, default_dtype, dtype, non_negative_int, positive_int, size_list
+from sketchcolor.benchmarking.options import default_device, default_dtype, dtype, non_negative_int, positive_int, refuse_missing_cuda, size_list
 from sketchcolor.benchmarking.report import publish, safe_ratio
 from sketchcolor.benchmarking.suite import BenchResult, run_benchmarks
 from sketchcolor.benchmarking.timing import time_call
@@ -120,8 +120,7 @@ def main() -> int:
     parser.add_argument("--skip-check", action="store_true", help="time even if the correctness check fails")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available on this machine")
+    refuse_missing_cuda(parser, args.device)
 
     case_dtype = args.dtype or default_dtype(args.device)
     sizes = args.sizes or DEFAULT_SIZES[args.device]

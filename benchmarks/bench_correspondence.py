@@ -37,7 +37,7 @@ from sketchcolor.benchmarking.cases import (
     skip_reason,
 )
 from sketchcolor.benchmarking.correctness import print_check, run_check
-from sketchcolor.benchmarking.options import default_device, default_dtype, dtype, mode_list, non_negative_int, positive_int, size_list
+from sketchcolor.benchmarking.options import default_device, default_dtype, dtype, mode_list, non_negative_int, positive_int, refuse_missing_cuda, size_list
 from sketchcolor.benchmarking.report import baseline_ratios, publish
 from sketchcolor.benchmarking.suite import run_benchmarks
 from sketchcolor.verify import CORRESPONDENCE_SHAPES_QUICK, correspondence_case
@@ -96,8 +96,7 @@ def main() -> int:
     parser.add_argument("--skip-check", action="store_true", help="time even if the correctness check fails")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available on this machine")
+    refuse_missing_cuda(parser, args.device)
 
     case_dtype = args.dtype or default_dtype(args.device)
     impls = args.impl or (["cpp"] if args.device == "cpu" else ["triton", "cuda"])

@@ -29,9 +29,11 @@ import torch
 
 from sketchcolor.benchmarking import machine
 from sketchcolor.benchmarking.memory import run_in_child
+from sketchcolor.benchmarking.options import positive_int, refuse_missing_cuda
 from sketchcolor.benchmarking.report import markdown_table
 from sketchcolor.benchmarking.results_file import write_section
 from sketchcolor.models import ModelConfig
+from sketchcolor.ops._backends import IMPLS
 from sketchcolor.train import TrainConfig, build_loss, build_models, build_optimizers, seed_everything, train_step
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -101,16 +103,24 @@ def format_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024], help="image sides (default: 256 512 1024)")
-    parser.add_argument("--strides", type=int, nargs="+", default=[16, 8, 4], help="SCFT strides: 16 = 1/16 (default: 16 8 4)")
-    parser.add_argument("--attn", nargs="+", default=["reference", "cpp"], help="backends to compare (default: reference cpp)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default: 1)")
-    parser.add_argument("--width", type=int, default=16, help="model width (default: the paper's 16, D = 992)")
-    parser.add_argument("--steps", type=int, default=1, help="steps per case; the last is timed (default: 1; more excludes first-step setup from the time)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case (default: 1800)")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[256, 512, 1024], help="image sides (default: 256 512 1024)")
+    parser.add_argument("--strides", type=positive_int, nargs="+", default=[16, 8, 4], help="SCFT strides: 16 = 1/16 (default: 16 8 4)")
+    parser.add_argument("--attn", nargs="+", choices=IMPLS, default=["reference", "cpp"], help="backends to compare (default: reference cpp)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="images per step (default: 1)")
+    parser.add_argument("--width", type=positive_int, default=16, help="model width (default: the paper's 16, D = 992)")
+    parser.add_argument("--steps", type=positive_int, default=1, help="steps per case; the last is timed (default: 1; more excludes first-step setup from the time)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    parser.add_argument("--timeout", type=positive_int, default=1800, help="seconds per case (default: 1800)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
     args = parser.parse_args()
+    refuse_missing_cuda(parser, args.device)
+    # Each case's settings are checked here, so that a bad one stops the run before any case runs.
+    for size in args.sizes:
+        for stride in args.strides:
+            try:
+                TrainConfig(size=size, batch_size=args.batch_size, model=ModelConfig(width=args.width, scft_stride=stride))
+            except ValueError as error:
+                parser.error(f"--sizes {size} with --strides {stride}: {error}")
 
     rows = []
     for size in args.sizes:

@@ -280,6 +280,25 @@ def _load_bench_script(name: str):
     return module
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sizes", "100", "--strides", "4"], "--sizes 100 with --strides 4: size must be a multiple of 16"),
+        (["--sizes", "256", "--strides", "3"], "--sizes 256 with --strides 3: scft_stride must be one of (16, 8, 4)"),
+        (["--attn", "fast"], "argument --attn: invalid choice: 'fast'"),
+        (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        *([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: no CUDA device is available on this machine")]),
+    ],
+)
+def test_train_memory_bench_checks_its_cases_before_running_any(argv, message, capsys, monkeypatch):
+    bench = _load_bench_script("bench_train_memory")
+    monkeypatch.setattr(bench, "run_in_subprocess", lambda *args: pytest.fail("a case ran before the arguments were checked"))
+    monkeypatch.setattr(sys, "argv", ["bench_train_memory.py", *argv, "--no-write"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_attention_cuda_goals_are_judged_from_the_run():
     bench = _load_bench_script("bench_attention")
 

@@ -97,6 +97,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def refuse_missing_cuda(parser: argparse.ArgumentParser, device: str) -> None:
+    """Exit through ``parser`` (status 2) for ``--device cuda`` on a machine without a CUDA device,
+    before anything runs or a results file is written."""
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available on this machine")
+
+
 def default_dtype(device: str) -> torch.dtype:
     """What the benchmarks on ``device`` run in unless told: bfloat16 on cuda, float32 on cpu."""
     return torch.bfloat16 if device == "cuda" else torch.float32
