@@ -33,8 +33,9 @@ def _point_cuda_home_at_nvccs_toolkit() -> None:
     except (OSError, subprocess.SubprocessError):
         return
     top = re.search(r"^#\$ TOP=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
-    if top and _has_cuda_headers(os.path.realpath(top.group(1).strip())):
-        os.environ["CUDA_HOME"] = os.path.realpath(top.group(1).strip())
+    toolkit = os.path.realpath(top.group(1).strip()) if top else None
+    if toolkit and _has_cuda_headers(toolkit):
+        os.environ["CUDA_HOME"] = toolkit
 
 
 def _has_cuda_headers(toolkit: str) -> bool:

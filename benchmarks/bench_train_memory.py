@@ -42,11 +42,16 @@ TABLE_HEADERS = ["size", "SCFT", "tokens", "attn", "peak MiB", "step s", "peak /
 NUMBER_COLUMNS = {"size", "SCFT", "tokens", "peak MiB", "step s", "peak / reference"}
 
 
+def case_config(size: int, scft_stride: int, attn: str, batch_size: int, width: int, device_name: str) -> TrainConfig:
+    """The training settings of one case (TrainConfig refuses the ones the model cannot run)."""
+    return TrainConfig(size=size, batch_size=batch_size, attn=attn, device=device_name, model=ModelConfig(width=width, scft_stride=scft_stride))
+
+
 def run_case(size: int, scft_stride: int, attn: str, batch_size: int, width: int, steps: int, device_name: str) -> dict:
     """One case in this process (a run_in_child child): the time of its last step and, on CUDA,
     its peak allocated memory (the child's peak RSS is the CPU measure)."""
     device = torch.device(device_name)
-    config = TrainConfig(size=size, batch_size=batch_size, attn=attn, device=device_name, model=ModelConfig(width=width, scft_stride=scft_stride))
+    config = case_config(size, scft_stride, attn, batch_size, width, device_name)
     seed_everything(0)
     generator, discriminator = build_models(config, device)
     optimizer_g, optimizer_d = build_optimizers(config, generator, discriminator)
@@ -118,7 +123,7 @@ def main() -> None:
     for size in args.sizes:
         for stride in args.strides:
             try:
-                TrainConfig(size=size, batch_size=args.batch_size, model=ModelConfig(width=args.width, scft_stride=stride))
+                case_config(size, stride, args.attn[0], args.batch_size, args.width, args.device)
             except ValueError as error:
                 parser.error(f"--sizes {size} with --strides {stride}: {error}")
 

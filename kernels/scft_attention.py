@@ -607,7 +607,6 @@ def _check_output(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.
         raise ValueError(f"{name} must be {shape} {dtype} on {device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
-
 def _check_output_strides(name: str, t: torch.Tensor | None) -> None:
     """A caller's output buffer cannot be swapped for a copy as inputs are (int32_last_axis)."""
     if t is not None and last_axis_passes_int32(t):
