@@ -18,6 +18,7 @@ from .options import (
     check_output_folder,
     default_dtype,
     dtype,
+    missing_cuda,
     mode_list,
     non_negative_int,
     positive_int,
@@ -70,8 +71,9 @@ def add_bench(subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available on this machine")
+    reason = missing_cuda(args.device)
+    if reason is not None:  # cli.main prints a ValueError as a usage error and exits 2
+        raise ValueError(reason)
     check_output_folder("--out", args.out, OUT_FILES)
     case_dtype = args.dtype or default_dtype(args.device)
     cases, skipped = [], {}

@@ -97,11 +97,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def missing_cuda(device: str) -> str | None:
+    """Why ``--device`` cannot run here (cuda on a machine without a CUDA device), or None."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device is available on this machine"
+    return None
+
+
 def refuse_missing_cuda(parser: argparse.ArgumentParser, device: str) -> None:
     """Exit through ``parser`` (status 2) for ``--device cuda`` on a machine without a CUDA device,
     before anything runs or a results file is written."""
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available on this machine")
+    reason = missing_cuda(device)
+    if reason is not None:
+        parser.error(reason)
 
 
 def default_dtype(device: str) -> torch.dtype:
