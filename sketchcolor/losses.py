@@ -87,10 +87,14 @@ def sample_negatives(pos: torch.Tensor, num_keys: int, count: int) -> torch.Tens
 
 
 def gram_matrix(activation: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, C) channel correlations, normalized by C * H * W."""
+    """(B, C, H, W) -> (B, C, C) channel correlations, normalized by C * H * W, in float32.
+
+    Outside autocast, which would cast the product back to bfloat16: the style loss is a
+    difference of two Gram matrices, and bfloat16's 8 bits lose most of it."""
     batch, channels, height, width = activation.shape
-    flat = activation.float().reshape(batch, channels, height * width)
-    return flat @ flat.transpose(1, 2) / (channels * height * width)
+    with torch.autocast(activation.device.type, enabled=False):
+        flat = activation.float().reshape(batch, channels, height * width)
+        return flat @ flat.transpose(1, 2) / (channels * height * width)
 
 
 class ColorizationLoss:
@@ -168,11 +172,9 @@ class ColorizationLoss:
                 f"pos must have shape (B, N) = {tuple(query.shape[:2])} (one entry per SCFT sketch cell), got "
                 f"{tuple(pos.shape)}; the data's feature_grid must be size / scft_stride"
             )
-        # Scores in float32 even under autocast: the margin is a difference of dot products. The
-        # fused backends score bfloat16 q and k in float32 themselves (the cuda kernels take no
-        # float32 inputs); the reference would round each score to bfloat16, so it gets float32.
-        if self.attn_impl == "reference":
-            query, key = query.float(), key.float()
+        # Under autocast q and k are bfloat16 (the cuda kernels take no float32); every backend of
+        # the op, the reference included, scores them in float32: the margin is a difference of
+        # dot products.
         if config.negatives == "hardest":
             key_grid = (reference.shape[-2] // self.scft_stride, reference.shape[-1] // self.scft_stride)
             return ops.correspondence_loss(

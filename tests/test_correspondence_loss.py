@@ -795,6 +795,22 @@ def test_exclusion_past_the_grid_covers_it(impl):
         assert loss.item() == 0, exclusion
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_autocast_changes_no_backend_result(mode):
+    # Autocast passes the fused backends' custom ops by, and must not reach into the reference
+    # path either: its bfloat16 q and k are scored in float32, as triton's and cuda's are.
+    q, k, pos, kwargs = make_case(2, None, 37, 45, (5, 9), 20, torch.bfloat16, **MODES[mode])
+    exact = reference.correspondence_loss(q.detach().double(), k.detach().double(), pos, **kwargs)
+    for impl in ("reference", "cpp"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = correspondence_loss(q, k, pos, impl=impl, **kwargs)
+        assert_loss_close(loss, exact, q, k)
+    assert loss.item() == correspondence_loss(q, k, pos, impl="cpp", **kwargs).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scored_in_float32 = correspondence_loss(q, k, pos, impl="reference", **kwargs)
+    assert scored_in_float32.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
 def test_meta_and_fake_tensors_propagate_shapes():
     # No values to range-check: shape propagation works as for scft_attention.
     q, k, pos, kwargs = _base()

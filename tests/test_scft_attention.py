@@ -282,6 +282,17 @@ def test_empty_queries_give_empty_outputs():
     assert k.grad.abs().sum() == 0 and v.grad.abs().sum() == 0
 
 
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_autocast_changes_no_backend_result(impl):
+    # The fused backends are custom ops, which autocast passes by; the reference path runs outside
+    # it too, so that every impl gives float32 inputs a float32 result under autocast.
+    q, k, v = torch.randn(1, 9, 24), torch.randn(1, 11, 24), torch.randn(1, 11, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = scft_attention(q, k, v, impl=impl)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, scft_attention(q, k, v, impl=impl))
+
+
 def test_large_scores_do_not_overflow(cpu_isa):
     q, k, v = make_inputs(1, None, 33, 300, 16, 8, torch.float32)
     with torch.no_grad():

@@ -24,7 +24,7 @@ import sketchcolor.train as train_module
 from sketchcolor.checkpoint import FORMAT, read_checkpoint, write_checkpoint
 from sketchcolor.colorize import load_generator
 from sketchcolor.data import make_dataset
-from sketchcolor.losses import ColorizationLoss, LossConfig, sample_negatives
+from sketchcolor.losses import ColorizationLoss, LossConfig, gram_matrix, sample_negatives
 from sketchcolor.models import Generator, ModelConfig, PatchDiscriminator, vgg19_features
 from sketchcolor.ops._backends import unavailable_reason
 from sketchcolor.train import (
@@ -276,11 +276,10 @@ def test_loss_config_rejects_non_finite_numbers(name, value):
         LossConfig(**{name: value})
 
 
-@pytest.mark.parametrize("attn, scored_as", [("cpp", torch.bfloat16), ("reference", torch.float32)])
-def test_correspondence_loss_gets_autocast_q_and_k_on_fused_backends(monkeypatch, attn, scored_as):
-    # The cuda kernels take no float32, so the fused backends get the bfloat16 q and k of autocast
-    # and score them in float32 themselves; the reference, which would round each score to
-    # bfloat16, gets float32 copies. The loss is the same either way, up to summation order.
+@pytest.mark.parametrize("attn", ["cpp", "reference"])
+def test_correspondence_loss_scores_autocast_q_and_k_in_float32(monkeypatch, attn):
+    # The cuda kernels take no float32, so every backend gets the bfloat16 q and k of autocast and
+    # scores them in float32 (autocast must not cast the reference's scores back to bfloat16).
     import sketchcolor.losses as losses_module
 
     model = ModelConfig(width=2, scft_stride=8, residual_blocks=1, disc_width=8, disc_layers=2)
@@ -288,19 +287,31 @@ def test_correspondence_loss_gets_autocast_q_and_k_on_fused_backends(monkeypatch
     query, key = (torch.randn(2, 16, model.feature_dim).bfloat16() for _ in range(2))
     pos = torch.randint(-1, 16, (2, 16))
     seen = []
-    fused_loss = losses_module.ops.correspondence_loss
+    op = losses_module.ops.correspondence_loss
 
     def recording(q, k, *args, **kwargs):
         seen.append((q.dtype, k.dtype))
-        return fused_loss(q, k, *args, **kwargs)
+        return op(q, k, *args, **kwargs)
 
     monkeypatch.setattr(losses_module.ops, "correspondence_loss", recording)
     torch.manual_seed(0)
-    value = loss._correspondence(query, key, pos, torch.zeros(2, 3, 32, 32))
-    assert seen == [(scored_as, scored_as)] and value.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss._correspondence(query, key, pos, torch.zeros(2, 3, 32, 32))
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and value.dtype == torch.float32
     torch.manual_seed(0)
     exact = loss._correspondence(query.double(), key.double(), pos, torch.zeros(2, 3, 32, 32))
     assert value.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_gram_matrices_are_float32_under_autocast():
+    # The style loss is a difference of Gram matrices: rounded to bfloat16 it was 14% off.
+    activation = torch.randn(2, 8, 5, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gram = gram_matrix(activation)
+    flat = activation.double().reshape(2, 8, 35)
+    exact = flat @ flat.transpose(1, 2) / (8 * 35)
+    assert gram.dtype == torch.float32
+    torch.testing.assert_close(gram.double(), exact, rtol=1e-5, atol=1e-6)
 
 
 def test_an_attn_backend_that_cannot_run_fails_before_anything_is_built(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ auto       the fastest available for the tensors' device; falling back to refere
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -161,3 +162,13 @@ def resolve(impl: str, device: torch.device, op_name: str, dtype: torch.dtype | 
         return runnable[0]
     _warn_fallback(op_name, device.type, "; ".join(f"{c}: {r}" for c, r in reasons.items()) or "no fused backend for this device")
     return "reference"
+
+
+def without_autocast(device: torch.device):
+    """The reference paths' context: autocast off. The fused backends are custom ops with no
+    autocast kernels, which autocast passes by with their inputs as they are; the reference,
+    plain torch ops, would otherwise have its matmuls cast to the autocast dtype, so that
+    switching ``impl`` would change the result's dtype and precision."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

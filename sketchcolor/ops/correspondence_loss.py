@@ -125,9 +125,14 @@ def correspondence_loss(
     backend = _backends.resolve(impl, q.device, FWD_OP, q.dtype)
 
     if backend == "reference":
-        return reference.correspondence_loss(
-            q, k, pos, neg, mode=mode, margin=margin, scale=scale, hardest=hardest, key_grid=key_grid, exclusion=exclusion
-        )
+        # The fused backends score float16 and bfloat16 q and k in float32; so does this path (the
+        # reference itself rounds each score to the input dtype), so that impl changes no meaning.
+        if q.dtype in (torch.float16, torch.bfloat16):
+            q, k = q.float(), k.float()
+        with _backends.without_autocast(q.device):
+            return reference.correspondence_loss(
+                q, k, pos, neg, mode=mode, margin=margin, scale=scale, hardest=hardest, key_grid=key_grid, exclusion=exclusion
+            )
 
     # Fold a head axis into the batch; index tensors without one are shared by every head.
     rows = q.shape[:-1]  # (B, [H,] N)

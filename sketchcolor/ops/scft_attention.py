@@ -51,7 +51,8 @@ def scft_attention(q, k, v, scale=None, *, impl: str = "auto", return_lse: bool 
     backend = _backends.resolve(impl, q.device, FWD_OP, q.dtype)
 
     if backend == "reference":
-        out, lse = reference.scft_attention(q, k, v, scale, return_lse=True)
+        with _backends.without_autocast(q.device):
+            out, lse = reference.scft_attention(q, k, v, scale, return_lse=True)
         return (out, lse.detach()) if return_lse else out
 
     has_heads = q.dim() == 4
