@@ -11,7 +11,8 @@ What makes W ranks with per-rank batch b train like one process with batch W * b
   ``CPUSyncBatchNorm`` on CPUs, where torch's has no kernels);
 - every loss is a mean over the global batch: DDP averages gradients over ranks, which turns
   per-rank means of equal-size batches into the global mean; the correspondence loss, a mean
-  over a data-dependent number of valid terms, is reweighted by ``DataParallelLoss``;
+  over a data-dependent number of valid terms, is reweighted by the ranks' term counts
+  (``DataParallelLoss``);
 - spectral norm's power iteration depends only on the weights and its own vectors, so every
   rank (and the single process) computes the same normalized weights; batch norm's running
   statistics are global-batch ones on every rank. DDP's buffer broadcast from rank 0
@@ -154,6 +155,12 @@ def gather_from_ranks(value) -> list:
     return gathered
 
 
+def wait_for_ranks() -> None:
+    """Returns once every rank has called it (a barrier)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def broadcast_from_main(value):
     """Rank 0's ``value`` (picklable), on every rank."""
     if not is_distributed():
@@ -226,44 +233,20 @@ def sync_batch_norm(module: nn.Module, device: torch.device) -> nn.Module:
     return CPUSyncBatchNorm.convert(module)
 
 
-def correspondence_term_count(pos: torch.Tensor, key_grid: tuple[int, int], hardest: bool, exclusion: int) -> torch.Tensor:
-    """How many terms the correspondence loss averages over for ``pos`` (B, N), up to a factor
-    equal on every rank (the number of sampled negatives per cell): cells with a reference cell
-    (``pos >= 0``), and for hardest negatives only those with some key cell more than
-    ``exclusion`` cells away (Chebyshev) on ``key_grid``, as ``ops.correspondence_loss`` counts."""
-    valid = pos >= 0
-    if hardest:
-        height, width = key_grid
-        row, column = pos.clamp_min(0) // width, pos.clamp_min(0) % width
-        farthest = torch.maximum(torch.maximum(row, height - 1 - row), torch.maximum(column, width - 1 - column))
-        valid &= farthest > exclusion
-    return valid.sum()
-
-
 class DataParallelLoss(ColorizationLoss):
     """``loss`` whose forward passes go through the DDP wrappers of its generator and
     discriminator (so their hooks average the gradients across ranks), and whose correspondence
-    term is weighted so that the ranks' average is the global batch's mean.
-
-    The correspondence loss is a mean over the valid terms of a rank's batch, and ranks hold
-    different numbers of them; rank r's mean times ``world_size * n_r / sum(n)`` averages over
-    the ranks (as DDP averages gradients) to ``sum(terms) / sum(n)``, the single-process value.
-    """
-
-    # ColorizationLoss leaves the op's exclusion radius at its default.
-    HARDEST_EXCLUSION = 1
+    term is weighted so that the ranks' average is the global batch's mean: its term counts are
+    summed over the ranks (``ColorizationLoss.weigh_micro_batches``)."""
 
     def __init__(self, loss: ColorizationLoss, generator: DistributedDataParallel, discriminator: DistributedDataParallel) -> None:
         super().__init__(loss.generator, loss.discriminator, loss.config, loss.vgg, loss.attn_impl)
         self.generator, self.discriminator = generator, discriminator
 
-    def _correspondence(self, query: torch.Tensor, key: torch.Tensor, pos: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        value = super()._correspondence(query, key, pos, reference)
-        key_grid = (reference.shape[-2] // self.scft_stride, reference.shape[-1] // self.scft_stride)
-        local = correspondence_term_count(pos, key_grid, self.config.negatives == "hardest", self.HARDEST_EXCLUSION)
-        total = local.clone()
+    def _step_totals(self, count: torch.Tensor, parts: int) -> tuple[torch.Tensor, int]:
+        total = count.clone()
         dist.all_reduce(total)
-        return value * (local * dist.get_world_size() / total.clamp_min(1))
+        return total, parts * dist.get_world_size()
 
 
 def data_parallel_loss(loss: ColorizationLoss, device: torch.device) -> DataParallelLoss:
@@ -298,7 +281,6 @@ __all__ = [
     "any_rank",
     "average_across_ranks",
     "broadcast_from_main",
-    "correspondence_term_count",
     "data_parallel_device",
     "data_parallel_loss",
     "gather_from_ranks",
@@ -309,5 +291,6 @@ __all__ = [
     "rank_seed",
     "skip_gradient_sync",
     "sync_batch_norm",
+    "wait_for_ranks",
     "world_size",
 ]

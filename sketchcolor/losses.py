@@ -7,6 +7,7 @@ optimizer steps and never looks inside.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -86,6 +87,20 @@ def sample_negatives(pos: torch.Tensor, num_keys: int, count: int) -> torch.Tens
     return draws + (draws >= pos.unsqueeze(-1)).long()
 
 
+def correspondence_term_count(pos: torch.Tensor, key_grid: tuple[int, int], hardest: bool, exclusion: int) -> torch.Tensor:
+    """How many terms the correspondence loss averages over for ``pos`` (B, N), up to a factor
+    equal in every batch (the number of sampled negatives per cell): cells with a reference cell
+    (``pos >= 0``), and for hardest negatives only those with some key cell more than
+    ``exclusion`` cells away (Chebyshev) on ``key_grid``, as ``ops.correspondence_loss`` counts."""
+    valid = pos >= 0
+    if hardest:
+        height, width = key_grid
+        row, column = pos.clamp_min(0) // width, pos.clamp_min(0) % width
+        farthest = torch.maximum(torch.maximum(row, height - 1 - row), torch.maximum(column, width - 1 - column))
+        valid &= farthest > exclusion
+    return valid.sum()
+
+
 def gram_matrix(activation: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, C) channel correlations, normalized by C * H * W, in float32.
 
@@ -97,6 +112,20 @@ def gram_matrix(activation: torch.Tensor) -> torch.Tensor:
         return flat @ flat.transpose(1, 2) / (channels * height * width)
 
 
+@contextlib.contextmanager
+def _buffers_kept(module: torch.nn.Module):
+    """Puts ``module``'s buffers back as they were after the block. The D phase's generator pass
+    and the G phase's see the same weights and batch, so batch norm would otherwise fold the same
+    statistics into its running ones twice per step (momentum 0.19 instead of 0.1)."""
+    saved = [buffer.clone() for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(module.buffers(), saved):
+                buffer.copy_(value)
+
+
 class ColorizationLoss:
     """Both phases' losses for a generator, a conditional discriminator and an optional VGG.
 
@@ -105,6 +134,10 @@ class ColorizationLoss:
     ``attn_impl`` is the training run's ops backend, used here for the correspondence loss (the
     generator's SCFT has its own copy).
     """
+
+    # The half-width of the window around pos that the hardest negative stays out of: the op's
+    # default, which _correspondence leaves as it is.
+    HARDEST_EXCLUSION = 1
 
     def __init__(
         self,
@@ -118,11 +151,36 @@ class ColorizationLoss:
         self.attn_impl = attn_impl
         self.scft_stride = generator.config.scft_stride
 
+    def weigh_micro_batches(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        """Adds to each of one step's micro-batches its "correspondence_share", the factor that
+        ``run_G`` applies to its correspondence loss.
+
+        That loss is a mean over the valid terms, and micro-batches (and ranks) hold different
+        numbers of them; the loop averages the micro-batches' losses, and DDP the ranks'. Micro-
+        batch j's mean times parts * n_j / sum(n), over ``parts`` micro-batches of all ranks,
+        averages to sum(terms) / sum(n): the mean over the whole step's batch, as one batch
+        would give."""
+        if not self.config.correspondence_weight:
+            return
+        counts = [self._correspondence_term_count(batch) for batch in micro_batches]
+        total, parts = self._step_totals(torch.stack(counts).sum(), len(micro_batches))
+        for batch, count in zip(micro_batches, counts):
+            batch["correspondence_share"] = count * parts / total.clamp_min(1)
+
+    def _step_totals(self, count: torch.Tensor, parts: int) -> tuple[torch.Tensor, int]:
+        """The step's term count and number of micro-batches, from this process's."""
+        return count, parts
+
+    def _correspondence_term_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        reference = batch["reference"]
+        key_grid = (reference.shape[-2] // self.scft_stride, reference.shape[-1] // self.scft_stride)
+        return correspondence_term_count(batch["pos"], key_grid, self.config.negatives == "hardest", self.HARDEST_EXCLUSION)
+
     def run_D(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Discriminator loss on real (sketch, ground truth) and fake (sketch, G's output) pairs
         (the generator runs without gradients), and its mean scores on each, detached."""
         sketch = batch["sketch"]
-        with torch.no_grad():
+        with torch.no_grad(), _buffers_kept(self.generator):
             fake = self.generator(sketch, batch["reference"]).image
         real_scores = self.discriminator(sketch, batch["ground_truth"]).float()
         fake_scores = self.discriminator(sketch, fake.detach()).float()
@@ -131,7 +189,8 @@ class ColorizationLoss:
 
     def run_G(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the generator's terms, and each term (unweighted, detached); terms of
-        weight 0 are not computed."""
+        weight 0 are not computed. The correspondence term is scaled by the batch's
+        "correspondence_share" where ``weigh_micro_batches`` gave it one."""
         config = self.config
         sketch, reference, ground_truth = batch["sketch"], batch["reference"], batch["ground_truth"]
         output = self.generator(sketch, reference)
@@ -147,7 +206,8 @@ class ColorizationLoss:
         if config.l1_weight:
             add("l1", config.l1_weight, (fake - ground_truth).abs().mean())
         if config.correspondence_weight:
-            add("correspondence", config.correspondence_weight, self._correspondence(output.query, output.key, batch["pos"], reference))
+            correspondence = self._correspondence(output.query, output.key, batch["pos"], reference)
+            add("correspondence", config.correspondence_weight, correspondence * batch.get("correspondence_share", 1))
         if config.adversarial_weight:
             scores = self.discriminator(sketch, output.image).float()
             add("adversarial", config.adversarial_weight, generator_adversarial_loss(config.gan_loss, scores))

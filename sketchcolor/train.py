@@ -36,6 +36,7 @@ from .distributed import (
     rank,
     rank_seed,
     skip_gradient_sync,
+    wait_for_ranks,
     world_size,
 )
 from .losses import ColorizationLoss, LossConfig
@@ -357,6 +358,7 @@ def train_step(
     # G step
     g_terms: dict[str, torch.Tensor] = {}
     optimizer_g.zero_grad(set_to_none=True)
+    loss.weigh_micro_batches(micro_batches)
     with _frozen(loss.discriminator), skip_gradient_sync(loss.discriminator):
         for index, batch in enumerate(micro_batches):
             with skip_gradient_sync(loss.generator, skip=index < count - 1):
@@ -534,6 +536,30 @@ def find_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint_path."""
+    return int(path.stem.removeprefix("checkpoint-"))
+
+
+def set_aside_later_checkpoints(out: Path, step: int) -> Path | None:
+    """Moves the checkpoints of steps after ``step`` in OUT/checkpoints (a run resumed from an
+    earlier one of its own replaces them) into a new folder OUT/checkpoints/superseded-<step>[-n],
+    and returns it; None if there are none. Left in place, they would be the latest checkpoint for
+    ``--resume auto``, colorize and eval, and pruning would delete the new run's first."""
+    later = [path for path in list_checkpoints(out) if checkpoint_step(path) > step]
+    if not later:
+        return None
+    folder = out / CHECKPOINT_DIR / f"superseded-{step:08d}"
+    suffix = 1
+    while folder.exists():
+        suffix += 1
+        folder = out / CHECKPOINT_DIR / f"superseded-{step:08d}-{suffix}"
+    folder.mkdir()
+    for path in later:
+        path.rename(folder / path.name)
+    return folder
+
+
 def save_checkpoint(trainer: Trainer, out: Path, state: dict | None = None) -> Path:
     """Write the trainer's state (or ``state``) as OUT/checkpoints/checkpoint-<step>.safetensors
     and delete all but the ``keep_checkpoints`` latest."""
@@ -705,8 +731,8 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
     device = data_parallel_device(config.device) if is_distributed() else resolve_device(config.device)
     use_bf16 = use_bf16_autocast(config.amp, device, say)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
-    # Under autocast both ops get bfloat16 q and k (the fused correspondence loss scores them in
-    # float32 itself: losses.py).
+    # Under autocast both ops get bfloat16 q and k (the correspondence loss scores them in float32
+    # on every backend).
     attention_dtype = torch.bfloat16 if use_bf16 else torch.float32
     check_attn(config.attn, device, {SCFT_ATTENTION_OP: attention_dtype, CORRESPONDENCE_LOSS_OP: attention_dtype})
     existing = list_checkpoints(out)
@@ -742,6 +768,10 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
     if resume is not None:
         changed = restore_checkpoint(trainer, resume)
         say(f"resumed from {resume} at step {trainer.step}")
+        if is_main and continues_out:
+            superseded = set_aside_later_checkpoints(out, trainer.step)
+            if superseded is not None:
+                say(f"moved the checkpoints after step {trainer.step}, which this run replaces, to {superseded}")
         if changed:
             say("settings changed since the checkpoint (saved -> now): " + ", ".join(f"{name} {saved} -> {now}" for name, (saved, now) in changed.items()))
 
@@ -756,9 +786,12 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
         tensor_to_pil(sample_grid(generator, sample_batch)).save(out / SAMPLES_DIR / f"step-{trainer.step:08d}.png")
 
     def save(state: dict) -> Path:
-        # On every rank (checkpoint_state gathers from all of them); rank 0 writes the file.
+        # On every rank (checkpoint_state gathers from all of them); rank 0 writes the file, and
+        # no rank returns before it is written: after a non-finite loss every rank goes on to exit,
+        # and torchrun stops the rest of the job, rank 0 included, when the first one has.
         if is_main:
             save_checkpoint(trainer, out, state)
+        wait_for_ranks()
         return checkpoint_path(out, trainer.step)
 
     generator.train()

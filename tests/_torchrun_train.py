@@ -4,7 +4,9 @@ command-line arguments, recording every write this process makes under ``--out``
 Writes are seen through Python's audit hooks (opening a file for writing, renames, deletions,
 new folders) and listed in ``$SKETCHCOLOR_TEST_WRITES_DIR/rank-<RANK>.txt``. With
 ``$SKETCHCOLOR_TEST_KILL_AFTER_CHECKPOINT=<step>``, rank 0 kills itself (SIGKILL: no cleanup, no
-flush) right after writing the checkpoint of that step, as a crashed node would.
+flush) right after writing the checkpoint of that step, as a crashed node would. With
+``$SKETCHCOLOR_TEST_NONFINITE_AT_STEP=<step>``, every rank's ground truth of that step is NaN (so
+the run stops with its last good state), and rank 0 writes its checkpoints slowly.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import sketchcolor.train as train_module
@@ -50,6 +53,29 @@ def kill_after_checkpoint(step: int) -> None:
     train_module.save_checkpoint = save_then_die
 
 
+def non_finite_at(step: int, slow_rank_0: bool) -> None:
+    run_step, save_checkpoint = train_module.train_step, train_module.save_checkpoint
+    calls = 0
+
+    def poisoned_step(loss, micro_batches, *args):
+        nonlocal calls
+        calls += 1
+        if calls == step:
+            for batch in micro_batches:
+                batch["ground_truth"] = batch["ground_truth"] * float("nan")
+        return run_step(loss, micro_batches, *args)
+
+    def slow_save(trainer, out, state=None):
+        # A real checkpoint (about 1 GB at the paper's width) takes seconds to write: long enough
+        # for a rank that did not wait for it to exit and have torchrun stop this one.
+        time.sleep(3)
+        return save_checkpoint(trainer, out, state)
+
+    train_module.train_step = poisoned_step
+    if slow_rank_0:
+        train_module.save_checkpoint = slow_save
+
+
 if __name__ == "__main__":
     arguments = sys.argv[1:]
     out = Path(os.path.abspath(arguments[arguments.index("--out") + 1]))
@@ -58,4 +84,6 @@ if __name__ == "__main__":
     record_writes_under(out, writes_log)
     if "SKETCHCOLOR_TEST_KILL_AFTER_CHECKPOINT" in os.environ and os.environ["RANK"] == "0":
         kill_after_checkpoint(int(os.environ["SKETCHCOLOR_TEST_KILL_AFTER_CHECKPOINT"]))
+    if "SKETCHCOLOR_TEST_NONFINITE_AT_STEP" in os.environ:
+        non_finite_at(int(os.environ["SKETCHCOLOR_TEST_NONFINITE_AT_STEP"]), slow_rank_0=os.environ["RANK"] == "0")
     sys.exit(main(arguments))

@@ -31,7 +31,6 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import Dataset
 
-from sketchcolor import ops
 from sketchcolor.checkpoint import read_checkpoint, write_checkpoint
 from sketchcolor.cli import main
 from sketchcolor.data import make_dataset
@@ -41,13 +40,12 @@ from sketchcolor.distributed import (
     any_rank,
     average_across_ranks,
     broadcast_from_main,
-    correspondence_term_count,
     data_parallel_device,
     data_parallel_loss,
     gather_from_ranks,
     rank_seed,
 )
-from sketchcolor.losses import ColorizationLoss, LossConfig
+from sketchcolor.losses import ColorizationLoss, LossConfig, correspondence_term_count
 from sketchcolor.models import Generator, ModelConfig, PatchDiscriminator
 from sketchcolor.train import (
     BatchStream,
@@ -104,14 +102,24 @@ class Launch:
     both ranks, and the paths each rank wrote under its --out. With ``interrupt_after_step``,
     torchrun gets SIGINT (a Ctrl-C) once the metrics of that step are written."""
 
-    def __init__(self, out: Path, *options: str, kill_after_checkpoint: int | None = None, interrupt_after_step: int | None = None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *options: str,
+        kill_after_checkpoint: int | None = None,
+        interrupt_after_step: int | None = None,
+        non_finite_at_step: int | None = None,
+    ) -> None:
         self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)
         writes_dir = Path(tempfile.mkdtemp(prefix=f"{out.name}-writes-", dir=out.parent))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SKETCHCOLOR_TEST_WRITES_DIR": str(writes_dir)}
         env.pop("SKETCHCOLOR_TEST_KILL_AFTER_CHECKPOINT", None)
+        env.pop("SKETCHCOLOR_TEST_NONFINITE_AT_STEP", None)
         if kill_after_checkpoint is not None:
             env["SKETCHCOLOR_TEST_KILL_AFTER_CHECKPOINT"] = str(kill_after_checkpoint)
+        if non_finite_at_step is not None:
+            env["SKETCHCOLOR_TEST_NONFINITE_AT_STEP"] = str(non_finite_at_step)
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
             str(ENTRY), "train", *RUN_OPTIONS, *options, "--out", str(out),
@@ -263,6 +271,18 @@ def test_a_killed_run_resumes_on_two_ranks(parallel_run, tmp_path):
         assert_equal_trees(finished[section], uninterrupted[section], section)
 
 
+def test_a_non_finite_loss_stops_every_rank_after_the_last_good_state_is_written(tmp_path):
+    # Every rank stops at once, but rank 0 writes the checkpoint (slowly here): had the others
+    # exited before it was written, torchrun would have stopped rank 0 with it unwritten.
+    out = tmp_path / "run"
+    launch = Launch(out, "--checkpoint-every", "100", non_finite_at_step=2)
+    assert launch.returncode != 0
+    saved = out / "checkpoints" / "checkpoint-00000001.safetensors"
+    assert f"stopped, the last good state (step 1) is in {saved}" in launch.output, launch.output[-4000:]
+    assert list_checkpoints(out) == [saved] and read_checkpoint(saved)["step"] == 1
+    assert launch.writes[1] == [], f"rank 1 wrote: {launch.writes[1]}"
+
+
 def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path):
     out = tmp_path / "run"
     launch = Launch(out, "--steps", "100000", "--checkpoint-every", "100000", interrupt_after_step=1)
@@ -336,15 +356,17 @@ def _check_sync_batch_norm(rank: int) -> None:
 
 
 def _check_correspondence_weighting(rank: int) -> None:
-    """The ranks' weighted correspondence losses average to the global batch's mean, and their
-    gradients (which DDP averages) to its gradient, though the ranks hold different numbers of
-    valid terms. A 3x3 key grid: its center cell has no hardest negative and no term."""
+    """Each rank accumulating two micro-batches of one sample: the weighted correspondence
+    losses, averaged over the micro-batches and the ranks, are the global batch's mean, and their
+    gradients (which DDP averages) its gradient, though the micro-batches hold different numbers
+    of valid terms. A 3x3 key grid: its center cell has no hardest negative and no term."""
     base = ColorizationLoss(Generator(TINY_MODEL, "reference"), PatchDiscriminator(TINY_MODEL), LOSS, attn_impl="reference")
     parallel = DataParallelLoss(base, base.generator, base.discriminator)
     generator = torch.Generator().manual_seed(1)
     query, key = torch.randn(4, 9, 8, generator=generator), torch.randn(4, 9, 8, generator=generator)
     pos = torch.randint(0, 9, (4, 9), generator=generator)
     pos[2:, :4] = -1  # rank 1's samples: fewer valid cells
+    pos[3, 4:7] = -1  # and different numbers in its two micro-batches
     pos[0, 0] = 4  # the center
     reference = torch.empty(4, 3, 3 * TINY_MODEL.scft_stride, 3 * TINY_MODEL.scft_stride)
     counts = gather_from_ranks(int(correspondence_term_count(pos[2 * rank : 2 * rank + 2], (3, 3), True, 1)))
@@ -355,7 +377,12 @@ def _check_correspondence_weighting(rank: int) -> None:
     expected.backward()
     half = slice(2 * rank, 2 * rank + 2)
     part_query, part_key = query[half].clone().requires_grad_(), key[half].clone().requires_grad_()
-    value = parallel._correspondence(part_query, part_key, pos[half], reference[half])
+    micro_batches = [{"pos": pos[[index]], "reference": reference[[index]]} for index in range(2 * rank, 2 * rank + 2)]
+    parallel.weigh_micro_batches(micro_batches)
+    value = sum(
+        parallel._correspondence(part_query[[j]], part_key[[j]], batch["pos"], batch["reference"]) * batch["correspondence_share"]
+        for j, batch in enumerate(micro_batches)
+    ) / len(micro_batches)
     value.backward()
     torch.testing.assert_close(average_across_ranks({"value": value})["value"], expected.detach())
     torch.testing.assert_close(part_query.grad / RANKS, whole_query.grad[half])
@@ -479,19 +506,6 @@ def test_batch_stream_ranks_share_each_global_batch():
     assert sorted(_items(next(resumed[0])) + _items(next(resumed[1]))) == sorted(expected[0] + expected[1])
     with pytest.raises(ValueError, match=r"dataset \(3 items split over 2 ranks\)"):
         BatchStream(_Indices(3), 2, seed=7, workers=0, rank=0, world_size=2)
-
-
-@pytest.mark.parametrize("key_grid", [(3, 3), (3, 5), (4, 4)])
-def test_correspondence_term_count_agrees_with_the_op(key_grid):
-    """With all scores 0, a hardest-negative term is the margin where it exists: the op gives
-    margin for a single query exactly where the count says it has a term."""
-    cells = key_grid[0] * key_grid[1]
-    for cell in range(-1, cells):
-        pos = torch.tensor([[cell]])
-        value = ops.correspondence_loss(torch.zeros(1, 1, 4), torch.zeros(1, cells, 4), pos, margin=1.0, hardest=True, key_grid=key_grid, impl="reference")
-        count = correspondence_term_count(pos, key_grid, hardest=True, exclusion=DataParallelLoss.HARDEST_EXCLUSION)
-        assert value.item() == count.item(), (key_grid, cell)
-    assert correspondence_term_count(torch.tensor([[0, -1, 4]]), key_grid, hardest=False, exclusion=1).item() == 2
 
 
 def test_devices_under_torchrun(monkeypatch):

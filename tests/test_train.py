@@ -24,8 +24,9 @@ import sketchcolor.train as train_module
 from sketchcolor.checkpoint import FORMAT, read_checkpoint, write_checkpoint
 from sketchcolor.colorize import load_generator
 from sketchcolor.data import make_dataset
-from sketchcolor.losses import ColorizationLoss, LossConfig, gram_matrix, sample_negatives
+from sketchcolor.losses import ColorizationLoss, LossConfig, correspondence_term_count, gram_matrix, sample_negatives
 from sketchcolor.models import Generator, ModelConfig, PatchDiscriminator, vgg19_features
+from sketchcolor import ops
 from sketchcolor.ops._backends import unavailable_reason
 from sketchcolor.train import (
     BatchStream,
@@ -34,6 +35,7 @@ from sketchcolor.train import (
     build_loss,
     build_models,
     build_optimizers,
+    find_checkpoint,
     list_checkpoints,
     seed_everything,
     train,
@@ -171,6 +173,66 @@ def test_generator_terms_follow_the_weights(tmp_path):
     loss = build_loss(without_vgg, generator, discriminator, torch.device("cpu"), messages.append)
     assert len(messages) == 1 and "perceptual and style losses are off" in messages[0]
     assert "G/perceptual" not in loss.run_G(batch)[1]
+
+
+@pytest.mark.parametrize("key_grid", [(3, 3), (3, 5), (4, 4)])
+def test_correspondence_term_count_agrees_with_the_op(key_grid):
+    """With all scores 0, a hardest-negative term is the margin where it exists: the op gives
+    margin for a single query exactly where the count says it has a term."""
+    cells = key_grid[0] * key_grid[1]
+    for cell in range(-1, cells):
+        pos = torch.tensor([[cell]])
+        value = ops.correspondence_loss(torch.zeros(1, 1, 4), torch.zeros(1, cells, 4), pos, margin=1.0, hardest=True, key_grid=key_grid, impl="reference")
+        count = correspondence_term_count(pos, key_grid, hardest=True, exclusion=ColorizationLoss.HARDEST_EXCLUSION)
+        assert value.item() == count.item(), (key_grid, cell)
+    assert correspondence_term_count(torch.tensor([[0, -1, 4]]), key_grid, hardest=False, exclusion=1).item() == 2
+
+
+def test_accumulated_micro_batches_weigh_the_correspondence_loss_like_one_batch():
+    # The loss is a mean over valid terms: micro-batches with fewer of them must count less, so
+    # that the loop's average over micro-batches is the whole batch's mean. Hardest negatives on
+    # a 3x3 key grid, whose center cell has none.
+    loss = ColorizationLoss(Generator(TINY_MODEL), PatchDiscriminator(TINY_MODEL), LossConfig(negatives="hardest"), attn_impl="reference")
+    generator = torch.Generator().manual_seed(2)
+    query, key = torch.randn(4, 9, 8, generator=generator), torch.randn(4, 9, 8, generator=generator)
+    pos = torch.randint(0, 9, (4, 9), generator=generator)
+    pos[2:, :5] = -1
+    pos[0, 0] = 4
+    reference = torch.empty(4, 3, 3 * TINY_MODEL.scft_stride, 3 * TINY_MODEL.scft_stride)
+    parts = (slice(0, 1), slice(1, 3), slice(3, 4))
+    micro_batches = [{"pos": pos[part], "reference": reference[part]} for part in parts]
+    loss.weigh_micro_batches(micro_batches)
+    assert len({float(batch["correspondence_share"]) for batch in micro_batches}) == 3
+    whole = loss._correspondence(query, key, pos, reference)
+    accumulated = sum(
+        loss._correspondence(query[part], key[part], pos[part], reference[part]) * batch["correspondence_share"]
+        for part, batch in zip(parts, micro_batches)
+    ) / len(parts)
+    torch.testing.assert_close(accumulated, whole)
+    # Sampled negatives: every cell with a reference cell has the same number of terms.
+    sampled = ColorizationLoss(loss.generator, loss.discriminator, LossConfig(negatives="sampled"), attn_impl="reference")
+    micro_batches = [{"pos": pos[part], "reference": reference[part]} for part in parts]
+    sampled.weigh_micro_batches(micro_batches)
+    valid = [int((pos[part] >= 0).sum()) for part in parts]
+    shares = [float(batch["correspondence_share"]) for batch in micro_batches]
+    assert shares == pytest.approx([count * len(parts) / sum(valid) for count in valid])
+
+
+def test_a_step_updates_batch_norm_statistics_once_per_micro_batch():
+    # The D phase's generator pass sees the same weights and batch as the G phase's: folding its
+    # statistics in as well would count every batch twice.
+    config = tiny_config(".")
+    generator, discriminator = build_models(config, torch.device("cpu"))
+    optimizer_g, optimizer_d = build_optimizers(config, generator, discriminator)
+    loss = build_loss(config, generator, discriminator, torch.device("cpu"), lambda message: None)
+    dataset = make_dataset(None, 32, 4, seed=0, length=4)
+    batches = [{name: torch.stack([dataset[i][name] for i in range(j, j + 2)]) for name in dataset[0]} for j in (0, 2)]
+    norms = [module for module in generator.modules() if isinstance(module, nn.BatchNorm2d)]
+    assert norms
+    before = [module.running_mean.clone() for module in norms]
+    train_step(loss, batches, optimizer_g, optimizer_d, contextlib.nullcontext)
+    assert [int(module.num_batches_tracked) for module in norms] == [2] * len(norms)
+    assert all(not torch.equal(module.running_mean, mean) for module, mean in zip(norms, before))
 
 
 def test_pos_must_match_the_scft_grid():
@@ -318,8 +380,8 @@ def test_an_attn_backend_that_cannot_run_fails_before_anything_is_built(tmp_path
     monkeypatch.setattr(train_module, "build_models", lambda *args: pytest.fail("the models were built"))
     with pytest.raises(ValueError, match=r"attn='cuda': impl='cuda' runs on CUDA tensors, got tensors on cpu"):
         train(tiny_config(tmp_path, attn="cuda"))
-    # Under bf16 autocast both ops see bfloat16 q and k (the fused correspondence loss scores them in
-    # float32 itself).
+    # Under bf16 autocast both ops see bfloat16 q and k (the correspondence loss scores them in
+    # float32 on every backend).
     asked = []
 
     def unavailable(impl, device, op_name, dtype=None):
@@ -518,6 +580,26 @@ def test_resume_drops_the_metrics_logged_after_its_checkpoint(reference_runs, tm
     shutil.copy(four.out / "metrics.jsonl", fresh)
     train(tiny_config(fresh, steps=1))
     assert [json.loads(line)["step"] for line in (fresh / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(reference_runs, tmp_path, capsys):
+    # They belong to the run this one replaces: left in place they would be the latest checkpoint,
+    # and pruning (keep 2 here) would delete the new run's own first.
+    _, four = reference_runs
+    run = tmp_path / "run"
+    shutil.copytree(four.out, run)
+    earlier, later = list_checkpoints(run)
+    result = train(tiny_config(run, steps=3, checkpoint_every=1, keep_checkpoints=2, resume=str(earlier)))
+    superseded = run / "checkpoints" / "superseded-00000002"
+    assert f"moved the checkpoints after step 2, which this run replaces, to {superseded}" in capsys.readouterr().out
+    assert [path.name for path in list_checkpoints(run)] == [earlier.name, "checkpoint-00000003.safetensors"]
+    assert find_checkpoint(run) == result.checkpoint == list_checkpoints(run)[-1]
+    assert [path.name for path in superseded.iterdir()] == [later.name]
+    assert_same_checkpoint(superseded / later.name, four.checkpoint)
+    # Again from step 2: a second folder, the first one kept.
+    train(tiny_config(run, steps=3, resume=str(earlier)))
+    assert [path.name for path in (run / "checkpoints" / "superseded-00000002-2").iterdir()] == ["checkpoint-00000003.safetensors"]
+    assert [path.name for path in superseded.iterdir()] == [later.name]
 
 
 def test_resume_rejects_another_model(reference_runs, tmp_path):
