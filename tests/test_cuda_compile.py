@@ -459,9 +459,12 @@ int main() {
   }
   const long long shapes[][5] = {{1, 16384, 16384, 992, 992}, {16, 256, 256, 992, 992},
                                  {16, 1024, 1100, 64, 48}, {33, 65536, 7, 1024, 8}, {1, 7, 1, 16, 16}};
-  // No occupancy (memory alone), H100 wgmma, H100 mma.sync, A100 mma.sync.
-  const ScftGemmOccupancy occupancies[] = {{0, 0}, scft_gemm_occupancy(132, true), scft_gemm_occupancy(132, false),
-                                           scft_gemm_occupancy(108, false)};
+  // No occupancy (memory alone), H100 wgmma, H100 mma.sync, A100 mma.sync, RTX 4090 (8.9: 100 KiB
+  // per SM, one mma.sync GEMM CTA).
+  const ScftGemmOccupancy occupancies[] = {{0, 0}, scft_gemm_occupancy(132, true, 233472, 1024),
+                                           scft_gemm_occupancy(132, false, 233472, 1024),
+                                           scft_gemm_occupancy(108, false, 167936, 1024),
+                                           scft_gemm_occupancy(128, false, 102400, 1024)};
   const ScftBwdGemms kBwdGemms[] = {ScftBwdGemms::kAll, ScftBwdGemms::kValueOnly};
   for (const auto& s : shapes)
     for (const ScftGemmOccupancy& gemm : occupancies)
@@ -521,7 +524,7 @@ def test_launchers_reject_bad_parameters_on_the_host(builds, tmp_path):
         assert int(code) == 1, f"{name}: launcher returned cudaError {code}, expected cudaErrorInvalidValue (1)"
     plans = {tuple(map(int, line.split()[1:9])): tuple(map(int, line.split()[9:])) for line in lines
              if line.startswith("plan")}
-    assert len(plans) == 5 * 4 * 2
+    assert len(plans) == 5 * 5 * 2
     for args, plan in plans.items():
         assert plan == expected_plan(*args), (args, plan)
     # The paper's shape at N = M = 16384: memory allows 2432 keys per chunk; full GEMM waves take
@@ -530,6 +533,8 @@ def test_launchers_reject_bad_parameters_on_the_host(builds, tmp_path):
     assert plans[(*target, 0, 0, 0)][0] == 2432
     assert plans[(*target, 132, 256, 0)][0] == plans[(*target, 264, 128, 0)][0] == 2048
     assert plans[(*target, 216, 128, 0)][0] == 1664
+    # On 8.6, 8.9 and 12.x one mma.sync GEMM CTA fits an SM's 100 KiB: 128 slots on an RTX 4090.
+    assert (*target, 128, 128, 0) in plans and (*target, 256, 128, 0) not in plans
     hardest_plans = [list(map(int, line.split()[1:])) for line in lines if line.startswith("hardest_plan")]
     assert len(hardest_plans) == 5
     for batch, n, m, sms, splits, per_split in hardest_plans:

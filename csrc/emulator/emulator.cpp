@@ -918,6 +918,7 @@ cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device) {
     case cudaDevAttrMultiProcessorCount: *value = d.multiprocessors; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.smem_per_block_optin; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = d.smem_per_multiprocessor; return cudaSuccess;
+    case cudaDevAttrReservedSharedMemoryPerBlock: *value = d.reserved_smem_per_block; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
 }

@@ -61,6 +61,7 @@ struct DeviceModel {
   int multiprocessors = 108;                  // cudaDevAttrMultiProcessorCount
   int smem_per_block_optin = 163 * 1024;      // cudaDevAttrMaxSharedMemoryPerBlockOptin
   int smem_per_multiprocessor = 164 * 1024;   // cudaDevAttrMaxSharedMemoryPerMultiprocessor
+  int reserved_smem_per_block = 1024;         // cudaDevAttrReservedSharedMemoryPerBlock (1 KiB from 8.0 on)
 };
 void set_device(const DeviceModel& device);
 const DeviceModel& device();

@@ -278,11 +278,17 @@ struct ScftGemmOccupancy {
 };
 
 // The occupancy of the GEMM kernel that runs (wgmma or mma.sync, see scft_uses_wgmma) on a GPU of
-// num_sms SMs.
-inline ScftGemmOccupancy scft_gemm_occupancy(int num_sms, bool wgmma) {
+// num_sms SMs, each with smem_per_sm bytes of shared memory of which the driver reserves
+// reserved_per_block for every resident CTA. The mma.sync kernel's registers allow two CTAs per
+// SM, but its 74 KiB of shared memory (plus the reserved 1 KiB) fit twice only in 8.0's 164 KiB
+// and 9.0's 228 KiB, once in the 100 KiB of 8.6, 8.9 and 12.x.
+inline ScftGemmOccupancy scft_gemm_occupancy(int num_sms, bool wgmma, int64_t smem_per_sm, int64_t reserved_per_block) {
   static_assert(ScftGemmConfig::kBlockM == 128 && ScftGemmSm90Config::kBlockM == 128, "128-key GEMM tiles");
   if (wgmma) return {num_sms * ScftGemmSm90Config::kMinBlocksPerSm, ScftGemmSm90Config::kBlockN};
-  return {num_sms * ScftGemmConfig::kMinBlocksPerSm, ScftGemmConfig::kBlockN};
+  int64_t per_sm = smem_per_sm / (static_cast<int64_t>(ScftGemmConfig::kSmemBytes) + reserved_per_block);
+  if (per_sm > ScftGemmConfig::kMinBlocksPerSm) per_sm = ScftGemmConfig::kMinBlocksPerSm;
+  if (per_sm < 1) per_sm = 1;
+  return {num_sms * static_cast<int>(per_sm), ScftGemmConfig::kBlockN};
 }
 
 // Which backward GEMMs run per key chunk: all three (dV and dK of the chunk's keys, reducing over

@@ -113,7 +113,10 @@ inline scft::ScftGemmOccupancy gemm_occupancy(const at::Tensor& q) {
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, q);
   const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, q);
   const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, q);
-  return scft::scft_gemm_occupancy(sms, scft::scft_uses_wgmma(scft::scft_mma_choice(), major, minor));
+  const int smem_per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, q);
+  const int reserved_per_block = device_attribute(cudaDevAttrReservedSharedMemoryPerBlock, q);
+  return scft::scft_gemm_occupancy(sms, scft::scft_uses_wgmma(scft::scft_mma_choice(), major, minor), smem_per_sm,
+                                   reserved_per_block);
 }
 
 // The backward's key chunking on q's device (scft_bwd_workspace_plan); under the emulator, capped
