@@ -6,6 +6,7 @@ attention and the correspondence-loss kernels alike.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -29,6 +30,25 @@ def int32_last_axis(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy where its last-axis offsets would pass int32 (copied once here
     instead of widening every kernel's arithmetic)."""
     return t.contiguous() if last_axis_passes_int32(t) else t
+
+def on_the_inputs_device(launcher):
+    """``launcher`` run with the current CUDA device set to its first tensor argument's. Triton
+    launches on the current device, in its current stream, which need not be the tensors' (a
+    model on cuda:1 in a process whose current device is cuda:0 would have its kernels read
+    another GPU's addresses); the cuda backend's bindings guard the same way. Without a CUDA
+    device nothing launches on one (fake CUDA tensors, as torch.compile traces the ops with, can
+    exist without it): no guard."""
+
+    @functools.wraps(launcher)
+    def on_device(*args, **kwargs):
+        device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(*args, **kwargs)
+
+    return on_device
+
 
 # Under TRITON_INTERPRET=1 the interpreter implements no bfloat16 arithmetic: it stores
 # bf16 as raw uint16, its tl.dot multiplies those bit patterns (triton-lang/triton#11584;

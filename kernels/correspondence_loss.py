@@ -36,7 +36,7 @@ import triton.language as tl
 
 from sketchcolor.ops._checks import check_index_values, check_number
 
-from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows, int32_last_axis
+from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows, int32_last_axis, on_the_inputs_device
 from .scft_attention import MAX_HEAD_DIM, _dot_precision, get_options
 
 # --------------------------------------------------------------------------------------
@@ -460,6 +460,7 @@ def _check_stat(name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{name} must be {shape} float32, got {tuple(t.shape)} {t.dtype}")
 
 
+@on_the_inputs_device
 def triplet_forward(q, k, pos, neg, scale: float, margin: float, *, launch: Callable = _identity) -> torch.Tensor:
     """terms (B, N, T) float32."""
     q, k = _checked_inputs(q, k, pos)
@@ -479,6 +480,7 @@ def triplet_forward(q, k, pos, neg, scale: float, margin: float, *, launch: Call
     return terms
 
 
+@on_the_inputs_device
 def triplet_backward(grad_terms, q, k, pos, neg, terms, scale: float, *, launch: Callable = _identity):
     """(grad_q, grad_k) like (q, k), contiguous.
 
@@ -529,6 +531,7 @@ def _stream_grid(n: int, batch: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), batch)
 
 
+@on_the_inputs_device
 def hardest_forward(q, k, pos, grid_h: int, grid_w: int, exclusion: int, scale: float, margin: float, *,
                     launch: Callable = _identity):
     """terms (B, N) float32 and neg (B, N) int64 (-1 where there is no term)."""
@@ -553,6 +556,7 @@ def hardest_forward(q, k, pos, grid_h: int, grid_w: int, exclusion: int, scale: 
     return terms, neg
 
 
+@on_the_inputs_device
 def nll_forward(q, k, pos, scale: float, *, launch: Callable = _identity):
     """terms (B, N) and lse (B, N), float32."""
     q, k = _checked_inputs(q, k, pos)
@@ -573,6 +577,7 @@ def nll_forward(q, k, pos, scale: float, *, launch: Callable = _identity):
     return terms, lse
 
 
+@on_the_inputs_device
 def nll_loss(q, k, pos, scale: float, with_grad: bool, *, launch: Callable = _identity):
     """loss () float32: the mean of the valid terms; with ``with_grad`` its gradients (float32,
     shaped like q and k), else empty tensors. The gradients are the backward kernels run right
@@ -587,6 +592,7 @@ def nll_loss(q, k, pos, scale: float, with_grad: bool, *, launch: Callable = _id
     return loss, grad_q, grad_k
 
 
+@on_the_inputs_device
 def nll_backward(grad_terms, q, k, pos, lse, scale: float, *, launch: Callable = _identity):
     """(grad_q, grad_k) shaped like (q, k), contiguous float32."""
     q, k = _checked_inputs(q, k, pos)

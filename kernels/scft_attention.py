@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows, int32_last_axis, last_axis_passes_int32
+from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows, int32_last_axis, last_axis_passes_int32, on_the_inputs_device
 
 MAX_HEAD_DIM = 1024  # D and Dv: larger works numerically, but no config was tuned or proven for it
 LOG2E = 1.4426950408889634
@@ -55,7 +55,8 @@ class Options:
         with the reference to ~1e-6. No effect on bf16/fp16.
     deterministic: dQ is computed by its own kernel (one program owns each dQ tile)
         instead of fp32 atomic adds from the dK/dV kernel. Bitwise reproducible, but
-        recomputes the score tiles once more (see NOTES-triton.md).
+        recomputes the score tiles once more (see NOTES-triton.md). The backward also takes
+        this path while ``torch.use_deterministic_algorithms(True)`` is in effect.
     """
 
     tf32: bool = False
@@ -618,6 +619,7 @@ def _dot_precision(dtype: torch.dtype, opts: Options) -> str:
     return "tf32" if dtype == torch.float32 and opts.tf32 else "ieee"
 
 
+@on_the_inputs_device
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -661,6 +663,7 @@ def attention_forward(
     return out, lse
 
 
+@on_the_inputs_device
 def attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -704,7 +707,8 @@ def attention_backward(
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n, dv,
     )
 
-    atomic_dq = not opts.deterministic
+    # PyTorch's switch binds here too: the atomic adds make dQ vary in its last bits from run to run.
+    atomic_dq = not (opts.deterministic or torch.are_deterministic_algorithms_enabled())
     # The fp32 scratch the dK/dV kernel adds dQ into, contiguous (B, H, N, D) as it indexes
     # it; in deterministic mode a placeholder the kernel never touches.
     dq_acc = torch.zeros((batch, heads, n, d) if atomic_dq else (1,), dtype=torch.float32, device=q.device)

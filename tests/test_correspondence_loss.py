@@ -784,6 +784,8 @@ def test_numpy_scalars_are_numbers():
     hardest = dict(hardest=True, key_grid=(2, 3))
     exact = correspondence_loss(q, k, pos, exclusion=1, impl="reference", **hardest)
     assert correspondence_loss(q, k, pos, exclusion=np.int64(1), impl="cpp", **hardest).item() == pytest.approx(exact.item())
+    numpy_grid = dict(hardest=True, key_grid=(np.int64(2), np.int32(3)))
+    assert correspondence_loss(q, k, pos, impl="cpp", **numpy_grid).item() == pytest.approx(exact.item())
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpp"])
@@ -809,6 +811,22 @@ def test_autocast_changes_no_backend_result(mode):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scored_in_float32 = correspondence_loss(q, k, pos, impl="reference", **kwargs)
     assert scored_in_float32.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_inference_mode_with_several_threads(mode):
+    # OpenMP's worker threads do not inherit inference mode; the kernels write into tensors the
+    # caller allocated (inference tensors) from them.
+    q, k, pos, kwargs = make_case(3, None, 129, 300, (15, 20), 16, torch.float32, **MODES[mode])
+    exact = reference.correspondence_loss(q.detach().double(), k.detach().double(), pos, **kwargs)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch.inference_mode():
+            loss = correspondence_loss(q.detach(), k.detach(), pos, impl="cpp", **kwargs)
+    finally:
+        torch.set_num_threads(previous)
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-5)
 
 
 def test_meta_and_fake_tensors_propagate_shapes():

@@ -319,6 +319,22 @@ def test_thread_counts(threads, cpu_isa):
         torch.set_num_threads(previous)
 
 
+def test_inference_mode_with_several_threads(cpu_isa):
+    # OpenMP's worker threads do not inherit inference mode; the kernels write into tensors the
+    # caller allocated (inference tensors) from them.
+    q, k, v = torch.randn(2, 300, 16), torch.randn(2, 70, 16), torch.randn(2, 70, 8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch.inference_mode():
+            out, lse = scft_attention(q, k, v, return_lse=True, impl="cpp")
+    finally:
+        torch.set_num_threads(previous)
+    exact, exact_lse = reference.scft_attention(q.double(), k.double(), v.double(), return_lse=True)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double(), exact_lse, rtol=1e-5, atol=1e-6)
+
+
 def test_opcheck_registered_ops():
     from sketchcolor.ops import scft_attention as _  # noqa: F401  (registers fakes and autograd)
 

@@ -18,6 +18,7 @@ a wrong stride shows.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -351,6 +352,35 @@ if not INTERPRETING:
             grads = (torch.empty_like(q), torch.empty_like(q), torch.empty_like(v))
             kernels.attention_backward(out, q, k, v, out, lse, 0.5, grads=grads, launch=aot.LaunchRecorder())
 
+    def test_launchers_run_on_the_inputs_device(monkeypatch):
+        """Triton launches on the current CUDA device: the launchers make it the tensors' (fake
+        cuda:1 tensors, recorded launches, a recording device guard: no GPU needed)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from sketchcolor.kernels import correspondence_loss as loss_kernels
+
+        current = []
+
+        @contextlib.contextmanager
+        def set_current(device):
+            current.append(device)
+            yield
+
+        monkeypatch.setattr(torch.cuda, "device", set_current)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        recorder = aot.LaunchRecorder()
+        with FakeTensorMode():
+            q, k, v = (torch.empty(1, 2, 5, 8, device="cuda:1") for _ in range(3))
+            out, lse = kernels.attention_forward(q, k, v, 0.5, launch=recorder)
+            kernels.attention_backward(out, q, k, v, out, lse, 0.5, launch=recorder)
+        assert current == [torch.device("cuda", 1)] * 2
+        assert [launch.name for launch in recorder.launches] == ["fwd", "bwd_preprocess", "bwd_dkdv"]
+        # The loss's launchers check index ranges on the device first, which fake tensors cannot
+        # run: that they take the same guard is checked by its wrapper.
+        for name in ("triplet_forward", "triplet_backward", "hardest_forward", "nll_forward", "nll_loss", "nll_backward"):
+            launcher = getattr(loss_kernels, name)
+            assert launcher.__code__ is kernels.attention_forward.__code__ and launcher.__wrapped__.__name__ == name
+
     def test_options_select_precision_and_the_dq_path():
         """Which kernels a forward+backward launches, and with which constexprs, under each option."""
         default = aot.planned_launches(torch.float32, n=64, m=64, d=64, dv=64)
@@ -358,6 +388,14 @@ if not INTERPRETING:
         assert {launch.args.get("DOT_PRECISION") for launch in default} == {"ieee", None}
         deterministic = aot.planned_launches(torch.float32, n=64, m=64, d=64, dv=64, deterministic=True)
         assert [launch.variant for launch in deterministic] == ["fwd", "bwd_preprocess", "bwd_dkdv[ATOMIC_DQ=False]", "bwd_dq"]
+        # torch.use_deterministic_algorithms(True) asks for the same path.
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            switched = aot.planned_launches(torch.float32, n=64, m=64, d=64, dv=64)
+            assert [launch.variant for launch in switched] == [launch.variant for launch in deterministic]
+        finally:
+            torch.use_deterministic_algorithms(previous)
         with kernels.options(tf32=True) as current:
             assert current == kernels.Options(tf32=True, deterministic=False)
             fp32 = aot.planned_launches(torch.float32, n=64, m=64, d=64, dv=64)

@@ -19,6 +19,7 @@
 
 #include "common/avx512.h"
 #include "common/cpu_isa.h"
+#include "common/cpu_parallel.h"
 #include "correspondence_loss/correspondence_loss_checks.h"
 #include "scft_attention/tile_gemm.h"
 
@@ -90,7 +91,7 @@ void triplet_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::
   acc_t* terms_data = terms.mutable_data_ptr<acc_t>();
   const acc_t scale_acc = static_cast<acc_t>(scale), margin_acc = static_cast<acc_t>(margin);
 
-  at::parallel_for(0, q.size(0) * n, ROW_GRAIN, [&](int64_t begin, int64_t end) {
+  parallel_for_in_caller_state(0, q.size(0) * n, ROW_GRAIN, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {  // row = b * N + i
       const int64_t p = pos_data[row];
       const int64_t* row_neg = neg_data + row * negatives;
@@ -138,7 +139,7 @@ void triplet_backward_kernel(const at::Tensor& grad_terms, const at::Tensor& q, 
   using sum_t = double;
   std::vector<acc_t> coef(batch * n * negatives);
   std::vector<sum_t> pos_coef(batch * n);
-  at::parallel_for(0, batch * n, ROW_GRAIN, [&](int64_t begin, int64_t end) {
+  parallel_for_in_caller_state(0, batch * n, ROW_GRAIN, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t p = pos_data[row];
       sum_t sum = 0;
@@ -168,7 +169,7 @@ void triplet_backward_kernel(const at::Tensor& grad_terms, const at::Tensor& q, 
   const int64_t entries_per_batch = n * (negatives + 1);
   std::vector<int64_t> key_begin(batch * (m + 1)), entry_row(batch * entries_per_batch);
   std::vector<sum_t> entry_coef(batch * entries_per_batch);
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_in_caller_state(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> cursor(m + 1);
     for (int64_t b = begin; b < end; ++b) {
       // Visits the nonzero contributions of batch b in a fixed order: query i, then pos before negatives.
@@ -196,7 +197,7 @@ void triplet_backward_kernel(const at::Tensor& grad_terms, const at::Tensor& q, 
   });
   const CpuIsa isa = cpu_isa();   // read once, outside the worker threads
   const auto add_to_sum = isa == CpuIsa::kAvx512 ? add_scaled_avx512<scalar_t, sum_t> : add_scaled<scalar_t, sum_t>;
-  at::parallel_for(0, batch * m, ROW_GRAIN, [&](int64_t begin, int64_t end) {
+  parallel_for_in_caller_state(0, batch * m, ROW_GRAIN, [&](int64_t begin, int64_t end) {
     std::vector<sum_t> dk_sum(d);
     for (int64_t key = begin; key < end; ++key) {  // key = b * M + j
       const int64_t b = key / m, j = key % m;
@@ -226,7 +227,7 @@ void hardest_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::
 
   // One work item per (batch, query tile): every core is busy even at B = 1.
   const CpuIsa isa = cpu_isa();   // read once, outside the worker threads
-  at::parallel_for(0, batch * q_tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_in_caller_state(0, batch * q_tiles, 1, [&](int64_t begin, int64_t end) {
     const auto scores_buffer = at::empty({BLOCK_Q, BLOCK_K}, acc_options);
     TileGemm tile_gemm(BLOCK_Q * BLOCK_K, q.options(), isa);
     std::vector<acc_t> best(BLOCK_Q), pos_score(BLOCK_Q);
@@ -340,7 +341,7 @@ void nll_loss_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
     // Phase A: S tiles, S[i, pos_i], and each tile's row max and sum of exp(S - max).
     const CpuIsa isa = cpu_isa();   // read once, outside the worker threads
-    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_in_caller_state(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
       const at::Tensor scores_buffer = with_grad ? at::Tensor() : at::empty({BLOCK_Q, BLOCK_K}, acc_options);
       TileGemm tile_gemm(BLOCK_Q * BLOCK_K, q.options(), isa);
       for (int64_t item = begin; item < end; ++item) {
@@ -366,7 +367,7 @@ void nll_loss_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     });
 
     // Combine, per batch in key-tile order: lse, the terms, and the factors w exp(max - lse).
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_in_caller_state(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row = b * n + q0 + r;
@@ -393,7 +394,7 @@ void nll_loss_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     if (!with_grad) continue;
 
     // Phase B: dS = w (P - onehot(pos)) from the strip; dk += scale dS^T Q, dq += scale dS K.
-    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_in_caller_state(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
       const auto dscores_lp_buffer = at::empty({BLOCK_Q, BLOCK_K}, q.options());
       TileGemm tile_gemm(std::max(BLOCK_Q, BLOCK_K) * std::max(BLOCK_K, d), q.options(), isa);
       for (int64_t item = begin; item < end; ++item) {
@@ -424,7 +425,7 @@ void nll_loss_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       }
     });
     if (chunks > 1) {
-      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      parallel_for_in_caller_state(0, batch, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           auto grad_q_tile = grad_q_rows.narrow(0, b * n + q0, rows);
           for (int64_t chunk = 0; chunk < chunks; ++chunk) {

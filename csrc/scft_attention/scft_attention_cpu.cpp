@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "common/cpu_isa.h"
+#include "common/cpu_parallel.h"
 #include "scft_attention/attention_tiles_avx512.h"
 #include "scft_attention/scft_attention_checks.h"
 #include "scft_attention/tile_gemm.h"
@@ -100,7 +101,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const auto out_rows = out.view({heads * n, dv}), lse_rows = lse.view({heads * n});
 
   // One work item per (batch*head, query tile): every core is busy even at B = H = 1.
-  at::parallel_for(0, heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_in_caller_state(0, heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
     // The fused bf16 code keeps the scores in the GEMM's bf16 product; everything else in fp32.
     const auto scores_buffer = at::empty({BLOCK_Q, BLOCK_K}, fused ? q.options() : acc_options);
     const auto probs_buffer = at::empty({BLOCK_Q, BLOCK_K}, q.options());
@@ -215,7 +216,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   // Delta_i = rowsum(dO_i * O_i), in the accumulator type.
   at::Tensor delta = at::empty({heads, n}, acc_options);
   const auto out_rows = out.view({heads * n, dv});
-  at::parallel_for(0, heads * n, BLOCK_Q, [&](int64_t begin, int64_t end) {
+  parallel_for_in_caller_state(0, heads * n, BLOCK_Q, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = begin; r0 < end; r0 += BLOCK_Q) {
       const int64_t rows = std::min(BLOCK_Q, end - r0);
       auto prod = grad_out.view({heads * n, dv}).narrow(0, r0, rows).to(acc_options.dtype()) * out_rows.narrow(0, r0, rows);
@@ -258,7 +259,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const auto grad_q_rows = grad_q_acc.view({heads * n, d}), grad_k_rows = grad_k_acc.view({heads * m, d});
   const auto grad_v_rows = grad_v_acc.view({heads * m, dv});
 
-  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_in_caller_state(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     // The outputs of the Q K^T and dO V^T GEMMs: fp32 tiles that become P and dS in place,
     // except in the fused bf16 code, which reads the GEMMs' bf16 products.
     const auto scores_buffer = at::empty({BLOCK_Q, BLOCK_K}, fused ? q.options() : acc_options);
