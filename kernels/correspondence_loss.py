@@ -494,6 +494,8 @@ def triplet_backward(grad_terms, q, k, pos, neg, terms, scale: float, *, launch:
     batch, n, d = q.shape
     m = k.shape[1]
     negatives = neg.shape[2]
+    if batch * m > 2**31 - 1:  # the segment sum's grid has a program per key (grid x: 2^31 - 1 at most)
+        raise ValueError(f"triplet backward: B * M = {batch * m} keys exceed the kernels' 2^31 - 1 key segments; split the batch")
     for name, t in (("grad_terms", grad_terms), ("terms", terms)):
         _check_stat(name, t, (batch, n, negatives))
     active = (terms > 0) & (pos >= 0).unsqueeze(-1) & (neg >= 0)

@@ -172,9 +172,12 @@ class ColorizationLoss:
         return count, parts
 
     def _correspondence_term_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        reference = batch["reference"]
-        key_grid = (reference.shape[-2] // self.scft_stride, reference.shape[-1] // self.scft_stride)
+        key_grid = self._key_grid(batch["reference"])
         return correspondence_term_count(batch["pos"], key_grid, self.config.negatives == "hardest", self.HARDEST_EXCLUSION)
+
+    def _key_grid(self, reference: torch.Tensor) -> tuple[int, int]:
+        """SCFT's grid of reference cells (h, w) for reference images (B, 3, H, W)."""
+        return reference.shape[-2] // self.scft_stride, reference.shape[-1] // self.scft_stride
 
     def run_D(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Discriminator loss on real (sketch, ground truth) and fake (sketch, G's output) pairs
@@ -236,9 +239,8 @@ class ColorizationLoss:
         # the op, the reference included, scores them in float32: the margin is a difference of
         # dot products.
         if config.negatives == "hardest":
-            key_grid = (reference.shape[-2] // self.scft_stride, reference.shape[-1] // self.scft_stride)
             return ops.correspondence_loss(
-                query, key, pos, margin=config.triplet_margin, hardest=True, key_grid=key_grid, impl=self.attn_impl
+                query, key, pos, margin=config.triplet_margin, hardest=True, key_grid=self._key_grid(reference), impl=self.attn_impl
             )
         negatives = sample_negatives(pos, key.shape[1], config.num_negatives)
         return ops.correspondence_loss(query, key, pos, neg=negatives, margin=config.triplet_margin, impl=self.attn_impl)

@@ -101,6 +101,21 @@ if not INTERPRETING:
         with pytest.raises(ValueError, match=r"N and M must be at most 1048560 rows for the Triton kernels, got N=1048561, M=6"):
             kernels.nll_loss(q, k, pos, 0.5, True)
 
+    def test_keys_past_the_segment_grid_are_refused():
+        """The triplet backward's segment sum runs a program per key of the batch: B * M of them
+        on a grid axis of at most 2^31 - 1."""
+        pytest.importorskip("triton")
+        from sketchcolor.kernels import correspondence_loss as kernels
+
+        batch, m = 2049, 1048560
+        q = torch.empty((batch, 4, 8), dtype=torch.bfloat16, device="meta")
+        k = torch.empty((batch, m, 8), dtype=torch.bfloat16, device="meta")
+        pos = torch.zeros((batch, 4), dtype=torch.int64, device="meta")
+        neg = torch.zeros((batch, 4, 2), dtype=torch.int64, device="meta")
+        terms = torch.zeros((batch, 4, 2), dtype=torch.float32, device="meta")
+        with pytest.raises(ValueError, match=rf"B \* M = {batch * m} keys exceed the kernels' 2\^31 - 1 key segments"):
+            kernels.triplet_backward(terms, q, k, pos, neg, terms, 0.5)
+
     def _record_launches(kernels, dtype, batch=2, n=4096, m=4096, d=992, negatives=32):
         """(name, jit function, arguments, configs) of every launch, run on meta tensors."""
         names = {id(getattr(kernels, name)): name for name in DOT_KERNELS + GATHER_KERNELS}
