@@ -31,6 +31,10 @@ def int32_last_axis(t: torch.Tensor) -> torch.Tensor:
     instead of widening every kernel's arithmetic)."""
     return t.contiguous() if last_axis_passes_int32(t) else t
 
+def _cuda_present() -> bool:
+    return torch.cuda.is_available()
+
+
 def on_the_inputs_device(launcher):
     """``launcher`` run with the current CUDA device set to its first tensor argument's. Triton
     launches on the current device, in its current stream, which need not be the tensors' (a
@@ -42,7 +46,7 @@ def on_the_inputs_device(launcher):
     @functools.wraps(launcher)
     def on_device(*args, **kwargs):
         device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
-        if device.type != "cuda" or not torch.cuda.is_available():
+        if device.type != "cuda" or not _cuda_present():
             return launcher(*args, **kwargs)
         with torch.cuda.device(device):
             return launcher(*args, **kwargs)

@@ -357,6 +357,7 @@ if not INTERPRETING:
         cuda:1 tensors, recorded launches, a recording device guard: no GPU needed)."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
+        from sketchcolor.kernels import _tiles as tiles
         from sketchcolor.kernels import correspondence_loss as loss_kernels
 
         current = []
@@ -367,7 +368,7 @@ if not INTERPRETING:
             yield
 
         monkeypatch.setattr(torch.cuda, "device", set_current)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(tiles, "_cuda_present", lambda: True)
         recorder = aot.LaunchRecorder()
         with FakeTensorMode():
             q, k, v = (torch.empty(1, 2, 5, 8, device="cuda:1") for _ in range(3))
