@@ -31,7 +31,10 @@ def int32_last_axis(t: torch.Tensor) -> torch.Tensor:
     instead of widening every kernel's arithmetic)."""
     return t.contiguous() if last_axis_passes_int32(t) else t
 
+
 def _cuda_present() -> bool:
+    # Its own function so that a test can stand in a GPU: patching torch.cuda.is_available itself
+    # makes fake CUDA tensors initialize CUDA on torch's CUDA builds.
     return torch.cuda.is_available()
 
 
