@@ -2,7 +2,8 @@
 
 Reading one never runs code from it (safetensors holds raw tensors, the JSON plain data), and
 writing is atomic (a temporary file in the same folder, then ``os.replace``), so a crash or
-Ctrl-C during a save leaves the previous checkpoint intact.
+Ctrl-C during a save leaves the previous checkpoint intact, and durable (the file and then its
+folder are flushed to disk), so a power loss right after a save does not take it back.
 
 The state is a tree of dicts, lists, tuples, numbers, strings, None and tensors. Tensors are
 named by their path in the tree ("generator/scft.query.weight"); the JSON keeps the tree with
@@ -68,8 +69,23 @@ def atomic_replacement(path: Path):
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
+        sync_folder(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s list of entries to disk. A rename or a new name is a change to the
+    folder, not to the file: until the folder is flushed, a power loss can undo it, leaving the
+    old file (or none) under the name. Only POSIX systems let a folder be opened for this; on
+    Windows, NTFS journals renames itself."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_checkpoint(path: str | Path, state: dict) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import atomic_replacement, read_checkpoint, write_checkpoint
+from .checkpoint import atomic_replacement, read_checkpoint, sync_folder, write_checkpoint
 from .data import make_dataset, tensor_to_pil
 from .distributed import (
     any_rank,
@@ -557,6 +557,10 @@ def set_aside_later_checkpoints(out: Path, step: int) -> Path | None:
     folder.mkdir()
     for path in later:
         path.rename(folder / path.name)
+    # Before the run writes checkpoints of its own: a power loss that undid the moves would
+    # bring back the abandoned run's later checkpoints beside them.
+    sync_folder(folder)
+    sync_folder(folder.parent)
     return folder
 
 

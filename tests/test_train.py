@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 
@@ -441,6 +442,26 @@ def test_checkpoint_file_round_trip(tmp_path):
         write_checkpoint(tmp_path / "other.safetensors", {"thing": object()})
 
 
+@pytest.mark.skipif(os.name != "posix", reason="only POSIX systems let a folder be flushed")
+def test_a_checkpoint_write_flushes_the_file_then_the_rename(tmp_path, monkeypatch):
+    # Until its folder is flushed, a power loss can undo the rename that made the checkpoint.
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recorded_fsync(descriptor):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "fsync file")
+        real_fsync(descriptor)
+
+    def recorded_replace(source, target):
+        events.append("rename")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    write_checkpoint(tmp_path / "state.safetensors", {"step": 1, "weight": torch.ones(2)})
+    assert events == ["fsync file", "rename", "fsync folder"]
+
+
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
@@ -582,15 +603,18 @@ def test_resume_drops_the_metrics_logged_after_its_checkpoint(reference_runs, tm
     assert [json.loads(line)["step"] for line in (fresh / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
-def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(reference_runs, tmp_path, capsys):
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(reference_runs, tmp_path, capsys, monkeypatch):
     # They belong to the run this one replaces: left in place they would be the latest checkpoint,
     # and pruning (keep 2 here) would delete the new run's own first.
     _, four = reference_runs
     run = tmp_path / "run"
     shutil.copytree(four.out, run)
     earlier, later = list_checkpoints(run)
+    flushed = []
+    monkeypatch.setattr(train_module, "sync_folder", flushed.append)
     result = train(tiny_config(run, steps=3, checkpoint_every=1, keep_checkpoints=2, resume=str(earlier)))
     superseded = run / "checkpoints" / "superseded-00000002"
+    assert flushed == [superseded, run / "checkpoints"]  # the moves last through a power loss
     assert f"moved the checkpoints after step 2, which this run replaces, to {superseded}" in capsys.readouterr().out
     assert [path.name for path in list_checkpoints(run)] == [earlier.name, "checkpoint-00000003.safetensors"]
     assert find_checkpoint(run) == result.checkpoint == list_checkpoints(run)[-1]
