@@ -24,7 +24,6 @@
 #include "emulator/emulated_binding.h"
 #else
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -44,10 +43,15 @@ using KernelDeviceGuard = c10::cuda::OptionalCUDAGuard;
 // re-exports this function).
 inline cudaStream_t kernel_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// True while the current stream is being captured into a CUDA graph (torch.cuda.graph,
-// torch.compile's cudagraphs), when nothing may copy to the host.
-inline bool stream_is_capturing() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+// True while the stream the op launches on, torch's current stream on t's GPU, is being captured
+// into a CUDA graph (torch.cuda.graph, torch.compile's cudagraphs), when nothing may copy to the
+// host. Capture is per stream: the current device's stream says nothing about t's when the op
+// runs before its device guard. A tensor off the GPU is never launched on (the op rejects it).
+inline bool stream_is_capturing(const at::Tensor& t) {
+  if (!t.is_cuda()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.device().index()).stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
 }
 
 inline int device_attribute(cudaDeviceAttr attr, const at::Tensor& t) {

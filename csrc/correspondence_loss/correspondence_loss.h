@@ -31,7 +31,8 @@ constexpr int kSmemPad = 8;   // shared-memory row padding: conflict-free ldmatr
 // kStages stages), then folds the tile into each row's running (max, lowest argmax) over the keys
 // outside the row's exclusion window. Nothing of the tile outlives that step, so the tile stays in
 // registers and only the running maxima (two per thread per m16 fragment) cross key tiles. A
-// 32-wide D chunk and 4 stages keep the ring at 80 KiB, so two CTAs share an sm_90 SM.
+// 32-wide D chunk and 4 stages keep the ring at 80 KiB, so two CTAs share an sm_90 or sm_100 SM
+// (2 x 85 KiB with the reduction; on sm_80's 164 KiB one CTA per SM runs at a time).
 struct CorrHardestSearchConfig {
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 128;
@@ -103,7 +104,7 @@ struct CorrHardestParams {
 };
 
 // How the search splits the keys so that small N still fills the GPU: enough splits for about two
-// CTAs per SM, at least one whole key tile per split. The binding allocates the workspaces by it.
+// CTAs per SM (one wave on sm_90, two on sm_80), at least one whole key tile per split. The binding allocates the workspaces by it.
 struct CorrHardestPlan {
   int key_splits;
   int keys_per_split;

@@ -41,9 +41,9 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k)
 }
 
 // A copy to the host would end a CUDA graph capture: index ranges are checked on the device while
-// the current stream is being captured.
-IndexRangeCheck index_range_check() {
-  return stream_is_capturing() ? IndexRangeCheck::kDevice : IndexRangeCheck::kHost;
+// the stream the op launches on (q's GPU's current one) is being captured.
+IndexRangeCheck index_range_check(const at::Tensor& q) {
+  return stream_is_capturing(q) ? IndexRangeCheck::kDevice : IndexRangeCheck::kHost;
 }
 
 // key_grad (B, M, D) (+)= the sum over entries e of coef[e] * q[row[e]], where dest (E) int64 is each
@@ -81,7 +81,7 @@ void scatter_to_keys(const CorrKernelInputs& x, const at::Tensor& dest, const at
 at::Tensor corr_triplet_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                                     const at::Tensor& neg, double scale, double margin) {
   constexpr const char* kOp = "corr_triplet_fwd";
-  check_corr_triplet_args(kOp, q, k, pos, neg, scale, index_range_check());
+  check_corr_triplet_args(kOp, q, k, pos, neg, scale, index_range_check(q));
   check_corr_margin(kOp, margin);
   check_cuda_inputs(kOp, q, k);
   KernelDeviceGuard device_guard(q.device());
@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> corr_triplet_bwd_cuda_op(const at::Tensor& gr
                                                             const at::Tensor& neg, const at::Tensor& terms,
                                                             double scale) {
   constexpr const char* kOp = "corr_triplet_bwd";
-  check_corr_triplet_args(kOp, q, k, pos, neg, scale, index_range_check());
+  check_corr_triplet_args(kOp, q, k, pos, neg, scale, index_range_check(q));
   check_corr_stat(kOp, "terms", terms, neg.sizes(), q);
   check_corr_stat(kOp, "grad_terms", grad_terms, neg.sizes(), q);
   check_cuda_inputs(kOp, q, k);
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cuda_op(const at::Tensor& q,
                                                             const at::Tensor& pos, int64_t grid_h, int64_t grid_w,
                                                             int64_t exclusion, double scale, double margin) {
   constexpr const char* kOp = "corr_hardest_fwd";
-  check_corr_hardest_args(kOp, q, k, pos, grid_h, grid_w, exclusion, scale, margin, index_range_check());
+  check_corr_hardest_args(kOp, q, k, pos, grid_h, grid_w, exclusion, scale, margin, index_range_check(q));
   check_cuda_inputs(kOp, q, k);
   TORCH_CHECK(exclusion <= std::numeric_limits<int32_t>::max(), kOp, " (cuda backend): exclusion ", exclusion,
               " exceeds the kernels' 32-bit range");
@@ -170,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cuda_op(const at::T
                                                                      const at::Tensor& pos, double scale,
                                                                      bool with_grad) {
   constexpr const char* kOp = "corr_nll_loss";
-  check_corr_nll_args(kOp, q, k, pos, scale, index_range_check());
+  check_corr_nll_args(kOp, q, k, pos, scale, index_range_check(q));
   check_cuda_inputs(kOp, q, k);
   KernelDeviceGuard device_guard(q.device());
   const auto f32 = q.options().dtype(at::kFloat);

@@ -41,7 +41,7 @@ struct KernelDeviceGuard {
 // Launches run to completion in order, whatever the stream.
 inline cudaStream_t kernel_stream() { return nullptr; }
 
-inline bool stream_is_capturing() { return emulated_binding_options().capturing; }
+inline bool stream_is_capturing(const at::Tensor&) { return emulated_binding_options().capturing; }
 
 inline int device_attribute(cudaDeviceAttr attr, const at::Tensor&) {
   int value = 0;
