@@ -292,14 +292,18 @@ def _scft_attn_bwd_dkdv(
             # BLOCK_D-wide pieces keep the partial product small next to the dK/dV tiles.
             # A slice past D (when Dv > D it only serves dV) has no dQ to add.
             if pid_c * BLOCK_C < D:
-                ds = tl.trans(ds_t_lo)
-                dq_rows = DQ_ACC + (pid_bh.to(tl.int64) * N + offs_m[:, None]) * D
+                # Computed transposed, dQ^T[slice, rows] = K[:, slice]^T dS^T, with the k piece
+                # read from memory as (slice, keys): dS^T is a product's result, and on sm_90
+                # Triton 3.4 up to 3.7.1 miscompile a tl.trans of one fed to tl.dot (wrong
+                # values, fla-org/flash-linear-attention#640; the GPU machines run 3.6).
+                dq_cols = DQ_ACC + (pid_bh.to(tl.int64) * N + offs_m[None, :]) * D
+                k_cols_t = K + off_b * stride_kb + off_h * stride_kh + offs_n.to(tl.int64)[None, :] * stride_km
                 for c0 in tl.static_range(0, BLOCK_C, BLOCK_D):
                     offs_p = pid_c * BLOCK_C + c0 + offs_db
                     p_valid = offs_p < D
-                    k_piece = tl.load(k_rows + offs_p[None, :] * stride_kd, mask=n_valid[:, None] & p_valid[None, :], other=0.0)
-                    dq_piece = _dot(ds, k_piece, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), DOT_PRECISION)
-                    tl.atomic_add(dq_rows + offs_p[None, :], dq_piece * scale, mask=m_valid[:, None] & p_valid[None, :], sem="relaxed")
+                    k_piece_t = tl.load(k_cols_t + offs_p[:, None] * stride_kd, mask=p_valid[:, None] & n_valid[None, :], other=0.0)
+                    dq_piece_t = _dot(k_piece_t, ds_t_lo, tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32), DOT_PRECISION)
+                    tl.atomic_add(dq_cols + offs_p[:, None], dq_piece_t * scale, mask=p_valid[:, None] & m_valid[None, :], sem="relaxed")
 
     dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + offs_n.to(tl.int64)[:, None] * stride_dkm + offs_c[None, :] * stride_dkd
     tl.store(dk_ptrs, _cast(dk * scale, DK.dtype.element_ty), mask=n_valid[:, None] & c_in_d[None, :])

@@ -121,6 +121,50 @@ def test_launchers_match_reference(case, deterministic):
     _assert_close(("out", "lse", "grad_q", "grad_k", "grad_v"), (out, lse, *grads), exact, low)
 
 
+# Every config a GPU autotuner holds, with the launch handle that holds it. bf16 stands for
+# both 16-bit types (they share configs and code paths).
+AUTOTUNED = {"fwd": kernels.scft_attn_fwd, "bwd_dkdv": kernels.scft_attn_bwd_dkdv, "bwd_dq": kernels.scft_attn_bwd_dq}
+PINNED = [
+    (kernel, dtype, config)
+    for kernel, (sixteen_bit, fp32) in ((name, kernels.GPU_CONFIGS[name]) for name in AUTOTUNED)
+    for dtype, family in ((torch.bfloat16, sixteen_bit), (torch.float32, fp32))
+    for config in family
+]
+
+
+def _config_id(kernel, dtype, config):
+    blocks = "-".join(f"{name[6:].lower()}{value}" for name, value in config.kwargs.items())
+    return f"{kernel}-{'bf16' if dtype == torch.bfloat16 else 'fp32'}-{blocks}-w{config.num_warps}s{config.num_stages}"
+
+
+@needs_device
+@pytest.mark.parametrize("kernel, dtype, config", PINNED, ids=[_config_id(*case) for case in PINNED])
+def test_every_gpu_config_matches_reference(kernel, dtype, config, monkeypatch):
+    # The autotuner runs only the config it picks for the shapes at hand, so a config that one
+    # GPU generation or Triton version miscompiles stays unseen until a training shape picks
+    # it (Triton 3.4-3.7.0 did so on sm_90 for a register transpose). Each runs pinned here; on
+    # the interpreter this checks every config's tiling (masks, chunk and slice tails).
+    if DEVICE == "cuda":
+        limit = kernels._device_smem_limit(torch.cuda.current_device())
+        if config not in kernels.configs_for(kernel, limit, dtype.itemsize):
+            pytest.skip(f"needs more shared memory than this GPU's {limit} bytes per block")
+    autotuner = AUTOTUNED[kernel]
+    monkeypatch.setattr(autotuner, "configs", [config])
+    monkeypatch.setattr(autotuner, "cache", {})
+    # D = 992 in 4 slices of the widest configs; on the interpreter D and Dv off the blocks' multiples.
+    batch, heads, n, m, d, dv = (1, 2, 200, 130, 992, 992) if DEVICE == "cuda" else (1, 2, 70, 66, 100, 72)
+    gen = torch.Generator().manual_seed(zlib.crc32(_config_id(kernel, dtype, config).encode()))
+    q, k, v, grad_out = (_make(shape, dtype, "contiguous", gen) for shape in ((batch, heads, n, d), (batch, heads, m, d), (batch, heads, m, dv), (batch, heads, n, dv)))
+    scale = d**-0.5
+    out, lse = kernels.attention_forward(q, k, v, scale)
+    # bwd_dq runs in the deterministic backward only; otherwise bwd_dkdv adds dQ atomically.
+    with kernels.options(deterministic=kernel == "bwd_dq"):
+        grads = kernels.attention_backward(grad_out, q, k, v, out, lse, scale)
+    exact = _reference(q, k, v, grad_out, scale, torch.float64)
+    low = _reference(q, k, v, grad_out, scale, dtype)
+    _assert_close(("out", "lse", "grad_q", "grad_k", "grad_v"), (out, lse, *grads), exact, low)
+
+
 @needs_device
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
 def test_very_negative_scores_with_a_key_tail(deterministic):
