@@ -53,6 +53,7 @@ _POINTER_TYPES = {
 # autotuned handle -> the config family name used by scft_attention.GPU_CONFIGS
 KERNEL_NAMES = {
     id(attn.scft_attn_fwd): "fwd",
+    id(attn.scft_attn_fwd_pinned): "fwd",
     id(attn.scft_attn_bwd_preprocess): "bwd_preprocess",
     id(attn.scft_attn_bwd_dkdv): "bwd_dkdv",
     id(attn.scft_attn_bwd_dq): "bwd_dq",

@@ -54,9 +54,11 @@ class Options:
         A100/H100) instead of IEEE fp32 FMA dots. Off by default so fp32 results agree
         with the reference to ~1e-6. No effect on bf16/fp16.
     deterministic: dQ is computed by its own kernel (one program owns each dQ tile)
-        instead of fp32 atomic adds from the dK/dV kernel. Bitwise reproducible, but
-        recomputes the score tiles once more (see NOTES-triton.md). The backward also takes
-        this path while ``torch.use_deterministic_algorithms(True)`` is in effect.
+        instead of fp32 atomic adds from the dK/dV kernel, and every kernel runs the first
+        config that fits instead of the one the autotuner times fastest. Bitwise
+        reproducible, across processes too on the same GPU model and Triton version, but
+        recomputes the score tiles once more (see NOTES-triton.md). Also in effect while
+        ``torch.use_deterministic_algorithms(True)`` is.
     """
 
     tf32: bool = False
@@ -510,42 +512,52 @@ def _device_smem_limit(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def _make_prune(kernel: str):
+def _pickable_configs(kernel: str, configs: list[triton.Config], args: dict) -> list[triton.Config]:
+    """Those of ``configs`` that fit the device's shared memory for the inputs' dtype, without
+    slices far wider than the dimension they split, in their list order."""
+    q = args["Q"] if "Q" in args else args["Out"]
+    device_index = q.device.index if q.device.index is not None else 0  # CUDA tensors always carry one
+    limit = _device_smem_limit(device_index)
+    allowed = configs_for(kernel, limit, q.element_size())
+    fitting = [c for c in configs if c in allowed]
+    if not fitting:
+        raise RuntimeError(f"scft_attention: no {kernel} configuration fits the device's {limit} bytes of shared memory")
     slice_block = _SLICE_BLOCK.get(kernel)
+    if slice_block is None:
+        return fitting
+    # A slice far wider than the dimension it splits only adds masked work: keep the
+    # configs whose slice is at most the padded width (or the narrowest ones if none is).
+    split = {"fwd": args["DV"], "bwd_dq": args["D"], "bwd_dkdv": max(args["D"], args["DV"])}[kernel]
+    snug = [c for c in fitting if c.kwargs[slice_block] <= max(triton.next_power_of_2(split), 16)]
+    if snug:
+        return snug
+    narrowest = min(c.kwargs[slice_block] for c in fitting)
+    return [c for c in fitting if c.kwargs[slice_block] == narrowest]
+
+
+def _make_prune(kernel: str, *, pinned: bool = False):
+    """The autotuner's early prune for ``kernel``; ``pinned`` (and the dK/dV kernel without
+    atomic dQ, which only deterministic mode runs) keeps just the first pickable config, so
+    the choice is fixed instead of timed."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        q = args["Q"] if "Q" in args else args["Out"]
-        device_index = q.device.index if q.device.index is not None else 0  # CUDA tensors always carry one
-        limit = _device_smem_limit(device_index)
-        allowed = configs_for(kernel, limit, q.element_size())
-        fitting = [c for c in configs if c in allowed]
-        if not fitting:
-            raise RuntimeError(
-                f"scft_attention: no {kernel} configuration fits the device's {limit} bytes of shared memory"
-            )
-        if slice_block is None:
-            return fitting
-        # A slice far wider than the dimension it splits only adds masked work: keep the
-        # configs whose slice is at most the padded width (or the narrowest ones if none is).
-        split = {"fwd": args["DV"], "bwd_dq": args["D"], "bwd_dkdv": max(args["D"], args["DV"])}[kernel]
-        snug = [c for c in fitting if c.kwargs[slice_block] <= max(triton.next_power_of_2(split), 16)]
-        if snug:
-            return snug
-        narrowest = min(c.kwargs[slice_block] for c in fitting)
-        return [c for c in fitting if c.kwargs[slice_block] == narrowest]
+        pickable = _pickable_configs(kernel, configs, args)
+        if pinned or (kernel == "bwd_dkdv" and not args["ATOMIC_DQ"]):
+            return pickable[:1]
+        return pickable
 
     return prune
 
 
-def _autotune(kernel: str, key: list[str], reset_to_zero: list[str] | None = None):
+def _autotune(kernel: str, key: list[str], reset_to_zero: list[str] | None = None, *, pinned: bool = False):
     def decorate(fn):
         if INTERPRETING:
             return triton.autotune(configs=[INTERPRET_CONFIGS[kernel]], key=key)(fn)
         return triton.autotune(
             configs=all_configs(kernel),
             key=key,
-            prune_configs_by={"early_config_prune": _make_prune(kernel)},
+            prune_configs_by={"early_config_prune": _make_prune(kernel, pinned=pinned)},
             reset_to_zero=reset_to_zero,
         )(fn)
 
@@ -553,14 +565,19 @@ def _autotune(kernel: str, key: list[str], reset_to_zero: list[str] | None = Non
 
 
 # The autotuned launch handles. The raw @triton.jit kernels above stay importable for the
-# AOT compile test (it compiles them with each config in turn).
+# AOT compile test (it compiles them with each config in turn). In deterministic mode every
+# kernel runs the first config that fits instead of the fastest: the tiles set the order of
+# the fp32 sums, and a choice by timing can differ from one process to the next. The dK/dV
+# kernel pins itself (ATOMIC_DQ=False, in its key, is deterministic mode), the dQ kernel
+# always (only that mode runs it), and the forward has a pinned handle of its own.
 scft_attn_fwd = _autotune("fwd", ["N", "M", "D", "DV", "DOT_PRECISION"])(_scft_attn_fwd)
+scft_attn_fwd_pinned = _autotune("fwd", ["N", "M", "D", "DV", "DOT_PRECISION"], pinned=True)(_scft_attn_fwd)
 scft_attn_bwd_preprocess = _autotune("bwd_preprocess", ["N", "DV"])(_scft_attn_bwd_preprocess)
 # The atomic dQ accumulator must start at zero before every benchmarked run.
 scft_attn_bwd_dkdv = _autotune("bwd_dkdv", ["N", "M", "D", "DV", "ATOMIC_DQ", "DOT_PRECISION"], reset_to_zero=["DQ_ACC"])(
     _scft_attn_bwd_dkdv
 )
-scft_attn_bwd_dq = _autotune("bwd_dq", ["N", "M", "D", "DV", "DOT_PRECISION"])(_scft_attn_bwd_dq)
+scft_attn_bwd_dq = _autotune("bwd_dq", ["N", "M", "D", "DV", "DOT_PRECISION"], pinned=True)(_scft_attn_bwd_dq)
 
 
 # --------------------------------------------------------------------------------------
@@ -619,6 +636,11 @@ def _check_output_strides(name: str, t: torch.Tensor | None) -> None:
                          "pass a buffer with a smaller one (a contiguous one, say)")
 
 
+def _deterministic(opts: Options) -> bool:
+    # PyTorch's switch binds here too.
+    return opts.deterministic or torch.are_deterministic_algorithms_enabled()
+
+
 def _dot_precision(dtype: torch.dtype, opts: Options) -> str:
     return "tf32" if dtype == torch.float32 and opts.tf32 else "ieee"
 
@@ -657,12 +679,13 @@ def attention_forward(
     def grid(meta):
         return (triton.cdiv(dv, meta["BLOCK_DV"]), triton.cdiv(n, meta["BLOCK_M"]), batch * heads)
 
-    launch(scft_attn_fwd)[grid](
+    opts = get_options()
+    launch(scft_attn_fwd_pinned if _deterministic(opts) else scft_attn_fwd)[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         heads, n, m, d, dv,
         float(scale) * LOG2E,
-        DOT_PRECISION=_dot_precision(q.dtype, get_options()),
+        DOT_PRECISION=_dot_precision(q.dtype, opts),
     )
     return out, lse
 
@@ -711,8 +734,8 @@ def attention_backward(
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n, dv,
     )
 
-    # PyTorch's switch binds here too: the atomic adds make dQ vary in its last bits from run to run.
-    atomic_dq = not (opts.deterministic or torch.are_deterministic_algorithms_enabled())
+    # The atomic adds make dQ vary in its last bits from run to run.
+    atomic_dq = not _deterministic(opts)
     # The fp32 scratch the dK/dV kernel adds dQ into, contiguous (B, H, N, D) as it indexes
     # it; in deterministic mode a placeholder the kernel never touches.
     dq_acc = torch.zeros((batch, heads, n, d) if atomic_dq else (1,), dtype=torch.float32, device=q.device)

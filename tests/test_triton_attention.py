@@ -471,6 +471,39 @@ if not INTERPRETING:
         with pytest.raises(RuntimeError, match="no fwd configuration fits"):
             prune(configs, fwd_args(torch.bfloat16, 992))
 
+    def test_deterministic_mode_pins_every_kernel_to_its_first_pickable_config(monkeypatch):
+        # The autotuner picks by timing, which can differ from one process to the next, and the
+        # tiles set the order of the fp32 sums: deterministic mode takes the timing out.
+        monkeypatch.setattr(kernels, "_device_smem_limit", lambda index: 232448)
+        args = {"Q": torch.empty(1, dtype=torch.bfloat16, device="meta"), "D": 992, "DV": 992}
+
+        def pruned(autotuned, **extra):
+            return autotuned.early_config_prune(autotuned.configs, {**args, **extra})
+
+        timed = pruned(kernels.scft_attn_fwd)
+        assert len(timed) > 1 and pruned(kernels.scft_attn_fwd_pinned) == timed[:1]
+        atomic = pruned(kernels.scft_attn_bwd_dkdv, ATOMIC_DQ=True)
+        assert len(atomic) > 1 and pruned(kernels.scft_attn_bwd_dkdv, ATOMIC_DQ=False) == atomic[:1]
+        assert pruned(kernels.scft_attn_bwd_dq) == kernels.BWD_DQ_CONFIGS[:1]  # only deterministic mode runs it
+        # The forward takes the pinned handle under either switch.
+        handles = []
+
+        def record(autotuned):
+            handles.append(autotuned)
+            return aot.LaunchRecorder()(autotuned)
+
+        q = torch.empty(1, 1, 8, 16, dtype=torch.bfloat16, device="meta")
+        kernels.attention_forward(q, q, q, 0.25, launch=record)
+        with kernels.options(deterministic=True):
+            kernels.attention_forward(q, q, q, 0.25, launch=record)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            kernels.attention_forward(q, q, q, 0.25, launch=record)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        assert handles == [kernels.scft_attn_fwd, kernels.scft_attn_fwd_pinned, kernels.scft_attn_fwd_pinned]
+
     @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
     def test_triton_ops_trace_on_fake_cuda_tensors(deterministic, monkeypatch):
         """The torch.library.triton_op pair, as AOTAutograd / torch.compile trace it: on fake CUDA
@@ -513,7 +546,7 @@ if not INTERPRETING:
 
         from sketchcolor.ops import _triton_attention  # noqa: F401  (registers the ops)
 
-        assert get_triton_kernels_for_op("sketchcolor::scft_attn_fwd_triton") == [kernels.scft_attn_fwd]
+        assert get_triton_kernels_for_op("sketchcolor::scft_attn_fwd_triton") == [kernels.scft_attn_fwd, kernels.scft_attn_fwd_pinned]
         assert get_triton_kernels_for_op("sketchcolor::scft_attn_bwd_triton") == [
             kernels.scft_attn_bwd_preprocess, kernels.scft_attn_bwd_dkdv, kernels.scft_attn_bwd_dq,
         ]

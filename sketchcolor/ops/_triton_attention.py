@@ -95,5 +95,5 @@ if _kernels.INTERPRETING:
 else:
     scft_attn_fwd_triton = triton_op(FWD_NAME, _fwd_body(wrap_triton), mutates_args=())
     scft_attn_bwd_triton = triton_op(BWD_NAME, _bwd_body(wrap_triton), mutates_args=())
-    _declare_kernels(FWD_NAME, [_kernels.scft_attn_fwd])
+    _declare_kernels(FWD_NAME, [_kernels.scft_attn_fwd, _kernels.scft_attn_fwd_pinned])
     _declare_kernels(BWD_NAME, [_kernels.scft_attn_bwd_preprocess, _kernels.scft_attn_bwd_dkdv, _kernels.scft_attn_bwd_dq])
