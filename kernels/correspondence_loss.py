@@ -37,7 +37,7 @@ import triton.language as tl
 from sketchcolor.ops._checks import check_index_values, check_number
 
 from ._tiles import INTERPRETING, _cast, _dot, _rows_dot_rows, int32_last_axis, on_the_inputs_device
-from .scft_attention import MAX_HEAD_DIM, _dot_precision, get_options
+from .scft_attention import MAX_HEAD_DIM, _deterministic, _dot_precision, get_options
 
 # --------------------------------------------------------------------------------------
 # Building blocks
@@ -388,8 +388,9 @@ INTERPRET_CONFIGS = {
 GPU_CONFIGS = {"stream": STREAM_CONFIGS, "slice": SLICE_CONFIGS, "gather": GATHER_CONFIGS, "segment": SEGMENT_CONFIGS}
 
 
-def _autotune(kind: str, key: list[str]):
-    configs = [INTERPRET_CONFIGS[kind]] if INTERPRETING else GPU_CONFIGS[kind]
+def _autotune(kind: str, key: list[str], *, pinned: bool = False):
+    """``pinned``: the first config alone (every config fits every target's shared memory)."""
+    configs = [INTERPRET_CONFIGS[kind]] if INTERPRETING else GPU_CONFIGS[kind][: 1 if pinned else None]
     return triton.autotune(configs=configs, key=key)
 
 
@@ -400,6 +401,20 @@ corr_hardest_fwd = _autotune("stream", ["N", "M", "D", "DOT_PRECISION"])(_corr_h
 corr_nll_fwd = _autotune("stream", ["N", "M", "D", "DOT_PRECISION"])(_corr_nll_fwd)
 corr_nll_bwd_dq = _autotune("slice", ["N", "M", "D", "DOT_PRECISION"])(_corr_nll_bwd_dq)
 corr_nll_bwd_dk = _autotune("slice", ["N", "M", "D", "DOT_PRECISION"])(_corr_nll_bwd_dk)
+# Deterministic mode (as for attention) runs fixed configs, not the fastest by timing: the
+# tiles set the order of the fp32 sums (the nll's lse, the scores' D chunks), and a timed choice
+# can differ from one process to the next. The gather and segment kernels hold one config.
+PINNED = {
+    corr_hardest_fwd: _autotune("stream", ["N", "M", "D", "DOT_PRECISION"], pinned=True)(_corr_hardest_fwd),
+    corr_nll_fwd: _autotune("stream", ["N", "M", "D", "DOT_PRECISION"], pinned=True)(_corr_nll_fwd),
+    corr_nll_bwd_dq: _autotune("slice", ["N", "M", "D", "DOT_PRECISION"], pinned=True)(_corr_nll_bwd_dq),
+    corr_nll_bwd_dk: _autotune("slice", ["N", "M", "D", "DOT_PRECISION"], pinned=True)(_corr_nll_bwd_dk),
+}
+
+
+def _tuned(autotuned):
+    """``autotuned``, or in deterministic mode its pinned twin."""
+    return PINNED[autotuned] if _deterministic(get_options()) else autotuned
 
 
 # --------------------------------------------------------------------------------------
@@ -547,7 +562,7 @@ def hardest_forward(q, k, pos, grid_h: int, grid_w: int, exclusion: int, scale: 
     neg = torch.empty((batch, n), dtype=torch.int64, device=q.device)
     if terms.numel() == 0:
         return terms, neg
-    launch(corr_hardest_fwd)[_stream_grid(n, batch)](
+    launch(_tuned(corr_hardest_fwd))[_stream_grid(n, batch)](
         q, k, pos.contiguous(), terms, neg,
         *q.stride(), *k.stride(),
         n, m, d,
@@ -569,7 +584,7 @@ def nll_forward(q, k, pos, scale: float, *, launch: Callable = _identity):
     lse = torch.empty((batch, n), dtype=torch.float32, device=q.device)
     if terms.numel() == 0:
         return terms, lse
-    launch(corr_nll_fwd)[_stream_grid(n, batch)](
+    launch(_tuned(corr_nll_fwd))[_stream_grid(n, batch)](
         q, k, pos.contiguous(), terms, lse,
         *q.stride(), *k.stride(),
         n, m, d,
@@ -610,14 +625,14 @@ def nll_backward(grad_terms, q, k, pos, lse, scale: float, *, launch: Callable =
     weight = torch.where(pos >= 0, grad_terms, 0.0).contiguous()  # rows without a term pass no gradient
     lse = lse.contiguous()
     precision = _dot_precision(q.dtype, get_options())
-    launch(corr_nll_bwd_dq)[lambda meta: (triton.cdiv(d, meta["BLOCK_C"]), triton.cdiv(n, meta["BLOCK_M"]), batch)](
+    launch(_tuned(corr_nll_bwd_dq))[lambda meta: (triton.cdiv(d, meta["BLOCK_C"]), triton.cdiv(n, meta["BLOCK_M"]), batch)](
         q, k, pos, weight, lse, grad_q,
         *q.stride(), *k.stride(),
         n, m, d,
         float(scale),
         DOT_PRECISION=precision,
     )
-    launch(corr_nll_bwd_dk)[lambda meta: (triton.cdiv(d, meta["BLOCK_C"]), triton.cdiv(m, meta["BLOCK_N"]), batch)](
+    launch(_tuned(corr_nll_bwd_dk))[lambda meta: (triton.cdiv(d, meta["BLOCK_C"]), triton.cdiv(m, meta["BLOCK_N"]), batch)](
         q, k, pos, weight, lse, grad_k,
         *q.stride(), *k.stride(),
         n, m, d,

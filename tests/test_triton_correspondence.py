@@ -101,6 +101,30 @@ if not INTERPRETING:
         with pytest.raises(ValueError, match=r"N and M must be at most 1048560 rows for the Triton kernels, got N=1048561, M=6"):
             kernels.nll_loss(q, k, pos, 0.5, True)
 
+    def test_deterministic_mode_runs_each_kernel_with_a_fixed_config():
+        """The autotuner picks by timing, which can differ between processes, and the tiles set
+        the order of the fp32 sums: in deterministic mode (either switch) every launch has one
+        config, the first of its list."""
+        pytest.importorskip("triton")
+        from sketchcolor.kernels import correspondence_loss as kernels
+        from sketchcolor.kernels import scft_attention
+
+        def config_counts():
+            return {name: len(configs) for name, _, _, configs in _record_launches(kernels, torch.bfloat16)}
+
+        timed = config_counts()
+        assert timed["corr_nll_fwd"] > 1 and timed["corr_nll_bwd_dk"] > 1
+        with scft_attention.options(deterministic=True):
+            assert set(config_counts().values()) == {1}
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert set(config_counts().values()) == {1}
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        for autotuned, pinned in kernels.PINNED.items():
+            assert pinned.configs == autotuned.configs[:1] and pinned.fn is autotuned.fn
+
     def test_keys_past_the_segment_grid_are_refused():
         """The triplet backward's segment sum runs a program per key of the batch: B * M of them
         on a grid axis of at most 2^31 - 1."""
@@ -119,6 +143,7 @@ if not INTERPRETING:
     def _record_launches(kernels, dtype, batch=2, n=4096, m=4096, d=992, negatives=32):
         """(name, jit function, arguments, configs) of every launch, run on meta tensors."""
         names = {id(getattr(kernels, name)): name for name in DOT_KERNELS + GATHER_KERNELS}
+        names.update({id(kernels.PINNED[getattr(kernels, name)]): name for name in DOT_KERNELS})
         launches = []
 
         def record(autotuned):
