@@ -163,6 +163,7 @@ def test_every_gpu_config_matches_reference(kernel, dtype, config, monkeypatch):
     exact = _reference(q, k, v, grad_out, scale, torch.float64)
     low = _reference(q, k, v, grad_out, scale, dtype)
     _assert_close(("out", "lse", "grad_q", "grad_k", "grad_v"), (out, lse, *grads), exact, low)
+    assert autotuner.best_config is config  # the launch went through the pinned handle
 
 
 @needs_device

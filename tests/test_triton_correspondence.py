@@ -207,6 +207,37 @@ if INTERPRETING or ON_GPU:
         else:
             compare_with_reference(q, k, pos, kwargs, impl="triton")
 
+    # Every config of the kernels that multiply score tiles, with the mode that runs it. The
+    # autotuner runs only the one it picks for the shapes at hand, so each runs pinned here: on a
+    # GPU against a miscompile of one config, on the interpreter for each config's tiling.
+    def _pinned_cases():
+        from sketchcolor.kernels import correspondence_loss as kernels
+
+        runs = {"corr_hardest_fwd": "hardest", "corr_nll_fwd": "nll", "corr_nll_bwd_dq": "nll", "corr_nll_bwd_dk": "nll"}
+        return [
+            (name, mode, dtype, index)
+            for name, mode in runs.items()
+            for dtype in DTYPES
+            for index in range(len(kernels.GPU_CONFIGS["stream" if name.endswith("_fwd") else "slice"]))
+        ]
+
+    @pytest.mark.parametrize("name, mode, dtype, index", _pinned_cases(), ids=str)
+    def test_every_gpu_config_matches_reference(name, mode, dtype, index, monkeypatch):
+        from sketchcolor.kernels import correspondence_loss as kernels
+
+        autotuned = getattr(kernels, name)
+        config = kernels.GPU_CONFIGS["stream" if name.endswith("_fwd") else "slice"][index]
+        monkeypatch.setattr(autotuned, "configs", [config])
+        monkeypatch.setattr(autotuned, "cache", {})
+        # D = 992: several D chunks and slices; the interpreter's shape keeps tails in every block.
+        shape = (1, None, 200, 130, (10, 13), 992) if ON_GPU else (1, None, 70, 66, (6, 11), 100)
+        q, k, pos, kwargs = make_case(*shape, dtype, **MODES[mode], device=DEVICE)
+        if mode == "hardest":
+            check_hardest(q, k, pos, kwargs, impl="triton")
+        else:
+            compare_with_reference(q, k, pos, kwargs, impl="triton")
+        assert autotuned.best_config is config  # the launch went through the pinned handle
+
     @pytest.mark.parametrize("mode", list(MODES))
     def test_triton_small_margin_and_non_contiguous(mode):
         check_small_margin_and_strided_inputs(mode, "triton", torch.float32, DEVICE)
