@@ -22,7 +22,8 @@
 #                             default is wgmma)
 #   bench-attention-compact   and with the compact (2-stage) mma.sync kernels that GPUs granting
 #                             99 KiB per block run (SKETCHCOLOR_CUDA_STAGES=compact)
-#   triton-tests              the Triton backend's GPU tests
+#   triton-tests              the Triton backend's GPU tests (every autotune config pinned in turn
+#                             too: compiling them all takes most of its limit)
 #   bench-train               one training step's peak GPU memory and time at 512x512 and
 #                             1024x1024 with SCFT at 1/4 (16,384 and 65,536 tokens), reference
 #                             vs triton vs cuda (benchmarks/bench_train_memory.py)
@@ -101,7 +102,7 @@ SKETCHCOLOR_CUDA_MMA=mma_sync stage bench-attention-mma-sync 60 \
   "$python" benchmarks/bench_attention.py --device cuda --impl cuda --sizes 16384 --no-write
 SKETCHCOLOR_CUDA_MMA=mma_sync SKETCHCOLOR_CUDA_STAGES=compact stage bench-attention-compact 60 \
   "$python" benchmarks/bench_attention.py --device cuda --impl cuda --sizes 16384 --no-write
-stage triton-tests 150 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
+stage triton-tests 240 "$python" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
   tests/test_triton_attention.py tests/test_triton_correspondence.py
 stage bench-train 150 "$python" benchmarks/bench_train_memory.py --device cuda --sizes 512 1024 --strides 4 \
   --attn reference triton cuda --steps 2 --timeout 60
