@@ -22,8 +22,8 @@
 #                             default is wgmma)
 #   bench-attention-compact   and with the compact (2-stage) mma.sync kernels that GPUs granting
 #                             99 KiB per block run (SKETCHCOLOR_CUDA_STAGES=compact)
-#   triton-tests              the Triton backend's GPU tests (every autotune config pinned in turn
-#                             too: compiling them all takes most of its limit)
+#   triton-tests              the Triton backend's GPU tests (with every autotune config pinned in
+#                             turn, each one compiled: hence its longer limit; not yet timed)
 #   bench-train               one training step's peak GPU memory and time at 512x512 and
 #                             1024x1024 with SCFT at 1/4 (16,384 and 65,536 tokens), reference
 #                             vs triton vs cuda (benchmarks/bench_train_memory.py)
