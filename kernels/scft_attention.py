@@ -296,7 +296,7 @@ def _scft_attn_bwd_dkdv(
             if pid_c * BLOCK_C < D:
                 # Computed transposed, dQ^T[slice, rows] = K[:, slice]^T dS^T, with the k piece
                 # read from memory as (slice, keys): dS^T is a product's result, and on sm_90
-                # Triton 3.4 up to 3.7.1 miscompile a tl.trans of one fed to tl.dot (wrong
+                # Triton 3.4 to 3.7.0 miscompile a tl.trans of one fed to tl.dot (wrong
                 # values, fla-org/flash-linear-attention#640; the GPU machines run 3.6).
                 dq_cols = DQ_ACC + (pid_bh.to(tl.int64) * N + offs_m[None, :]) * D
                 k_cols_t = K + off_b * stride_kb + off_h * stride_kh + offs_n.to(tl.int64)[None, :] * stride_km

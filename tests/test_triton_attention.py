@@ -142,7 +142,7 @@ def _config_id(kernel, dtype, config):
 def test_every_gpu_config_matches_reference(kernel, dtype, config, monkeypatch):
     # The autotuner runs only the config it picks for the shapes at hand, so a config that one
     # GPU generation or Triton version miscompiles stays unseen until a training shape picks
-    # it (Triton 3.4-3.7.0 did so on sm_90 for a register transpose). Each runs pinned here; on
+    # it (Triton 3.4 to 3.7.0 did so on sm_90 for a register transpose). Each runs pinned here; on
     # the interpreter this checks every config's tiling (masks, chunk and slice tails).
     if DEVICE == "cuda":
         limit = kernels._device_smem_limit(torch.cuda.current_device())

@@ -11,7 +11,7 @@ D = Dv = 992) and checks that
     autotuner's prune relies on is an upper bound of it,
   * its PTX uses tensor cores for the dots (mma.sync, or wgmma where Triton picks it on sm_90;
     tcgen05 on sm_100, which is why ``auto`` prefers triton to cuda on 10.x GPUs),
-  * it holds no register transpose (tt.trans), which Triton 3.4 up to 3.7.1 miscompile on sm_90.
+  * it holds no register transpose (tt.trans), which Triton 3.4 to 3.7.0 miscompile on sm_90.
 bfloat16 compiles for every target, float16 for one target of each tensor-core instruction
 family (FLOAT16_TARGETS). float32 is compiled in IEEE mode (FMA dots: no tensor-core check) and
 in TF32 mode, for every target but sm_89 (sm_86's shared memory and instructions).
@@ -53,7 +53,7 @@ def _check_compiled(launch, config, target, smem_limit, elem_size, **overrides):
     assert shared <= smem_limit, f"{where}: {shared} bytes of shared memory > {smem_limit}"
     estimate = attn.smem_estimate(launch.name, config, elem_size)
     assert estimate >= shared, f"{where}: the prune's estimate {estimate} is below the real {shared} bytes"
-    # Triton 3.4 up to 3.7.1 (3.6 on the GPU machines) compute wrong values on sm_90 for a
+    # Triton 3.4 to 3.7.0 (3.6 on the GPU machines) compute wrong values on sm_90 for a
     # tl.trans of a product's result fed to tl.dot: the kernels transpose only through memory.
     assert "tt.trans" not in compiled.asm["ttir"], f"{where}: a register transpose (tt.trans)"
     return compiled

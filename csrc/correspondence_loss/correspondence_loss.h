@@ -104,7 +104,8 @@ struct CorrHardestParams {
 };
 
 // How the search splits the keys so that small N still fills the GPU: enough splits for about two
-// CTAs per SM (one wave on sm_90, two on sm_80), at least one whole key tile per split. The binding allocates the workspaces by it.
+// CTAs per SM (one wave on sm_90, two on sm_80), at least one whole key tile per split. The
+// binding allocates the workspaces by it.
 struct CorrHardestPlan {
   int key_splits;
   int keys_per_split;
