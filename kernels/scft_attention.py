@@ -475,7 +475,10 @@ def smem_estimate(kernel: str, config: triton.Config, elem_size: int) -> int:
     kw, stages, e = config.kwargs, config.num_stages, elem_size
     pipeline_reserve = 1024
     if kernel == "bwd_preprocess":
-        return kw["BLOCK_M"] * config.num_warps * 4 + pipeline_reserve  # scratch of the cross-warp row sums
+        # Scratch of the cross-warp row sums, and one (BLOCK_M, BLOCK_DV) tile: when O and dO
+        # differ in layout (one with a strided feature axis), the compiler converts one tile
+        # to the other's layout through shared memory.
+        return kw["BLOCK_M"] * config.num_warps * 4 + kw["BLOCK_M"] * kw["BLOCK_DV"] * e + pipeline_reserve
     bm, bn, bd = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_D"]
     reduction_loop = stages * (bm + bn) * bd * e
     p_tile = bm * bn * e

@@ -99,6 +99,22 @@ def test_float32_configs_compile_in_ieee_and_tf32(variant, target_name):
     assert aot.uses_tensor_cores(compiled.asm["ptx"], target), f"{variant}: tf32 dots without tensor-core products"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_delta_kernel_estimate_bounds_mixed_layouts(dtype):
+    """The layouts above are contiguous. A dO with a strided feature axis next to a contiguous O
+    (the training step's dO is such a view) makes the compiler convert one tile's layout
+    through shared memory: the estimate must still bound it."""
+    batch, heads, n, d = 2, 4, 4096, 992
+    q = torch.empty(batch, heads, n, d, dtype=dtype, device="meta")
+    grad_out = torch.empty(d, batch, heads, n, dtype=dtype, device="meta").permute(1, 2, 3, 0)
+    recorder = aot.LaunchRecorder()
+    attn.attention_backward(grad_out, q, q, q, torch.empty_like(q), torch.empty(batch, heads, n, device="meta"), d**-0.5, launch=recorder)
+    launch = next(launch for launch in recorder.launches if launch.variant == "bwd_preprocess")
+    target, smem_limit = TARGETS["sm_90"]
+    compiled = _check_compiled(launch, attn.BWD_PREPROCESS_CONFIG, target, smem_limit, dtype.itemsize)
+    assert compiled.metadata.shared > 4096, "no layout conversion: the case this test is for did not arise"
+
+
 @pytest.mark.parametrize("target_name", list(TARGETS))
 def test_prune_keeps_exactly_the_configs_proven_here(target_name, monkeypatch):
     """The autotuner's prune, on a device with this target's shared memory, returns only
