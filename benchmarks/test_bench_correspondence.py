@@ -36,8 +36,11 @@ def test_correspondence_fwd_bwd(benchmark, mode, provider, n):
     if memory.out_of_memory:
         pytest.skip(memory.error)
     assert memory.error is None, memory.error
-    benchmark.extra_info.update(shape=case.shape_label(), dtype=case.dtype_name, peak_mib=memory.peak_bytes / 2**20,
-                                memory_method=memory.method)
+    if memory.peak_bytes is not None:
+        peak = {"peak_mib": memory.peak_bytes / 2**20}
+    else:  # a small case whose RSS rose less than its live tensors: only their size is known
+        peak = {"peak_mib_at_least": memory.floor_bytes / 2**20, "peak_unmeasured": memory.unmeasured_reason}
+    benchmark.extra_info.update(shape=case.shape_label(), dtype=case.dtype_name, memory_method=memory.method, **peak)
     run = workload(case, make_inputs(case), "fwd+bwd")
 
     def run_synchronized():

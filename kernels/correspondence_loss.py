@@ -365,10 +365,13 @@ def _corr_nll_bwd_dk(
 # Configurations
 # --------------------------------------------------------------------------------------
 # GPU configs: score tiles of 64 x 64 over 64-wide D chunks (two stages of q and k chunks:
-# 16-64 KB of shared memory in 16-bit and 32-80 KB in fp32, within the 99 KiB per block of
-# consumer GPUs), and dq/dk slices of 128 or 256 columns (fp32 accumulators of 64 x 256 = 64
-# registers per thread at 8 warps). Under TRITON_INTERPRET=1 each kernel runs one small config, smaller than the test
-# shapes so that tails, several D chunks and several slices run.
+# 16-64 KB of shared memory in 16-bit, within the 99 KiB per block of consumer GPUs), and dq/dk
+# slices of 128 or 256 columns (fp32 accumulators of 64 x 256 = 64 registers per thread at 8
+# warps). float32 inputs get their own, smaller tiles: IEEE fp32 dots run on FMA units with
+# operand strips in registers, and the 16-bit tiles spilled up to 1.7 KB per thread on sm_80
+# (the nll backward) and 0.7 KB on sm_90; these spill at most 40 bytes (NOTES-triton.md).
+# Under TRITON_INTERPRET=1 each kernel runs one small config, smaller than the test shapes so
+# that tails, several D chunks and several slices run.
 STREAM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
@@ -376,6 +379,14 @@ STREAM_CONFIGS = [
 SLICE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_C": 256}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_C": 128}, num_warps=4, num_stages=2),
+]
+STREAM_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 16}, num_warps=4, num_stages=2),
+]
+SLICE_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 16, "BLOCK_C": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 16, "BLOCK_C": 64}, num_warps=4, num_stages=2),
 ]
 GATHER_CONFIGS = [triton.Config({"BLOCK_R": 32, "BLOCK_D": 128}, num_warps=4)]
 SEGMENT_CONFIGS = [triton.Config({"BLOCK_E": 16, "BLOCK_D": 256}, num_warps=4)]
@@ -385,13 +396,39 @@ INTERPRET_CONFIGS = {
     "gather": triton.Config({"BLOCK_R": 16, "BLOCK_D": 128}),
     "segment": triton.Config({"BLOCK_E": 4, "BLOCK_D": 256}),
 }
-GPU_CONFIGS = {"stream": STREAM_CONFIGS, "slice": SLICE_CONFIGS, "gather": GATHER_CONFIGS, "segment": SEGMENT_CONFIGS}
+# kind -> (configs for 16-bit inputs, configs for float32 inputs); every config fits every
+# target's shared memory (tests/test_triton_correspondence.py compiles them all).
+GPU_CONFIGS = {
+    "stream": (STREAM_CONFIGS, STREAM_CONFIGS_FP32),
+    "slice": (SLICE_CONFIGS, SLICE_CONFIGS_FP32),
+    "gather": (GATHER_CONFIGS, GATHER_CONFIGS),
+    "segment": (SEGMENT_CONFIGS, SEGMENT_CONFIGS),
+}
+# Which configs each score-tile kernel takes.
+KERNEL_KINDS = {"corr_hardest_fwd": "stream", "corr_nll_fwd": "stream", "corr_nll_bwd_dq": "slice", "corr_nll_bwd_dk": "slice"}
+
+
+def configs_for(kind: str, elem_size: int) -> list[triton.Config]:
+    """The configs a ``kind`` kernel may run with for ``elem_size``-byte inputs."""
+    return GPU_CONFIGS[kind][1 if elem_size == 4 else 0]
+
+
+def _make_prune(kind: str, pinned: bool):
+    """The autotuner's prune: the configs of the inputs' dtype; ``pinned``: only the first."""
+
+    def prune(configs, named_args, **kwargs):
+        family = configs_for(kind, {**named_args, **kwargs}["Q"].element_size())
+        return [c for c in configs if c in family][: 1 if pinned else None]
+
+    return prune
 
 
 def _autotune(kind: str, key: list[str], *, pinned: bool = False):
-    """``pinned``: the first config alone (every config fits every target's shared memory)."""
-    configs = [INTERPRET_CONFIGS[kind]] if INTERPRETING else GPU_CONFIGS[kind][: 1 if pinned else None]
-    return triton.autotune(configs=configs, key=key)
+    if INTERPRETING:
+        return triton.autotune(configs=[INTERPRET_CONFIGS[kind]], key=key)
+    sixteen_bit, fp32 = GPU_CONFIGS[kind]
+    configs = sixteen_bit + [c for c in fp32 if c not in sixteen_bit]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _make_prune(kind, pinned)})
 
 
 corr_triplet_fwd = _autotune("gather", ["D", "T"])(_corr_triplet_fwd)

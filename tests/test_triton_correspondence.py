@@ -103,27 +103,44 @@ if not INTERPRETING:
 
     def test_deterministic_mode_runs_each_kernel_with_a_fixed_config():
         """The autotuner picks by timing, which can differ between processes, and the tiles set
-        the order of the fp32 sums: in deterministic mode (either switch) every launch has one
-        config, the first of its list."""
+        the order of the fp32 sums: in deterministic mode (either switch) every score-tile kernel
+        launches through a twin whose prune keeps one config, the first of the dtype's list."""
         pytest.importorskip("triton")
+        from sketchcolor.kernels import aot
         from sketchcolor.kernels import correspondence_loss as kernels
         from sketchcolor.kernels import scft_attention
 
-        def config_counts():
-            return {name: len(configs) for name, _, _, configs in _record_launches(kernels, torch.bfloat16)}
+        def launched():
+            handles = []
 
-        timed = config_counts()
-        assert timed["corr_nll_fwd"] > 1 and timed["corr_nll_bwd_dk"] > 1
+            def record(autotuned):
+                handles.append(autotuned)
+                return aot.LaunchRecorder()(autotuned)
+
+            q, k = (torch.empty(1, 64, 32, dtype=torch.bfloat16, device="meta") for _ in range(2))
+            pos = torch.empty(1, 64, dtype=torch.int64, device="meta")
+            kernels.hardest_forward(q, k, pos, 8, 8, 1, 0.5, 1.0, launch=record)
+            terms, lse = kernels.nll_forward(q, k, pos, 0.5, launch=record)
+            kernels.nll_backward(terms, q, k, pos, lse, 0.5, launch=record)
+            return handles
+
+        timed = launched()
+        assert timed == [getattr(kernels, name) for name in ("corr_hardest_fwd", "corr_nll_fwd", "corr_nll_bwd_dq", "corr_nll_bwd_dk")]
+        pinned = [kernels.PINNED[handle] for handle in timed]
         with scft_attention.options(deterministic=True):
-            assert set(config_counts().values()) == {1}
+            assert launched() == pinned
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
-            assert set(config_counts().values()) == {1}
+            assert launched() == pinned
         finally:
             torch.use_deterministic_algorithms(previous)
-        for autotuned, pinned in kernels.PINNED.items():
-            assert pinned.configs == autotuned.configs[:1] and pinned.fn is autotuned.fn
+        for name, handle in zip(DOT_KERNELS, timed):
+            for dtype in (torch.bfloat16, torch.float32):
+                family = kernels.configs_for(kernels.KERNEL_KINDS[name], dtype.itemsize)
+                args = {"Q": torch.empty(1, dtype=dtype, device="meta")}
+                assert handle.early_config_prune(handle.configs, args) == family and len(family) > 1
+                assert kernels.PINNED[handle].early_config_prune(handle.configs, args) == family[:1]
 
     def test_keys_past_the_segment_grid_are_refused():
         """The triplet backward's segment sum runs a program per key of the batch: B * M of them
@@ -141,7 +158,7 @@ if not INTERPRETING:
             kernels.triplet_backward(terms, q, k, pos, neg, terms, 0.5)
 
     def _record_launches(kernels, dtype, batch=2, n=4096, m=4096, d=992, negatives=32):
-        """(name, jit function, arguments, configs) of every launch, run on meta tensors."""
+        """(name, jit function, arguments, the configs it may run with) of every launch, run on meta tensors."""
         names = {id(getattr(kernels, name)): name for name in DOT_KERNELS + GATHER_KERNELS}
         names.update({id(kernels.PINNED[getattr(kernels, name)]): name for name in DOT_KERNELS})
         launches = []
@@ -151,7 +168,9 @@ if not INTERPRETING:
                 def __getitem__(self, grid):
                     def call(*args, **kwargs):
                         fn = autotuned.fn
-                        launches.append((names[id(autotuned)], fn, {**dict(zip(fn.arg_names, args)), **kwargs}, autotuned.configs))
+                        name = names[id(autotuned)]
+                        configs = kernels.configs_for(kernels.KERNEL_KINDS[name], dtype.itemsize) if name in DOT_KERNELS else autotuned.configs
+                        launches.append((name, fn, {**dict(zip(fn.arg_names, args)), **kwargs}, configs))
 
                     return call
 
@@ -218,7 +237,7 @@ if INTERPRETING or ON_GPU:
             (name, mode, dtype, index)
             for name, mode in runs.items()
             for dtype in DTYPES
-            for index in range(len(kernels.GPU_CONFIGS["stream" if name.endswith("_fwd") else "slice"]))
+            for index in range(len(kernels.configs_for(kernels.KERNEL_KINDS[name], dtype.itemsize)))
         ]
 
     @pytest.mark.parametrize("name, mode, dtype, index", _pinned_cases(), ids=str)
@@ -226,7 +245,7 @@ if INTERPRETING or ON_GPU:
         from sketchcolor.kernels import correspondence_loss as kernels
 
         autotuned = getattr(kernels, name)
-        config = kernels.GPU_CONFIGS["stream" if name.endswith("_fwd") else "slice"][index]
+        config = kernels.configs_for(kernels.KERNEL_KINDS[name], dtype.itemsize)[index]
         monkeypatch.setattr(autotuned, "configs", [config])
         monkeypatch.setattr(autotuned, "cache", {})
         # D = 992: several D chunks and slices; the interpreter's shape keeps tails in every block.
