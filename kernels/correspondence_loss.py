@@ -404,8 +404,6 @@ GPU_CONFIGS = {
     "gather": (GATHER_CONFIGS, GATHER_CONFIGS),
     "segment": (SEGMENT_CONFIGS, SEGMENT_CONFIGS),
 }
-# Which configs each score-tile kernel takes.
-KERNEL_KINDS = {"corr_hardest_fwd": "stream", "corr_nll_fwd": "stream", "corr_nll_bwd_dq": "slice", "corr_nll_bwd_dk": "slice"}
 
 
 def configs_for(kind: str, elem_size: int) -> list[triton.Config]:
@@ -431,22 +429,31 @@ def _autotune(kind: str, key: list[str], *, pinned: bool = False):
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _make_prune(kind, pinned)})
 
 
+# The kernels that multiply score tiles take "stream" or "slice" configs by dtype, keyed on the
+# problem's size. Deterministic mode (as for attention) runs each one's pinned twin, fixed configs
+# rather than the fastest by timing: the tiles set the order of the fp32 sums (the nll's lse, the
+# scores' D chunks), and a timed choice can differ from one process to the next. The gather and
+# segment kernels hold one config.
+_SCORE_TILE_KEY = ["N", "M", "D", "DOT_PRECISION"]
+SCORE_TILE_KINDS: dict[triton.runtime.Autotuner, str] = {}  # timed handle -> its configs' kind
+PINNED: dict[triton.runtime.Autotuner, triton.runtime.Autotuner] = {}  # timed handle -> pinned twin
+
+
+def _score_tile_kernel(kind: str, fn) -> triton.runtime.Autotuner:
+    """``fn``'s timed handle, entered in SCORE_TILE_KINDS and PINNED."""
+    timed = _autotune(kind, _SCORE_TILE_KEY)(fn)
+    SCORE_TILE_KINDS[timed] = kind
+    PINNED[timed] = _autotune(kind, _SCORE_TILE_KEY, pinned=True)(fn)
+    return timed
+
+
 corr_triplet_fwd = _autotune("gather", ["D", "T"])(_corr_triplet_fwd)
 corr_triplet_bwd_dq = _autotune("gather", ["D", "T"])(_corr_triplet_bwd_dq)
 corr_segment_sum = _autotune("segment", ["D"])(_corr_segment_sum)
-corr_hardest_fwd = _autotune("stream", ["N", "M", "D", "DOT_PRECISION"])(_corr_hardest_fwd)
-corr_nll_fwd = _autotune("stream", ["N", "M", "D", "DOT_PRECISION"])(_corr_nll_fwd)
-corr_nll_bwd_dq = _autotune("slice", ["N", "M", "D", "DOT_PRECISION"])(_corr_nll_bwd_dq)
-corr_nll_bwd_dk = _autotune("slice", ["N", "M", "D", "DOT_PRECISION"])(_corr_nll_bwd_dk)
-# Deterministic mode (as for attention) runs fixed configs, not the fastest by timing: the
-# tiles set the order of the fp32 sums (the nll's lse, the scores' D chunks), and a timed choice
-# can differ from one process to the next. The gather and segment kernels hold one config.
-PINNED = {
-    corr_hardest_fwd: _autotune("stream", ["N", "M", "D", "DOT_PRECISION"], pinned=True)(_corr_hardest_fwd),
-    corr_nll_fwd: _autotune("stream", ["N", "M", "D", "DOT_PRECISION"], pinned=True)(_corr_nll_fwd),
-    corr_nll_bwd_dq: _autotune("slice", ["N", "M", "D", "DOT_PRECISION"], pinned=True)(_corr_nll_bwd_dq),
-    corr_nll_bwd_dk: _autotune("slice", ["N", "M", "D", "DOT_PRECISION"], pinned=True)(_corr_nll_bwd_dk),
-}
+corr_hardest_fwd = _score_tile_kernel("stream", _corr_hardest_fwd)
+corr_nll_fwd = _score_tile_kernel("stream", _corr_nll_fwd)
+corr_nll_bwd_dq = _score_tile_kernel("slice", _corr_nll_bwd_dq)
+corr_nll_bwd_dk = _score_tile_kernel("slice", _corr_nll_bwd_dk)
 
 
 def _tuned(autotuned):
