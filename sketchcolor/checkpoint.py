@@ -128,6 +128,12 @@ def read_checkpoint(path: str | Path, sections: tuple[str, ...] | None = None) -
             tensors = {name: opened.get_tensor(name) for name in names}
     except (OSError, SafetensorError) as error:
         raise ValueError(f"checkpoint {str(path)!r} cannot be read: {error}") from error
+    # Training saves only finite states (a non-finite loss or gradient stops it before the
+    # optimizer step), so a NaN or infinity here is damage, which would otherwise color every
+    # image black or resume into NaN losses.
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ValueError(f"{damaged}: its tensor {name!r} holds NaN or infinite values")
     try:
         return _unpack(skeleton, tensors)
     except KeyError as error:

@@ -116,13 +116,22 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(config)
         if rank() == 0:
             print(f"step {result.step}; checkpoint: {result.checkpoint}; outputs in {result.out}")
-    return 0
+    return _exit_status(result)
+
+
+def _exit_status(result) -> int:
+    """0, or 130 (the shell's status for Ctrl-C) for a run stopped by Ctrl-C after saving, so
+    that a job script can tell it from a finished run. A time limit is a requested end: 0."""
+    return 130 if result.stopped_early == "interrupted" else 0
 
 
 # --- demo --------------------------------------------------------------------------------------
 
 
 def add_demo(subparsers) -> None:
+    from .train import demo_config
+
+    preset = demo_config("")
     parser = subparsers.add_parser(
         "demo",
         help="train briefly on the built-in shapes and evaluate (minutes on a CPU)",
@@ -132,9 +141,16 @@ def add_demo(subparsers) -> None:
         "there (one that stopped early trains on; a finished one is only evaluated again).",
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
+    parser.add_argument("--steps", type=int, default=preset.steps, help="training steps (default: %(default)s)")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=preset.max_minutes,
+        help="stop training (with a checkpoint) after this long, so that a slow or busy machine still finishes; "
+        "running the demo again continues it (default: %(default)s; 800 steps take about 7 minutes on 2 cores)",
+    )
     parser.add_argument("--eval-count", type=int, default=256, help="held-out pairs to evaluate on (default: 256)")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the demo preset's)")
+    parser.add_argument("--workers", type=int, default=preset.workers, help="DataLoader workers (default: %(default)s)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -160,18 +176,19 @@ def run_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = demo_config(args.out)
     # The demo continues the run in --out, if there is one, instead of refusing it.
-    changes = {"attn": args.attn, "device": args.device, "resume": "auto"}
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.workers is not None:
-        changes["workers"] = args.workers
-    config = dataclasses.replace(config, **changes)
+    config = dataclasses.replace(
+        config, attn=args.attn, device=args.device, resume="auto", steps=args.steps, workers=args.workers, max_minutes=args.max_minutes
+    )
     started = time.monotonic()
     result = train(config)
     trained = time.monotonic() - started
+    if result.stopped_early == "interrupted":
+        print(f"stopped at step {result.step} before the evaluation; run the same command again to continue")
+        return _exit_status(result)
     scores = evaluate(result.checkpoint, count=args.eval_count, device=_device(args), attn=args.attn)
     report = {
         "steps": result.step,
+        "stopped_early": result.stopped_early,
         "train_seconds": trained,
         "total_seconds": time.monotonic() - started,
         "checkpoint": str(result.checkpoint),
@@ -183,7 +200,9 @@ def run_demo(args: argparse.Namespace) -> int:
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     samples = sorted((out / "samples").glob("step-*.png"))
     print(format_table(scores))
-    print(f"trained {result.step} steps in {trained / 60:.1f} min; total {report['total_seconds'] / 60:.1f} min")
+    print(f"trained to step {result.step} in {trained / 60:.1f} min; total {report['total_seconds'] / 60:.1f} min")
+    if result.stopped_early:
+        print(f"training stopped at the {result.stopped_early} before step {config.steps}; run the same command again to continue")
     print(f"sample grid: {samples[-1] if samples else 'none'}")
     print(f"checkpoint:  {result.checkpoint}")
     print(f"metrics:     {out / 'metrics.jsonl'}, {out / 'eval.json'}")
@@ -285,6 +304,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table, scores_json
 
     checkpoint = _checkpoint(args)
+    if args.json and not Path(args.json).parent.is_dir():  # checked before the evaluation, which an error after it would waste
+        raise ValueError(f"--json {args.json!r}: the folder {str(Path(args.json).parent)!r} does not exist")
     scores = evaluate(checkpoint, args.data, args.count, args.batch_size, _device(args), args.attn)
     print(f"{checkpoint}: {args.count} held-out pairs")
     print(format_table(scores))

@@ -191,7 +191,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys, tiny_demo):
     # closing summary) is what is tested here.
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--eval-count", "2", "--attn", "reference"]) == 0
     report = json.loads((tmp_path / "demo" / "eval.json").read_text())
-    assert report["steps"] == 2 and report["scores"]["model"]["l1"] > 0
+    assert report["steps"] == 2 and report["stopped_early"] is None and report["scores"]["model"]["l1"] > 0
     assert f"outputs in {(tmp_path / 'demo').resolve()}" in capsys.readouterr().out
 
 
@@ -218,3 +218,57 @@ def test_demo_checks_its_options_before_training(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--eval-count", "0"]) == 2
     assert "sketchcolor demo: error: --eval-count must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.fixture
+def ctrl_c_at_step_2(monkeypatch):
+    """A Ctrl-C during the second training step."""
+    import signal
+
+    import sketchcolor.train as train_module
+
+    original, calls = train_module.train_step, []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args)
+
+    monkeypatch.setattr(train_module, "train_step", step)
+
+
+def test_an_interrupted_train_exits_with_status_130(tmp_path, capsys, ctrl_c_at_step_2):
+    # A job script must be able to tell a run stopped by Ctrl-C (saved, to be resumed) from a finished one.
+    assert main(["train", *TINY_TRAIN_OPTIONS, "--steps", "4", "--out", str(tmp_path)]) == 130
+    assert f"step 2; checkpoint: {tmp_path / 'checkpoints' / 'checkpoint-00000002.safetensors'}" in capsys.readouterr().out
+
+
+def test_an_interrupted_demo_skips_the_evaluation(tmp_path, capsys, tiny_demo, ctrl_c_at_step_2):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "4", "--eval-count", "2", "--attn", "reference"]) == 130
+    assert "stopped at step 2 before the evaluation; run the same command again to continue" in capsys.readouterr().out
+    assert not (out / "eval.json").exists() and (out / "checkpoints" / "checkpoint-00000002.safetensors").is_file()
+
+
+def test_a_demo_stopped_by_its_time_limit_says_so(tmp_path, capsys, tiny_demo, monkeypatch):
+    import types
+
+    import sketchcolor.train as train_module
+
+    clock = iter(range(0, 10**6, 60))  # each of the training loop's readings a minute after the last
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "50", "--max-minutes", "2", "--eval-count", "2", "--attn", "reference"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["stopped_early"] == "time limit" and 0 < report["steps"] < 50
+    assert "training stopped at the time limit before step 50; run the same command again to continue" in capsys.readouterr().out
+
+
+def test_eval_checks_its_json_folder_before_evaluating(tiny_run, tmp_path, capsys, monkeypatch):
+    import sketchcolor.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated before the check"))
+    target = tmp_path / "missing" / "scores.json"
+    assert main(["eval", "--checkpoint", str(tiny_run), "--json", str(target)]) == 2
+    assert f"--json {str(target)!r}: the folder {str(target.parent)!r} does not exist" in capsys.readouterr().err

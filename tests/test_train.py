@@ -504,6 +504,33 @@ def test_a_checkpoint_whose_weights_do_not_load_is_named(reference_runs, tmp_pat
         load_generator(path)
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_checkpoint_holding_non_finite_values_is_refused(reference_runs, tmp_path, value):
+    # Training never saves such a state, so it is damage: unchecked, colorize writes black images
+    # and a resumed run has NaN losses.
+    two, _ = reference_runs
+    state = read_checkpoint(two.checkpoint)
+    name = next(iter(state["generator"]))
+    state["generator"][name].view(-1)[0] = value
+    path = tmp_path / "damaged.safetensors"
+    write_checkpoint(path, state)
+    message = f"checkpoint {re.escape(repr(str(path)))} is damaged: its tensor 'generator/{re.escape(name)}' holds NaN or infinite values"
+    with pytest.raises(ValueError, match=message):
+        load_generator(path)
+    with pytest.raises(ValueError, match=message):
+        train(tiny_config(tmp_path / "run", resume=str(path)))
+
+
+def test_resume_auto_from_an_unreadable_latest_checkpoint_names_the_one_before(tmp_path):
+    train(tiny_config(tmp_path, steps=4, checkpoint_every=2))
+    earlier, latest = list_checkpoints(tmp_path)
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated, as by a copy of the folder cut short
+    with pytest.raises(ValueError, match=rf"cannot be read: .*; to continue from the checkpoint before it instead, pass --resume {re.escape(str(earlier))}$"):
+        train(tiny_config(tmp_path, steps=6, resume="auto"))
+    result = train(tiny_config(tmp_path, steps=6, resume=str(earlier)))
+    assert result.step == 6
+
+
 def test_run_writes_samples_metrics_and_keeps_the_last_checkpoints(reference_runs, tmp_path):
     result = train(tiny_config(tmp_path, steps=3, checkpoint_every=1, keep_checkpoints=2))
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-00000002.safetensors", "checkpoint-00000003.safetensors"]
