@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import read_checkpoint
-from .data import load_rgb_image, pil_to_tensor, tensor_to_pil, xdog
+from .data import check_output_image_path, load_rgb_image, pil_to_tensor, tensor_to_pil, xdog
 from .models import SIZE_MULTIPLE, Generator, ModelConfig
 from .ops.scft_attention import FWD_OP as SCFT_ATTENTION_OP
 from .train import check_attn
@@ -69,6 +69,7 @@ def colorize_file(
     ``color_image`` (exactly one of them) like ``reference``; write the result to ``out``."""
     if (sketch is None) == (color_image is None):
         raise ValueError("give exactly one of sketch (a line drawing) and color_image (to extract one from)")
+    check_output_image_path(out)
     generator, train_config = load_generator(checkpoint, device, attn)
     source = load_rgb_image(sketch if sketch is not None else color_image)
     work_size = processing_size(*source.size, size if size is not None else int(train_config["size"]))

@@ -133,6 +133,18 @@ def test_colorize_rejects_options_it_cannot_run_with(tiny_run, tmp_path, capsys,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["colored", "colored.xyz"])
+def test_colorize_and_sketch_check_the_output_suffix_first(tiny_run, tmp_path, capsys, name):
+    image = _write_image(tmp_path / "image.png", (32, 32), 4)
+    out = tmp_path / name
+    suffix = out.suffix or "none"
+    assert main(["colorize", "--sketch", str(image), "--reference", str(image), "--checkpoint", str(tiny_run), "-o", str(out)]) == 2
+    assert f"out {str(out)!r}: the suffix must be that of an image format Pillow writes, such as .png or .jpg; got {suffix}" in capsys.readouterr().err
+    assert main(["sketch", str(image), "-o", str(out)]) == 2
+    assert f"out {str(out)!r}: the suffix must be" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_sketch_extracts_outlines(tmp_path):
     source = Image.new("RGB", (48, 40), (230, 200, 40))
     source.paste((20, 40, 200), (10, 10, 30, 30))
