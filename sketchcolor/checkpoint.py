@@ -66,12 +66,22 @@ def atomic_replacement(path: Path):
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield temporary
+        # The permissions of any new file (safetensors writes its files owner-only, which on a
+        # shared file system hides checkpoints from the rest of the team).
+        os.chmod(temporary, _new_file_mode())
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
         sync_folder(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the process's umask (read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def sync_folder(folder: Path) -> None:

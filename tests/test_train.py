@@ -442,6 +442,18 @@ def test_checkpoint_file_round_trip(tmp_path):
         write_checkpoint(tmp_path / "other.safetensors", {"thing": object()})
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_checkpoint_gets_the_permissions_of_any_new_file(tmp_path, umask):
+    # safetensors alone writes owner-only files, whatever the umask.
+    previous = os.umask(umask)
+    try:
+        write_checkpoint(tmp_path / "state.safetensors", {"step": 1, "weight": torch.ones(2)})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "state.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
 @pytest.mark.skipif(os.name != "posix", reason="only POSIX systems let a folder be flushed")
 def test_a_checkpoint_write_flushes_the_file_then_the_rename(tmp_path, monkeypatch):
     # Until its folder is flushed, a power loss can undo the rename that made the checkpoint.
