@@ -730,6 +730,8 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
     the last good state when a loss is not finite. Inside a process group (torchrun, see
     ``sketchcolor.distributed``) it trains data-parallel, and only rank 0 is the main process."""
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a file; expected a folder for the run's checkpoints, samples and metrics")
     is_main = is_main and rank() == 0
     say = tqdm.write if is_main else (lambda message: None)
     device = data_parallel_device(config.device) if is_distributed() else resolve_device(config.device)

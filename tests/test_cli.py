@@ -86,6 +86,14 @@ def test_bad_option_values_name_the_option(tmp_path, capsys):
     assert "--scft-stride" in capsys.readouterr().err
 
 
+def test_train_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("not a run")
+    assert main(["train", *TINY_TRAIN_OPTIONS, "--steps", "1", "--out", str(taken)]) == 2
+    assert f"out {str(taken)!r} is a file; expected a folder" in capsys.readouterr().err
+    assert taken.read_text() == "not a run"
+
+
 def test_train_refuses_to_start_afresh_in_a_run_folder(tiny_run, capsys):
     checkpoints = sorted((tiny_run / "checkpoints").iterdir())
     assert main(["train", *TINY_TRAIN_OPTIONS, "--steps", "4", "--out", str(tiny_run)]) == 2
