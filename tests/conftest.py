@@ -3,6 +3,7 @@ sketchcolor.testing."""
 from __future__ import annotations
 
 import os
+import signal
 import zlib
 
 import pytest
@@ -54,3 +55,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def ctrl_c_at_step_2(monkeypatch):
+    """A Ctrl-C (SIGINT) during the training loop's second step."""
+    import sketchcolor.train as train_module
+
+    original, calls = train_module.train_step, []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args)
+
+    monkeypatch.setattr(train_module, "train_step", step)

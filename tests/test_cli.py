@@ -240,24 +240,6 @@ def test_demo_checks_its_options_before_training(tmp_path, capsys):
     assert not (tmp_path / "demo").exists()
 
 
-@pytest.fixture
-def ctrl_c_at_step_2(monkeypatch):
-    """A Ctrl-C during the second training step."""
-    import signal
-
-    import sketchcolor.train as train_module
-
-    original, calls = train_module.train_step, []
-
-    def step(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)
-        return original(*args)
-
-    monkeypatch.setattr(train_module, "train_step", step)
-
-
 def test_an_interrupted_train_exits_with_status_130(tmp_path, capsys, ctrl_c_at_step_2):
     # A job script must be able to tell a run stopped by Ctrl-C (saved, to be resumed) from a finished one.
     assert main(["train", *TINY_TRAIN_OPTIONS, "--steps", "4", "--out", str(tmp_path)]) == 130

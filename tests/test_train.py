@@ -701,18 +701,8 @@ def test_non_finite_values_stop_with_the_last_good_state(reference_runs, tmp_pat
     assert_same_checkpoint(saved, two.checkpoint)
 
 
-def test_ctrl_c_saves_after_the_current_step(reference_runs, tmp_path, monkeypatch):
+def test_ctrl_c_saves_after_the_current_step(reference_runs, tmp_path, ctrl_c_at_step_2):
     two, _ = reference_runs
-    original = train_module.train_step
-    calls = []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)
-        return original(*args)
-
-    monkeypatch.setattr(train_module, "train_step", interrupted)
     result = train(tiny_config(tmp_path, steps=4, checkpoint_every=10))
     assert result.stopped_early == "interrupted" and result.step == 2
     assert_same_checkpoint(result.checkpoint, two.checkpoint)
