@@ -71,6 +71,26 @@ def test_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
             assert image.format == "PNG" and image.width > 200 and image.height > 200
 
 
+def test_the_plots_name_the_cases_they_have_no_value_for(tmp_path):
+    from sketchcolor.benchmarking.plots import plot_memory, plot_times
+
+    def result(provider, n, peak, fwd_ms):
+        memory = PeakMemory(CPU_METHOD, peak_bytes=peak, unmeasured_reason=None if peak else "below the floor")
+        timings = {"fwd+bwd": Timing(3.0, (3.0,))} | ({"fwd": Timing(fwd_ms, (fwd_ms,))} if fwd_ms else {})
+        return BenchResult(cases.Case("attention", provider, n, n, 8, 8), memory, timings)
+
+    results = [result("cpp", 64, 2**20, 1.0), result("cpp", 128, None, None), result("reference", 64, 2**21, 1.0), result("reference", 128, 2**22, 1.0)]
+    [panel] = plot_memory(results, tmp_path / "memory.png").axes
+    assert [text.get_text() for text in panel.texts] == ["no value (see the table): cpp N=128"]
+    assert [line.get_label() for line in panel.lines] == ["cpp", "reference"]
+    [panel] = plot_times(results, tmp_path / "time.png").axes
+    assert [text.get_text() for text in panel.texts] == ["no value (see the table): cpp fwd N=128"]
+    # A pass no case ran (here fwd) is not a missing value.
+    results = [dataclasses.replace(r, timings={"fwd+bwd": r.timings["fwd+bwd"]}) for r in results]
+    [panel] = plot_times(results, tmp_path / "time.png").axes
+    assert len(panel.texts) == 0 and [line.get_label() for line in panel.lines] == ["cpp fwd+bwd", "reference fwd+bwd"]
+
+
 def test_cpu_peaks_below_the_live_tensors_are_not_reported_as_measured(tmp_path, capsys):
     # At small sizes a case can reuse heap the child already holds, and its peak RSS rises by less
     # than its own inputs and gradients, often by 0: that used to print as 0 MiB and 0x ratios.
