@@ -262,7 +262,7 @@ def test_image_folder_errors_name_the_problem(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"garbage")
     folder = ImageFolder(tmp_path, size=32)
     # ValueError, which the command line reports as an error instead of a traceback.
-    message = f"^data_dir '{tmp_path}': none of its 1 image files could be read"
+    message = f"^the data folder '{tmp_path}': none of its 1 image files could be read"
     with pytest.warns(UnreadableImageWarning, match="broken.png"), pytest.raises(ValueError, match=message):
         folder[0]
 
@@ -397,7 +397,7 @@ def test_bad_pair_config_and_dataset_arguments_name_the_argument(tmp_path):
         PairDataset(images, PairConfig(size=32, feature_grid=4)).set_epoch(-1)
     with pytest.raises(ValueError, match="images must give"):
         PairDataset(images, PairConfig(size=64, feature_grid=4))[0]
-    with pytest.raises(NotADirectoryError, match="data_dir"):
+    with pytest.raises(NotADirectoryError, match="the data folder .* is not a directory"):
         make_dataset(str(tmp_path / "nowhere"), size=32, feature_grid=4, seed=0, length=None)
 
 
@@ -450,7 +450,7 @@ def test_preview_reports_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info, pytest.warns(UnreadableImageWarning):
         preview.main(["--out", str(tmp_path / "p.png"), "--data", str(unreadable), "--size", "32", "--feature-grid", "4"])
     assert exit_info.value.code == 2
-    assert f"error: data_dir '{unreadable}': none of its 1 image files could be read" in capsys.readouterr().err
+    assert f"error: the data folder '{unreadable}': none of its 1 image files could be read" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
 
 

@@ -32,13 +32,13 @@ class ImageFolder(Dataset):
         check_int("size", size, 8)
         self.root = Path(root)
         if not self.root.is_dir():
-            raise NotADirectoryError(f"data_dir {str(self.root)!r} is not a directory")
+            raise NotADirectoryError(f"the data folder {str(self.root)!r} is not a directory")
         self.paths = sorted(
             path for path in self.root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
         )
         if not self.paths:
             raise ValueError(
-                f"data_dir {str(self.root)!r} contains no images: "
+                f"the data folder {str(self.root)!r} contains no images: "
                 f"looked for {', '.join(IMAGE_SUFFIXES)} files, recursively"
             )
         self.size = size
@@ -63,7 +63,7 @@ class ImageFolder(Dataset):
             return pil_to_tensor(self._scale(image))
         # ValueError: bad input, which the command line reports as an error naming the folder.
         raise ValueError(
-            f"data_dir {str(self.root)!r}: none of its {len(self.paths)} image files could be read "
+            f"the data folder {str(self.root)!r}: none of its {len(self.paths)} image files could be read "
             "(each was skipped with a warning naming it)"
         )
 
