@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .benchmarking.command import add_bench
+from .benchmarking.options import check_output_file
 from .ops._backends import IMPLS
 from .verify import add_verify
 
@@ -304,8 +305,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table, scores_json
 
     checkpoint = _checkpoint(args)
-    if args.json and not Path(args.json).parent.is_dir():  # checked before the evaluation, which an error after it would waste
-        raise ValueError(f"--json {args.json!r}: the folder {str(Path(args.json).parent)!r} does not exist")
+    if args.json:  # checked before the evaluation, which an error after it would waste
+        check_output_file("--json", args.json)
     scores = evaluate(checkpoint, args.data, args.count, args.batch_size, _device(args), args.attn)
     print(f"{checkpoint}: {args.count} held-out pairs")
     print(format_table(scores))

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from .benchmarking.options import check_output_folder
 from .checkpoint import atomic_replacement, read_checkpoint, sync_folder, write_checkpoint
 from .data import make_dataset, tensor_to_pil
 from .distributed import (
@@ -730,8 +731,7 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
     the last good state when a loss is not finite. Inside a process group (torchrun, see
     ``sketchcolor.distributed``) it trains data-parallel, and only rank 0 is the main process."""
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out {str(out)!r} is a file; expected a folder for the run's checkpoints, samples and metrics")
+    check_output_folder("out", out, ())
     is_main = is_main and rank() == 0
     say = tqdm.write if is_main else (lambda message: None)
     device = data_parallel_device(config.device) if is_distributed() else resolve_device(config.device)

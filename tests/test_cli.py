@@ -147,9 +147,9 @@ def test_colorize_and_sketch_check_the_output_suffix_first(tiny_run, tmp_path, c
     out = tmp_path / name
     suffix = out.suffix or "none"
     assert main(["colorize", "--sketch", str(image), "--reference", str(image), "--checkpoint", str(tiny_run), "-o", str(out)]) == 2
-    assert f"out {str(out)!r}: the suffix must be that of an image format Pillow writes, such as .png or .jpg; got {suffix}" in capsys.readouterr().err
+    assert f"out {str(out)!r} must end in an image suffix Pillow writes, such as .png or .jpg; got {suffix}" in capsys.readouterr().err
     assert main(["sketch", str(image), "-o", str(out)]) == 2
-    assert f"out {str(out)!r}: the suffix must be" in capsys.readouterr().err
+    assert f"out {str(out)!r} must end in an image suffix Pillow writes" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -22,6 +22,14 @@ import torch
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ON_GPU = not INTERPRETING and torch.cuda.is_available()
 
+
+def _score_tile_configs(name: str, dtype: torch.dtype) -> list:
+    """The GPU configs the score-tile kernel ``name`` may run with for ``dtype`` inputs."""
+    from sketchcolor.kernels import correspondence_loss as kernels
+
+    return kernels.configs_for(kernels.SCORE_TILE_KINDS[getattr(kernels, name)], dtype.itemsize)
+
+
 if not INTERPRETING:
     # The kernels whose score tiles are tensor-core dots, and the gather/scatter ones.
     DOT_KERNELS = ["corr_hardest_fwd", "corr_nll_fwd", "corr_nll_bwd_dq", "corr_nll_bwd_dk"]
@@ -137,7 +145,7 @@ if not INTERPRETING:
             torch.use_deterministic_algorithms(previous)
         for name, handle in zip(DOT_KERNELS, timed):
             for dtype in (torch.bfloat16, torch.float32):
-                family = kernels.configs_for(kernels.SCORE_TILE_KINDS[handle], dtype.itemsize)
+                family = _score_tile_configs(name, dtype)
                 args = {"Q": torch.empty(1, dtype=dtype, device="meta")}
                 assert handle.early_config_prune(handle.configs, args) == family and len(family) > 1
                 assert kernels.PINNED[handle].early_config_prune(handle.configs, args) == family[:1]
@@ -169,7 +177,7 @@ if not INTERPRETING:
                     def call(*args, **kwargs):
                         fn = autotuned.fn
                         name = names[id(autotuned)]
-                        configs = kernels.configs_for(kernels.SCORE_TILE_KINDS[getattr(kernels, name)], dtype.itemsize) if name in DOT_KERNELS else autotuned.configs
+                        configs = _score_tile_configs(name, dtype) if name in DOT_KERNELS else autotuned.configs
                         launches.append((name, fn, {**dict(zip(fn.arg_names, args)), **kwargs}, configs))
 
                     return call
@@ -237,7 +245,7 @@ if INTERPRETING or ON_GPU:
             (name, mode, dtype, index)
             for name, mode in runs.items()
             for dtype in DTYPES
-            for index in range(len(kernels.configs_for(kernels.SCORE_TILE_KINDS[getattr(kernels, name)], dtype.itemsize)))
+            for index in range(len(_score_tile_configs(name, dtype)))
         ]
 
     @pytest.mark.parametrize("name, mode, dtype, index", _pinned_cases(), ids=str)
@@ -245,7 +253,7 @@ if INTERPRETING or ON_GPU:
         from sketchcolor.kernels import correspondence_loss as kernels
 
         autotuned = getattr(kernels, name)
-        config = kernels.configs_for(kernels.SCORE_TILE_KINDS[getattr(kernels, name)], dtype.itemsize)[index]
+        config = _score_tile_configs(name, dtype)[index]
         monkeypatch.setattr(autotuned, "configs", [config])
         monkeypatch.setattr(autotuned, "cache", {})
         # D = 992: several D chunks and slices; the interpreter's shape keeps tails in every block.

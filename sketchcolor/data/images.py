@@ -49,9 +49,8 @@ def check_output_image_path(path: str | Path, name: str = "out") -> None:
     """Raise ValueError, naming the option ``name``, if Pillow cannot write an image to ``path``
     (its format follows the suffix): checked before the work whose result would be lost."""
     suffix = Path(path).suffix.lower()
-    Image.init()  # registers every format plugin Pillow has
     if Image.registered_extensions().get(suffix) not in Image.SAVE:
-        raise ValueError(f"{name} {str(path)!r}: the suffix must be that of an image format Pillow writes, such as .png or .jpg; got {suffix or 'none'}")
+        raise ValueError(f"{name} {str(path)!r} must end in an image suffix Pillow writes, such as .png or .jpg; got {suffix or 'none'}")
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .dataset import make_dataset
-from .images import tensor_to_pil
+from .images import check_output_image_path, tensor_to_pil
 
 COLUMNS = ("sketch", "reference", "ground truth", "sketch cells", "their reference cells", "sketch moved by pos")
 _MARKERS_PER_SIDE = 6
@@ -105,8 +105,10 @@ def _out_problem(out: Path) -> str | None:
     """Why the sheet cannot be written to ``out``, or None; checked before the samples are drawn."""
     if out.is_dir():
         return f"--out {str(out)!r} is a folder; expected the path of an image file to write"
-    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
-        return f"--out {str(out)!r} must end in an image suffix Pillow writes, such as .png"
+    try:
+        check_output_image_path(out, "--out")
+    except ValueError as error:
+        return str(error)
     if not out.parent.is_dir():
         return f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist"
     if not os.access(out if out.exists() else out.parent, os.W_OK):
