@@ -137,7 +137,8 @@ def add_demo(subparsers) -> None:
         "demo",
         help="train briefly on the built-in shapes and evaluate (minutes on a CPU)",
         description="Train a small model (64x64, narrow channels) on the built-in procedural shapes, then score it "
-        "on held-out pairs against the blank-reference and mean-color baselines. Writes sample grids, a "
+        "on held-out pairs against the blank-reference and mean-color baselines, with how often SCFT finds the true "
+        "correspondence. Writes sample grids, a "
         "checkpoint, metrics.jsonl and eval.json to --out. Run again with the same --out, it continues the run "
         "there (one that stopped early trains on; a finished one is only evaluated again).",
     )
@@ -166,7 +167,7 @@ def add_demo(subparsers) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import evaluate, format_table, scores_json
+    from .evaluate import evaluate, evaluation_json, format_table
     from .train import demo_config, train
 
     # Checked before training, which an error after it would waste.
@@ -186,7 +187,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if result.stopped_early == "interrupted":
         print(f"stopped at step {result.step} before the evaluation; run the same command again to continue")
         return _exit_status(result)
-    scores = evaluate(result.checkpoint, count=args.eval_count, device=_device(args), attn=args.attn)
+    evaluation = evaluate(result.checkpoint, count=args.eval_count, device=_device(args), attn=args.attn)
+    scores = evaluation.scores
     report = {
         "steps": result.step,
         "stopped_early": result.stopped_early,
@@ -194,13 +196,13 @@ def run_demo(args: argparse.Namespace) -> int:
         "total_seconds": time.monotonic() - started,
         "checkpoint": str(result.checkpoint),
         "held_out_pairs": args.eval_count,
-        "scores": scores_json(scores),
+        **evaluation_json(evaluation),
         "l1_ratio_to_blank_reference": scores["model"].l1 / scores["blank_reference"].l1,
     }
     out = Path(args.out)
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     samples = sorted((out / "samples").glob("step-*.png"))
-    print(format_table(scores))
+    print(format_table(evaluation))
     print(f"trained to step {result.step} in {trained / 60:.1f} min; total {report['total_seconds'] / 60:.1f} min")
     if result.stopped_early:
         print(f"training stopped at the {result.stopped_early} before step {config.steps}; run the same command again to continue")
@@ -288,9 +290,10 @@ def run_sketch(args: argparse.Namespace) -> int:
 def add_eval(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="score a checkpoint on held-out pairs (L1, PSNR, SSIM) against two baselines",
+        help="score a checkpoint on held-out pairs (L1, PSNR, SSIM) against two baselines, and its SCFT correspondence",
         description="Score a checkpoint on held-out augmented-self pairs: the model, the model with the reference "
-        "blanked to gray, and a fill with the reference's mean color. L1, PSNR and SSIM on [0, 1] images.",
+        "blanked to gray, and a fill with the reference's mean color. L1, PSNR and SSIM on [0, 1] images. Also how "
+        "often SCFT's best-scoring reference cell is the true correspondence (or within one cell of it), beside chance.",
     )
     _add_checkpoint_option(parser)
     parser.add_argument("--data", default=None, help="folder of held-out images (default: built-in shapes with the held-out seed)")
@@ -302,16 +305,16 @@ def add_eval(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_table, scores_json
+    from .evaluate import evaluate, evaluation_json, format_table
 
     checkpoint = _checkpoint(args)
     if args.json:  # checked before the evaluation, which an error after it would waste
         check_output_file("--json", args.json)
-    scores = evaluate(checkpoint, args.data, args.count, args.batch_size, _device(args), args.attn)
+    evaluation = evaluate(checkpoint, args.data, args.count, args.batch_size, _device(args), args.attn)
     print(f"{checkpoint}: {args.count} held-out pairs")
-    print(format_table(scores))
+    print(format_table(evaluation))
     if args.json:
-        Path(args.json).write_text(json.dumps(scores_json(scores), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(evaluation_json(evaluation), indent=2) + "\n")
     return 0
 
 

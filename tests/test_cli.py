@@ -170,11 +170,18 @@ def test_eval_reports_model_and_baselines(tiny_run, tmp_path, capsys):
     text = capsys.readouterr().out
     for method in ("model", "blank_reference", "mean_color"):
         assert method in text
-    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert "SCFT correspondence over" in text and "within one cell" in text
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report.keys() == {"scores", "correspondence"}
+    scores = report["scores"]
     assert scores.keys() == {"model", "blank_reference", "mean_color"}
     for score in scores.values():
         assert 0 < score["l1"] < 1 and score["psnr"] > 0 and -1 <= score["ssim"] <= 1
     assert scores["model"] != scores["blank_reference"]
+    match = report["correspondence"]
+    # 4 pairs of the tiny run's 4x4 grid: most cells keep their content in the reference.
+    assert 0 < match["cells"] <= 4 * 16 and match["chance_exact"] == 1 / 16
+    assert 0 <= match["exact"] <= match["within_one"] <= 1 and match["chance_exact"] < match["chance_within_one"] <= 9 / 16
 
 
 @pytest.mark.parametrize(
@@ -212,6 +219,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys, tiny_demo):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--eval-count", "2", "--attn", "reference"]) == 0
     report = json.loads((tmp_path / "demo" / "eval.json").read_text())
     assert report["steps"] == 2 and report["stopped_early"] is None and report["scores"]["model"]["l1"] > 0
+    assert report["correspondence"]["cells"] > 0
     assert f"outputs in {(tmp_path / 'demo').resolve()}" in capsys.readouterr().out
 
 
