@@ -31,8 +31,8 @@ from .train import held_out_seed
 
 METHODS = ("model", "blank_reference", "mean_color")
 SSIM_WINDOW = 11
-# Rows of the score matrix held at once when searching the best key: 2**24 scores (64 MiB in
-# float32) whatever the resolution, so the evaluation needs no N x M matrix either.
+# Scores held at once when searching the best key (rows of every item of the batch): 64 MiB in
+# float32 whatever the resolution, so the evaluation needs no N x M matrix either.
 SCORE_CHUNK_ELEMENTS = 2**24
 
 
@@ -72,11 +72,10 @@ def correspondence_hits(query: torch.Tensor, key: torch.Tensor, pos: torch.Tenso
     grid_h, grid_w = key_grid
     if key.shape[1] != grid_h * grid_w:
         raise ValueError(f"key_grid {key_grid} must have h * w = M = {key.shape[1]} cells")
-    rows = max(1, SCORE_CHUNK_ELEMENTS // key.shape[1])
-    best = torch.cat(
-        [torch.bmm(query[:, start : start + rows].float(), key.float().transpose(1, 2)).argmax(-1) for start in range(0, query.shape[1], rows)],
-        dim=1,
-    )
+    batch, num_keys = key.shape[:2]
+    rows = max(1, SCORE_CHUNK_ELEMENTS // (batch * num_keys))
+    key_t = key.float().transpose(1, 2)
+    best = torch.cat([torch.bmm(query[:, start : start + rows].float(), key_t).argmax(-1) for start in range(0, query.shape[1], rows)], dim=1)
     valid = pos >= 0
     true = pos.clamp_min(0)
     true_y, true_x = true // grid_w, true % grid_w
@@ -85,7 +84,7 @@ def correspondence_hits(query: torch.Tensor, key: torch.Tensor, pos: torch.Tenso
     window = ((true_y + 1).clamp_max(grid_h - 1) - (true_y - 1).clamp_min(0) + 1) * (
         (true_x + 1).clamp_max(grid_w - 1) - (true_x - 1).clamp_min(0) + 1
     )
-    counts = [(best == true) & valid, (distance <= 1) & valid, window.double() / key.shape[1] * valid, valid]
+    counts = [(best == true) & valid, (distance <= 1) & valid, window.double() / num_keys * valid, valid]
     return torch.stack([count.double().sum() for count in counts]).cpu()
 
 

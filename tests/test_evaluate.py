@@ -72,7 +72,7 @@ def test_the_search_in_row_chunks_agrees_with_one_pass(monkeypatch):
     query, key = torch.randn(2, 37, 8, generator=generator), torch.randn(2, 12, 8, generator=generator)
     pos = torch.randint(-1, 12, (2, 37), generator=generator)
     whole = correspondence_hits(query, key, pos, GRID)
-    monkeypatch.setattr(evaluate_module, "SCORE_CHUNK_ELEMENTS", 12 * 5)  # 5 rows at a time
+    monkeypatch.setattr(evaluate_module, "SCORE_CHUNK_ELEMENTS", 2 * 12 * 5)  # 5 rows of each item at a time
     assert torch.equal(correspondence_hits(query, key, pos, GRID), whole)
 
 
