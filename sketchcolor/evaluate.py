@@ -10,11 +10,10 @@ held-out seed, whatever the run trained on; or, given a folder, that folder's im
 - mean_color:       every pixel filled with the reference's mean color.
 All metrics are on images in [0, 1] (PSNR and SSIM per image, then averaged).
 
-The correspondence scores ask what the correspondence loss trains: for each sketch cell whose
-content the reference holds (``pos`` >= 0, from the pair's warp), is SCFT's best-scoring
-reference cell (the argmax of q . k, the largest attention weight) the true one, or within one
-cell of it? Beside each rate is the rate of scores that ignore the images (a uniformly random
-cell), so a model whose attention learned nothing sits at "chance".
+The correspondence scores (sketchcolor.correspondence_match) ask what the correspondence loss
+trains: is SCFT's best-scoring reference cell for a sketch cell the true one, or within one cell
+of it? Beside each rate is that of a uniformly random cell, where a model whose attention learned
+nothing sits.
 """
 
 from __future__ import annotations
@@ -26,14 +25,12 @@ import torch
 from kornia.metrics import psnr, ssim
 
 from .colorize import load_generator
+from .correspondence_match import correspondence_hits
 from .data import make_dataset
 from .train import held_out_seed
 
 METHODS = ("model", "blank_reference", "mean_color")
 SSIM_WINDOW = 11
-# Scores held at once when searching the best key (rows of every item of the batch): 64 MiB in
-# float32 whatever the resolution, so the evaluation needs no N x M matrix either.
-SCORE_CHUNK_ELEMENTS = 2**24
 
 
 @dataclass
@@ -62,30 +59,6 @@ class Evaluation:
     scores: dict[str, Scores]
     """METHODS -> image scores."""
     correspondence: CorrespondenceScores
-
-
-def correspondence_hits(query: torch.Tensor, key: torch.Tensor, pos: torch.Tensor, key_grid: tuple[int, int]) -> torch.Tensor:
-    """Counts (exact hits, hits within one cell, sum of the chance of a within-one hit, cells) of
-    the best-scoring keys of ``query`` (B, N, D) among ``key`` (B, M, D) against ``pos`` (B, N)
-    (-1: no true cell, not counted), on the reference's ``key_grid`` (h, w) with h * w = M.
-    Returns a float64 (4,) tensor; ties go to the lowest key index."""
-    grid_h, grid_w = key_grid
-    if key.shape[1] != grid_h * grid_w:
-        raise ValueError(f"key_grid {key_grid} must have h * w = M = {key.shape[1]} cells")
-    batch, num_keys = key.shape[:2]
-    rows = max(1, SCORE_CHUNK_ELEMENTS // (batch * num_keys))
-    key_t = key.float().transpose(1, 2)
-    best = torch.cat([torch.bmm(query[:, start : start + rows].float(), key_t).argmax(-1) for start in range(0, query.shape[1], rows)], dim=1)
-    valid = pos >= 0
-    true = pos.clamp_min(0)
-    true_y, true_x = true // grid_w, true % grid_w
-    distance = torch.maximum((best // grid_w - true_y).abs(), (best % grid_w - true_x).abs())
-    # Cells of the 3 x 3 window around the true cell that lie on the grid.
-    window = ((true_y + 1).clamp_max(grid_h - 1) - (true_y - 1).clamp_min(0) + 1) * (
-        (true_x + 1).clamp_max(grid_w - 1) - (true_x - 1).clamp_min(0) + 1
-    )
-    counts = [(best == true) & valid, (distance <= 1) & valid, window.double() / num_keys * valid, valid]
-    return torch.stack([count.double().sum() for count in counts]).cpu()
 
 
 def image_scores(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -126,7 +99,7 @@ def evaluate(
             torch.stack([item[name] for item in items]).to(device) for name in ("sketch", "reference", "ground_truth", "pos")
         )
         colorized = generator(sketch, reference)
-        hits += correspondence_hits(colorized.query, colorized.key, pos, (grid, grid))
+        hits += correspondence_hits(colorized.query, colorized.key, pos, (grid, grid)).cpu()
         outputs = {
             "model": colorized.image,
             # 0 is mid-gray in the [-1, 1] range the networks see.

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .correspondence_match import within_one_rate
 from .models import Generator, PatchDiscriminator, VGGFeatures
 
 GAN_LOSSES = ("lsgan", "hinge", "standard")
@@ -193,12 +194,22 @@ class ColorizationLoss:
     def run_G(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the generator's terms, and each term (unweighted, detached); terms of
         weight 0 are not computed. The correspondence term is scaled by the batch's
-        "correspondence_share" where ``weigh_micro_batches`` gave it one."""
+        "correspondence_share" where ``weigh_micro_batches`` gave it one. Beside the terms,
+        "SCFT/within_one": how often SCFT's best-scoring reference cell is within one cell of the
+        true one (``correspondence_match.within_one_rate``), whatever the loss weights."""
         config = self.config
         sketch, reference, ground_truth = batch["sketch"], batch["reference"], batch["ground_truth"]
         output = self.generator(sketch, reference)
+        pos = batch["pos"]
+        if pos.shape != output.query.shape[:2]:
+            raise ValueError(
+                f"pos must have shape (B, N) = {tuple(output.query.shape[:2])} (one entry per SCFT sketch cell), got "
+                f"{tuple(pos.shape)}; the data's feature_grid must be size / scft_stride"
+            )
         fake = output.image.float()
-        terms: dict[str, torch.Tensor] = {}
+        terms: dict[str, torch.Tensor] = {
+            "SCFT/within_one": within_one_rate(output.query, output.key, pos, self._key_grid(reference))
+        }
         loss = fake.new_zeros(())
 
         def add(name: str, weight: float, value: torch.Tensor) -> None:
@@ -209,7 +220,7 @@ class ColorizationLoss:
         if config.l1_weight:
             add("l1", config.l1_weight, (fake - ground_truth).abs().mean())
         if config.correspondence_weight:
-            correspondence = self._correspondence(output.query, output.key, batch["pos"], reference)
+            correspondence = self._correspondence(output.query, output.key, pos, reference)
             add("correspondence", config.correspondence_weight, correspondence * batch.get("correspondence_share", 1))
         if config.adversarial_weight:
             scores = self.discriminator(sketch, output.image).float()
@@ -230,11 +241,6 @@ class ColorizationLoss:
         """Triplet loss on SCFT's own Q and K: a sketch cell must score its true reference cell
         (``pos``, from the data's warp) above the negatives by the margin."""
         config = self.config
-        if pos.shape != query.shape[:2]:
-            raise ValueError(
-                f"pos must have shape (B, N) = {tuple(query.shape[:2])} (one entry per SCFT sketch cell), got "
-                f"{tuple(pos.shape)}; the data's feature_grid must be size / scft_stride"
-            )
         # Under autocast q and k are bfloat16 (the cuda kernels take no float32); every backend of
         # the op, the reference included, scores them in float32: the margin is a difference of
         # dot products.

@@ -722,7 +722,7 @@ def _sample_batch(config: TrainConfig, feature_grid: int, device: torch.device) 
 
 
 def _progress_postfix(terms: dict[str, torch.Tensor]) -> dict[str, str]:
-    shown = {"D/loss": "D", "G/loss": "G", "G/l1": "l1", "G/correspondence": "corr"}
+    shown = {"D/loss": "D", "G/loss": "G", "G/l1": "l1", "G/correspondence": "corr", "SCFT/within_one": "match"}
     return {label: f"{float(terms[name]):.3g}" for name, label in shown.items() if name in terms}
 
 

@@ -24,6 +24,7 @@ from torch import nn
 import sketchcolor.train as train_module
 from sketchcolor.checkpoint import FORMAT, read_checkpoint, write_checkpoint
 from sketchcolor.colorize import load_generator
+from sketchcolor.correspondence_match import correspondence_hits
 from sketchcolor.data import make_dataset
 from sketchcolor.losses import ColorizationLoss, LossConfig, correspondence_term_count, gram_matrix, sample_negatives
 from sketchcolor.models import Generator, ModelConfig, PatchDiscriminator, vgg19_features
@@ -165,10 +166,15 @@ def test_generator_terms_follow_the_weights(tmp_path):
     dataset = make_dataset(None, 32, 4, seed=1, length=2)
     batch = {name: torch.stack([dataset[i][name] for i in range(2)]) for name in dataset[0]}
     total, terms = loss.run_G(batch)
-    assert set(terms) == {"G/l1", "G/correspondence", "G/perceptual", "G/style"}
+    assert set(terms) == {"G/l1", "G/correspondence", "G/perceptual", "G/style", "SCFT/within_one"}
     weights = LossConfig()
     expected = sum(getattr(weights, f"{name}_weight") * terms[f"G/{name}"] for name in ("l1", "correspondence", "perceptual", "style"))
     torch.testing.assert_close(total.detach(), expected)
+    # Beside the terms, outside the loss: the rate of SCFT's best keys near the true cells (all 16 of a 4x4 grid).
+    with torch.no_grad():
+        output = generator(batch["sketch"], batch["reference"])
+    _, within_one, _, cells = correspondence_hits(output.query, output.key, batch["pos"], (4, 4))
+    assert terms["SCFT/within_one"].item() == pytest.approx((within_one / cells).item())
 
     without_vgg = tiny_config(tmp_path)
     loss = build_loss(without_vgg, generator, discriminator, torch.device("cpu"), messages.append)

@@ -1,10 +1,11 @@
-"""The held-out evaluation's correspondence scores (the image scores run in test_cli.py)."""
+"""How often SCFT's best-scoring reference cell is the true one (sketchcolor.correspondence_match),
+which eval reports and training logs; eval's image scores run in test_cli.py."""
 
 import pytest
 import torch
 
-import sketchcolor.evaluate as evaluate_module
-from sketchcolor.evaluate import correspondence_hits
+import sketchcolor.correspondence_match as match_module
+from sketchcolor.correspondence_match import correspondence_hits, within_one_rate
 
 GRID = (3, 4)  # h x w reference cells, M = 12
 
@@ -72,7 +73,7 @@ def test_the_search_in_row_chunks_agrees_with_one_pass(monkeypatch):
     query, key = torch.randn(2, 37, 8, generator=generator), torch.randn(2, 12, 8, generator=generator)
     pos = torch.randint(-1, 12, (2, 37), generator=generator)
     whole = correspondence_hits(query, key, pos, GRID)
-    monkeypatch.setattr(evaluate_module, "SCORE_CHUNK_ELEMENTS", 2 * 12 * 5)  # 5 rows of each item at a time
+    monkeypatch.setattr(match_module, "SCORE_CHUNK_ELEMENTS", 2 * 12 * 5)  # 5 rows of each item at a time
     assert torch.equal(correspondence_hits(query, key, pos, GRID), whole)
 
 
@@ -80,3 +81,19 @@ def test_a_key_grid_that_does_not_cover_the_keys_is_an_error():
     key = _keys(1)
     with pytest.raises(ValueError, match=r"key_grid \(4, 4\) must have h \* w = M = 12 cells"):
         correspondence_hits(key[:, :2], key, torch.tensor([[0, 1]]), (4, 4))
+
+
+def test_training_scores_evenly_spaced_rows_beyond_its_limit(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    query, key = torch.randn(2, 5, 8, generator=generator), torch.randn(2, 12, 8, generator=generator)
+    pos = torch.randint(0, 12, (2, 5), generator=generator)
+    _, within_one, _, cells = correspondence_hits(query, key, pos, GRID)
+    assert within_one_rate(query, key, pos, GRID) == within_one / cells
+    monkeypatch.setattr(match_module, "TRAINING_ROWS", 2)  # rows 0 and 3 of each item
+    _, within_one, _, cells = correspondence_hits(query[:, [0, 3]], key, pos[:, [0, 3]], GRID)
+    assert cells == 4 and within_one_rate(query, key, pos, GRID) == within_one / cells
+
+
+def test_training_rate_without_a_true_cell_is_zero():
+    key = _keys(1)
+    assert within_one_rate(key[:, :3], key, torch.full((1, 3), -1), GRID) == 0
