@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 import warnings
 
@@ -403,6 +405,30 @@ def test_unavailable_backend_says_why(impl, monkeypatch):
     q, k, v = make_inputs(1, None, 4, 5, 8, 8, torch.float32)
     with pytest.raises(RuntimeError, match=f"impl='{impl}' is not available: .*CUDA"):
         scft_attention(q, k, v, impl=impl)
+
+
+def test_triton_interpret_set_after_the_kernels_were_imported_says_so():
+    # Triton decides interpreted or compiled when a kernel is imported: the compiled kernels would
+    # fail on CPU tensors with a message about GPU drivers. A fresh process, whose imports this controls.
+    pytest.importorskip("triton")
+    script = (
+        "import os, torch\n"
+        "import sketchcolor.kernels.scft_attention\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from sketchcolor.ops import scft_attention\n"
+        "q = torch.randn(1, 4, 8)\n"
+        "try:\n"
+        "    scft_attention(q, q, q, impl='triton')\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "impl='triton' is not available: TRITON_INTERPRET=1 was set after the Triton kernels were imported"
+        in result.stdout
+    ), result.stdout
 
 
 BAD_INPUTS = [

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import sys
 import warnings
 
 import torch
@@ -42,6 +43,12 @@ AUTO_TRITON_FIRST_MAJORS = (10,)
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels_compiled_for_gpus() -> bool:
+    """Whether the Triton kernels were imported without TRITON_INTERPRET=1 (not imported: False)."""
+    tiles = sys.modules.get("sketchcolor.kernels._tiles")
+    return tiles is not None and not tiles.INTERPRETING
 
 
 @functools.cache
@@ -107,6 +114,12 @@ def _placement_reason(impl: str, device: torch.device, op_name: str) -> str | No
     if impl == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
+        if device.type == "cpu" and triton_interpreting() and _kernels_compiled_for_gpus():
+            return (
+                "TRITON_INTERPRET=1 was set after the Triton kernels were imported, and Triton chooses "
+                "between interpreting a kernel and compiling it for a GPU when it imports it: set "
+                "TRITON_INTERPRET=1 before sketchcolor.kernels is first imported"
+            )
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return triton_load_error()
         return f"impl='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
