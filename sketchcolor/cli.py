@@ -300,21 +300,41 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--count", type=int, default=256, help="pairs to score (default: 256)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    parser.add_argument(
+        "--matches",
+        default=None,
+        help=f"also draw SCFT's correspondence on the first {MATCH_SHEET_ROWS} pairs to this image: coloured sketch "
+        "cells, their true reference cells, the cells SCFT scores highest, the output and the ground truth",
+    )
     _add_runtime_options(parser)
     parser.set_defaults(handler=run_eval)
 
 
+# Pairs drawn by eval --matches: one row each.
+MATCH_SHEET_ROWS = 4
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    from .data import check_output_image_path
+    from .data.preview import render_matches
     from .evaluate import evaluate, evaluation_json, format_table
 
     checkpoint = _checkpoint(args)
-    if args.json:  # checked before the evaluation, which an error after it would waste
+    # Checked before the evaluation, which an error after it would waste.
+    if args.json:
         check_output_file("--json", args.json)
-    evaluation = evaluate(checkpoint, args.data, args.count, args.batch_size, _device(args), args.attn)
+    if args.matches:
+        check_output_image_path(args.matches, "--matches")
+        check_output_file("--matches", args.matches)
+    rows = MATCH_SHEET_ROWS if args.matches else 0
+    evaluation = evaluate(checkpoint, args.data, args.count, args.batch_size, _device(args), args.attn, samples=rows)
     print(f"{checkpoint}: {args.count} held-out pairs")
     print(format_table(evaluation))
     if args.json:
         Path(args.json).write_text(json.dumps(evaluation_json(evaluation), indent=2) + "\n")
+    if args.matches:
+        render_matches(evaluation.samples, evaluation.grid).save(args.matches)
+        print(f"wrote {args.matches}: SCFT's matches on {len(evaluation.samples)} pairs")
     return 0
 
 

@@ -18,22 +18,28 @@ SCORE_CHUNK_ELEMENTS = 2**24
 TRAINING_ROWS = 1024
 
 
-def correspondence_hits(query: torch.Tensor, key: torch.Tensor, pos: torch.Tensor, key_grid: tuple[int, int]) -> torch.Tensor:
-    """Counts (exact hits, hits within one cell, sum of the chance of a within-one hit, cells) of
-    the best-scoring keys of ``query`` (B, N, D) among ``key`` (B, M, D) against ``pos`` (B, N)
-    (-1: no true cell, not counted), on the reference's ``key_grid`` (h, w) with h * w = M.
-    Returns a float64 (4,) tensor on their device (no wait for the GPU); ties go to the lowest key
-    index."""
-    grid_h, grid_w = key_grid
-    if key.shape[1] != grid_h * grid_w:
-        raise ValueError(f"key_grid {key_grid} must have h * w = M = {key.shape[1]} cells")
+def best_keys(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """For ``query`` (B, N, D) and ``key`` (B, M, D), the index (B, N) of each query's
+    best-scoring key (its largest attention weight); ties go to the lowest index."""
     batch, num_keys = key.shape[:2]
     rows = max(1, SCORE_CHUNK_ELEMENTS // (batch * num_keys))
     # float32 scores whatever the inputs' dtype and autocast: bfloat16 would tie near neighbours.
     with torch.no_grad(), without_autocast(key.device):
         key_t = key.float().transpose(1, 2)
         chunks = [torch.bmm(query[:, start : start + rows].float(), key_t).argmax(-1) for start in range(0, query.shape[1], rows)]
-    best = torch.cat(chunks, dim=1)
+    return torch.cat(chunks, dim=1)
+
+
+def correspondence_hits(query: torch.Tensor, key: torch.Tensor, pos: torch.Tensor, key_grid: tuple[int, int]) -> torch.Tensor:
+    """Counts (exact hits, hits within one cell, sum of the chance of a within-one hit, cells) of
+    the best-scoring keys of ``query`` (B, N, D) among ``key`` (B, M, D) against ``pos`` (B, N)
+    (-1: no true cell, not counted), on the reference's ``key_grid`` (h, w) with h * w = M.
+    Returns a float64 (4,) tensor on their device (no wait for the GPU)."""
+    grid_h, grid_w = key_grid
+    num_keys = key.shape[1]
+    if num_keys != grid_h * grid_w:
+        raise ValueError(f"key_grid {key_grid} must have h * w = M = {num_keys} cells")
+    best = best_keys(query, key)
     valid = pos >= 0
     true = pos.clamp_min(0)
     true_y, true_x = true // grid_w, true % grid_w

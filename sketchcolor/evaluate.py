@@ -25,7 +25,7 @@ import torch
 from kornia.metrics import psnr, ssim
 
 from .colorize import load_generator
-from .correspondence_match import correspondence_hits
+from .correspondence_match import best_keys, correspondence_hits
 from .data import make_dataset
 from .train import held_out_seed
 
@@ -59,6 +59,11 @@ class Evaluation:
     scores: dict[str, Scores]
     """METHODS -> image scores."""
     correspondence: CorrespondenceScores
+    grid: int
+    """Cells per side of SCFT's feature grid, which ``pos`` and ``best`` index."""
+    samples: list[dict[str, torch.Tensor]]
+    """The first pairs (as many as asked), each a dataset item (CPU tensors) plus "output" (3, S, S)
+    in [-1, 1] and "best" (grid * grid,): SCFT's best-scoring reference cell per sketch cell."""
 
 
 def image_scores(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -77,22 +82,24 @@ def evaluate(
     batch_size: int = 16,
     device: str = "cpu",
     attn: str = "auto",
+    samples: int = 0,
 ) -> Evaluation:
     """Scores of METHODS and SCFT's correspondence on ``count`` held-out pairs at the checkpoint's
-    training size.
+    training size, and the first ``samples`` pairs with the model's output and matches.
 
     Without ``data`` the pairs are the built-in procedural shapes drawn with the held-out seed
     of the training seed (images the run never saw); with ``data``, the images of that folder.
     """
-    for name, value in (("count", count), ("batch_size", batch_size)):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value, least, what in (("count", count, 1, "a positive"), ("batch_size", batch_size, 1, "a positive"), ("samples", samples, 0, "a non-negative")):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise ValueError(f"{name} must be {what} int, got {value!r}")
     generator, train_config = load_generator(checkpoint, device, attn)
     size = int(train_config["size"])
     grid = generator.config.feature_grid(size)
     pairs = make_dataset(data, size, grid, held_out_seed(int(train_config["seed"])), count)
     totals = {method: torch.zeros(3, dtype=torch.float64) for method in METHODS}
     hits = torch.zeros(4, dtype=torch.float64)
+    kept: list[dict[str, torch.Tensor]] = []
     for start in range(0, count, batch_size):
         items = [pairs[index] for index in range(start, min(start + batch_size, count))]
         sketch, reference, target, pos = (
@@ -100,6 +107,10 @@ def evaluate(
         )
         colorized = generator(sketch, reference)
         hits += correspondence_hits(colorized.query, colorized.key, pos, (grid, grid)).cpu()
+        if len(kept) < samples:
+            best = best_keys(colorized.query, colorized.key).cpu()
+            for item, output, item_best in zip(items[: samples - len(kept)], colorized.image.float().cpu(), best):
+                kept.append({**item, "output": output, "best": item_best})
         outputs = {
             "model": colorized.image,
             # 0 is mid-gray in the [-1, 1] range the networks see.
@@ -114,7 +125,7 @@ def evaluate(
     correspondence = CorrespondenceScores(
         exact / per_cell, within_one / per_cell, 1 / (grid * grid), chance_within_one / per_cell, int(cells)
     )
-    return Evaluation({method: Scores(*(total / count).tolist()) for method, total in totals.items()}, correspondence)
+    return Evaluation({method: Scores(*(total / count).tolist()) for method, total in totals.items()}, correspondence, grid, kept)
 
 
 def evaluation_json(evaluation: Evaluation) -> dict[str, dict]:

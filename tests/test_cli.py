@@ -275,10 +275,29 @@ def test_a_demo_stopped_by_its_time_limit_says_so(tmp_path, capsys, tiny_demo, m
     assert "training stopped at the time limit before step 50; run the same command again to continue" in capsys.readouterr().out
 
 
-def test_eval_checks_its_json_folder_before_evaluating(tiny_run, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("option", "name", "message"),
+    [
+        ("--json", "missing/scores.json", "--json '{path}': the folder '{folder}' does not exist"),
+        ("--matches", "missing/matches.png", "--matches '{path}': the folder '{folder}' does not exist"),
+        ("--matches", "matches.json", "--matches '{path}' must end in an image suffix Pillow writes"),
+    ],
+)
+def test_eval_checks_its_outputs_before_evaluating(tiny_run, tmp_path, capsys, monkeypatch, option, name, message):
     import sketchcolor.evaluate as evaluate_module
 
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated before the check"))
-    target = tmp_path / "missing" / "scores.json"
-    assert main(["eval", "--checkpoint", str(tiny_run), "--json", str(target)]) == 2
-    assert f"--json {str(target)!r}: the folder {str(target.parent)!r} does not exist" in capsys.readouterr().err
+    target = tmp_path / name
+    assert main(["eval", "--checkpoint", str(tiny_run), option, str(target)]) == 2
+    assert message.format(path=target, folder=target.parent) in capsys.readouterr().err
+
+
+def test_eval_draws_scfts_matches(tiny_run, tmp_path, capsys):
+    from sketchcolor.data.preview import MATCH_COLUMNS
+
+    out = tmp_path / "matches.png"
+    assert main(["eval", "--checkpoint", str(tiny_run), "--count", "3", "--batch-size", "2", "--matches", str(out)]) == 0
+    assert f"wrote {out}: SCFT's matches on 3 pairs" in capsys.readouterr().out
+    # The tiny run's 32-pixel pairs, enlarged 6x: one row per pair (fewer than 4 were scored).
+    with Image.open(out) as sheet:
+        assert sheet.size == (192 * len(MATCH_COLUMNS), 18 + 3 * 192)

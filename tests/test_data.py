@@ -437,6 +437,25 @@ def test_preview_writes_a_grid_for_procedural_and_folder_data(tmp_path, capsys):
     assert Image.open(out).size == (64 * len(preview.COLUMNS), 18 + 3 * 64)
 
 
+def test_the_match_sheet_puts_the_models_dots_on_its_best_cells():
+    item = make_dataset(None, 64, 8, seed=3, length=1)[0]
+    pos = item["pos"]
+    right = {**item, "output": item["ground_truth"], "best": pos.clamp_min(0)}
+    # Every cell's best one cell to the right of the true one (or left, on the last column).
+    moved = torch.where(pos % 8 < 7, pos + 1, pos - 1).clamp_min(0)
+    wrong = {**right, "best": moved}
+    panels = []
+    for row in (right, wrong):
+        sheet = np.asarray(preview.render_matches([row], 8))
+        side = 192  # 64-pixel images enlarged 3x
+        assert sheet.shape == (18 + side, side * len(preview.MATCH_COLUMNS), 3)
+        panels.append([sheet[18:, column * side : (column + 1) * side] for column in range(len(preview.MATCH_COLUMNS))])
+    (_, true_cells, best_right, output, truth), (_, _, best_wrong, _, _) = panels
+    # Right: the best cells' panel is the true cells' panel; wrong: the dots moved.
+    assert np.array_equal(best_right, true_cells) and not np.array_equal(best_wrong, true_cells)
+    assert np.array_equal(output, truth)
+
+
 def test_preview_reports_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         preview.main(["--out", str(tmp_path / "p.png"), "--size", "64", "--feature-grid", "7"])

@@ -7,6 +7,9 @@ marked with coloured dots, and the same dots on the reference at the cells ``pos
 to (a cross on the sketch marks a cell whose content leaves the reference). Last, the sketch
 carried cell by cell through ``pos`` onto the reference, drawn in red: where the
 correspondence is right, the red lines lie on the reference's outlines (to within a cell).
+
+``render_matches`` draws a trained model's correspondence with the same markers, beside the true
+one (``sketchcolor eval --matches``).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from .dataset import make_dataset
 from .images import check_output_image_path, tensor_to_pil
 
 COLUMNS = ("sketch", "reference", "ground truth", "sketch cells", "their reference cells", "sketch moved by pos")
+MATCH_COLUMNS = ("sketch cells", "true reference cells", "SCFT's best cells", "colorized", "ground truth")
 _MARKERS_PER_SIDE = 6
 _LABEL_HEIGHT = 18
+_MIN_MATCH_PANEL = 192
 
 
 def _to_unit(image: torch.Tensor) -> torch.Tensor:
@@ -51,10 +56,10 @@ def _faded(image: Image.Image) -> Image.Image:
     return Image.blend(image.convert("RGB"), Image.new("RGB", image.size, (255, 255, 255)), 0.45)
 
 
-def correspondence_panels(
-    sketch: torch.Tensor, reference: torch.Tensor, pos: torch.Tensor, grid: int
-) -> tuple[Image.Image, Image.Image, Image.Image]:
-    """The three correspondence panels of one sample (tensors in [-1, 1] as the dataset gives them)."""
+def marker_panels(sketch: torch.Tensor, reference: torch.Tensor, cells: torch.Tensor, grid: int) -> tuple[Image.Image, Image.Image]:
+    """The sketch with a coloured dot on each marker cell (a cross where ``cells`` is -1), and the
+    reference with the same dots on the cells ``cells`` (grid * grid,) maps them to: ``pos`` for the
+    true correspondence, or the cells a model picked. Tensors in [-1, 1] as the dataset gives them."""
     size = sketch.shape[-1]
     cell_side = size / grid
     sketch_panel, reference_panel = _faded(tensor_to_pil(_to_unit(sketch))), _faded(tensor_to_pil(_to_unit(reference)))
@@ -63,7 +68,7 @@ def correspondence_panels(
     for rank, cell in enumerate(_marker_cells(grid)):
         color = _marker_color(rank)
         x, y = _cell_center(cell, grid, cell_side)
-        target = int(pos[cell])
+        target = int(cells[cell])
         if target < 0:
             sketch_draw.line([(x - radius, y - radius), (x + radius, y + radius)], fill=color, width=3)
             sketch_draw.line([(x - radius, y + radius), (x + radius, y - radius)], fill=color, width=3)
@@ -71,6 +76,15 @@ def correspondence_panels(
         sketch_draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color, outline=(0, 0, 0))
         tx, ty = _cell_center(target, grid, cell_side)
         reference_draw.ellipse([tx - radius, ty - radius, tx + radius, ty + radius], fill=color, outline=(0, 0, 0))
+    return sketch_panel, reference_panel
+
+
+def correspondence_panels(
+    sketch: torch.Tensor, reference: torch.Tensor, pos: torch.Tensor, grid: int
+) -> tuple[Image.Image, Image.Image, Image.Image]:
+    """The three correspondence panels of one sample (tensors in [-1, 1] as the dataset gives them)."""
+    size = sketch.shape[-1]
+    sketch_panel, reference_panel = marker_panels(sketch, reference, pos, grid)
 
     # Paste each sketch cell's patch at its reference cell; keep only the dark lines, in red.
     moved = torch.ones_like(sketch)
@@ -96,6 +110,32 @@ def render_preview(samples: list[dict[str, torch.Tensor]], grid: int) -> Image.I
     for row, sample in enumerate(samples):
         panels = [tensor_to_pil(_to_unit(sample[key])) for key in ("sketch", "reference", "ground_truth")]
         panels += correspondence_panels(sample["sketch"], sample["reference"], sample["pos"], grid)
+        for column, panel in enumerate(panels):
+            sheet.paste(panel.convert("RGB"), (column * size, _LABEL_HEIGHT + row * size))
+    return sheet
+
+
+def render_matches(rows: list[dict[str, torch.Tensor]], grid: int) -> Image.Image:
+    """A labelled grid image of a model's correspondence, one row per pair: the keys of a dataset
+    item plus "output" (the colorized image) and "best" (grid * grid,), the reference cell SCFT
+    scores highest for each sketch cell. The dots of MATCH_COLUMNS' second and third panels have
+    the colours of the sketch cells they belong to: where the model is right, they coincide."""
+    # Small images (the demo's are 64 pixels) are enlarged by whole pixels, so the markers and
+    # the labels have room.
+    factor = -(-_MIN_MATCH_PANEL // rows[0]["sketch"].shape[-1])
+    size = rows[0]["sketch"].shape[-1] * factor
+    sheet = Image.new("RGB", (size * len(MATCH_COLUMNS), _LABEL_HEIGHT + size * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for column, label in enumerate(MATCH_COLUMNS):
+        draw.text((column * size + 4, 3), label, fill=(0, 0, 0))
+    for row, item in enumerate(rows):
+        sketch, reference, output, truth = (
+            item[name].repeat_interleave(factor, -1).repeat_interleave(factor, -2) for name in ("sketch", "reference", "output", "ground_truth")
+        )
+        sketch_panel, true_panel = marker_panels(sketch, reference, item["pos"], grid)
+        # Only the cells with a true cell: the others have nothing to be right about.
+        _, best_panel = marker_panels(sketch, reference, torch.where(item["pos"] >= 0, item["best"], -1), grid)
+        panels = [sketch_panel, true_panel, best_panel, tensor_to_pil(_to_unit(output)), tensor_to_pil(_to_unit(truth))]
         for column, panel in enumerate(panels):
             sheet.paste(panel.convert("RGB"), (column * size, _LABEL_HEIGHT + row * size))
     return sheet
