@@ -22,6 +22,8 @@ from .verify import add_verify
 # Annotations of the config fields the command line can set (they are strings under
 # ``from __future__ import annotations``), and the argparse type of each.
 _OPTION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+# Held-out pairs drawn in a matches sheet (eval --matches, the demo's matches.png): one row each.
+MATCH_SHEET_ROWS = 4
 
 
 def _add_config_options(parser: argparse.ArgumentParser, config_class, title: str, prefix: str = "") -> None:
@@ -139,7 +141,7 @@ def add_demo(subparsers) -> None:
         description="Train a small model (64x64, narrow channels) on the built-in procedural shapes, then score it "
         "on held-out pairs against the blank-reference and mean-color baselines, with how often SCFT finds the true "
         "correspondence. Writes sample grids, a "
-        "checkpoint, metrics.jsonl and eval.json to --out. Run again with the same --out, it continues the run "
+        "checkpoint, metrics.jsonl, eval.json and matches.png (SCFT's correspondence, drawn) to --out. Run again with the same --out, it continues the run "
         "there (one that stopped early trains on; a finished one is only evaluated again).",
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
@@ -167,6 +169,7 @@ def add_demo(subparsers) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
+    from .data.preview import render_matches
     from .evaluate import evaluate, evaluation_json, format_table
     from .train import demo_config, train
 
@@ -187,7 +190,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if result.stopped_early == "interrupted":
         print(f"stopped at step {result.step} before the evaluation; run the same command again to continue")
         return _exit_status(result)
-    evaluation = evaluate(result.checkpoint, count=args.eval_count, device=_device(args), attn=args.attn)
+    evaluation = evaluate(result.checkpoint, count=args.eval_count, device=_device(args), attn=args.attn, samples=MATCH_SHEET_ROWS)
     scores = evaluation.scores
     report = {
         "steps": result.step,
@@ -201,6 +204,7 @@ def run_demo(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    render_matches(evaluation.samples, evaluation.grid).save(out / "matches.png")
     samples = sorted((out / "samples").glob("step-*.png"))
     print(format_table(evaluation))
     print(f"trained to step {result.step} in {trained / 60:.1f} min; total {report['total_seconds'] / 60:.1f} min")
@@ -209,6 +213,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"sample grid: {samples[-1] if samples else 'none'}")
     print(f"checkpoint:  {result.checkpoint}")
     print(f"metrics:     {out / 'metrics.jsonl'}, {out / 'eval.json'}")
+    print(f"matches:     {out / 'matches.png'} (SCFT's correspondence on held-out pairs)")
     print(f"outputs in {out.resolve()}")
     return 0
 
@@ -308,10 +313,6 @@ def add_eval(subparsers) -> None:
     )
     _add_runtime_options(parser)
     parser.set_defaults(handler=run_eval)
-
-
-# Pairs drawn by eval --matches: one row each.
-MATCH_SHEET_ROWS = 4
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -220,6 +220,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys, tiny_demo):
     report = json.loads((tmp_path / "demo" / "eval.json").read_text())
     assert report["steps"] == 2 and report["stopped_early"] is None and report["scores"]["model"]["l1"] > 0
     assert report["correspondence"]["cells"] > 0
+    assert (tmp_path / "demo" / "matches.png").is_file()
     assert f"outputs in {(tmp_path / 'demo').resolve()}" in capsys.readouterr().out
 
 
