@@ -90,9 +90,9 @@ def evaluate(
     Without ``data`` the pairs are the built-in procedural shapes drawn with the held-out seed
     of the training seed (images the run never saw); with ``data``, the images of that folder.
     """
-    for name, value, least, what in (("count", count, 1, "a positive"), ("batch_size", batch_size, 1, "a positive"), ("samples", samples, 0, "a non-negative")):
+    for name, value, least in (("count", count, 1), ("batch_size", batch_size, 1), ("samples", samples, 0)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
-            raise ValueError(f"{name} must be {what} int, got {value!r}")
+            raise ValueError(f"{name} must be {'a positive' if least else 'a non-negative'} int, got {value!r}")
     generator, train_config = load_generator(checkpoint, device, attn)
     size = int(train_config["size"])
     grid = generator.config.feature_grid(size)
@@ -121,10 +121,8 @@ def evaluate(
         for method, output in outputs.items():
             totals[method] += image_scores((output.float() + 1) / 2, target01).sum(0).double().cpu()
     exact, within_one, chance_within_one, cells = hits.tolist()
-    per_cell = max(cells, 1.0)  # no cell with a true reference cell: rates of 0, not NaN
-    correspondence = CorrespondenceScores(
-        exact / per_cell, within_one / per_cell, 1 / (grid * grid), chance_within_one / per_cell, int(cells)
-    )
+    scored = max(cells, 1.0)  # no cell with a true reference cell: rates of 0, not NaN
+    correspondence = CorrespondenceScores(exact / scored, within_one / scored, 1 / (grid * grid), chance_within_one / scored, int(cells))
     return Evaluation({method: Scores(*(total / count).tolist()) for method, total in totals.items()}, correspondence, grid, kept)
 
 
