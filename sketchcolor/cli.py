@@ -224,35 +224,38 @@ def run_demo(args: argparse.Namespace) -> int:
 def add_colorize(subparsers) -> None:
     parser = subparsers.add_parser(
         "colorize",
-        help="color a sketch like a reference image",
+        help="color a sketch, or a folder of sketches, like a reference image",
         description="Color a line drawing (dark lines on white) like a reference image with a trained checkpoint. "
-        "Inputs of any size are resized to a multiple of 16; the output has the sketch's size.",
+        "Inputs of any size are resized to a multiple of 16; the output has the sketch's size. Given a folder of "
+        "sketches (or color images), colors each of its PNG/JPG/WebP files into the folder --out as <name>.png.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--sketch", help="line drawing to color")
-    source.add_argument("--color-image", help="color image to extract the sketch from (XDoG) instead of --sketch")
+    source.add_argument("--sketch", help="line drawing to color, or a folder of them")
+    source.add_argument(
+        "--color-image", help="color image to extract the sketch from (XDoG) instead of --sketch, or a folder of them"
+    )
     parser.add_argument("--reference", required=True, help="color image whose colors to use")
     _add_checkpoint_option(parser)
-    parser.add_argument("-o", "--out", required=True, help="output PNG")
+    parser.add_argument("-o", "--out", required=True, help="output PNG; for a folder of sources, the output folder")
     parser.add_argument("--size", type=int, default=None, help="longer side to run the model at (default: the training size)")
     _add_runtime_options(parser)
     parser.set_defaults(handler=run_colorize)
 
 
 def run_colorize(args: argparse.Namespace) -> int:
-    from .colorize import colorize_file
+    from .colorize import colorize_file, colorize_folder
 
-    out = colorize_file(
-        _checkpoint(args),
-        args.reference,
-        args.out,
-        sketch=args.sketch,
-        color_image=args.color_image,
-        size=args.size,
-        device=_device(args),
-        attn=args.attn,
-    )
-    print(f"wrote {out}")
+    source = args.sketch if args.sketch is not None else args.color_image
+    options = dict(sketch=args.sketch, color_image=args.color_image, size=args.size, device=_device(args), attn=args.attn)
+    if not Path(source).is_dir():
+        print(f"wrote {colorize_file(_checkpoint(args), args.reference, args.out, **options)}")
+        return 0
+    result = colorize_folder(_checkpoint(args), args.reference, args.out, **options)
+    print(f"wrote {len(result.written)} images to {args.out}")
+    if result.unreadable:
+        names = ", ".join(path.name for path in result.unreadable)
+        print(f"sketchcolor colorize: could not read {len(result.unreadable)} of the sources, skipped: {names}", file=sys.stderr)
+        return 1
     return 0
 
 

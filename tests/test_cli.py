@@ -120,6 +120,56 @@ def test_colorize_from_a_color_image(tiny_run, tmp_path):
         assert image.size == (40, 40)
 
 
+def test_colorize_a_folder(tiny_run, tmp_path, capsys):
+    sources = tmp_path / "pages"
+    sources.mkdir()
+    _write_image(sources / "a.png", (50, 37), 0, mode="L")
+    _write_image(sources / "b.jpg", (32, 32), 1, mode="L")
+    (sources / "broken.webp").write_bytes(b"garbage")
+    (sources / "notes.txt").write_text("not an image")
+    (sources / "sub").mkdir()
+    _write_image(sources / "sub" / "c.png", (32, 32), 2, mode="L")  # subfolders are not searched
+    reference = _write_image(tmp_path / "reference.png", (23, 61), 3)
+    out = tmp_path / "colored"
+    common = ["--reference", str(reference), "--checkpoint", str(tiny_run)]
+    # A source that cannot be read is skipped and named, and the exit status says so.
+    assert main(["colorize", "--sketch", str(sources), *common, "-o", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert f"wrote 2 images to {out}" in captured.out
+    assert "could not read 1 of the sources, skipped: broken.webp" in captured.err
+    assert sorted(path.name for path in out.iterdir()) == ["a.png", "b.png"]
+    with Image.open(out / "a.png") as image:
+        assert image.size == (50, 37)
+        from_folder = np.asarray(image)
+    # Each image as the single-file command colors it.
+    assert main(["colorize", "--sketch", str(sources / "a.png"), *common, "-o", str(tmp_path / "single.png")]) == 0
+    with Image.open(tmp_path / "single.png") as image:
+        assert np.array_equal(np.asarray(image), from_folder)
+
+
+@pytest.mark.parametrize(
+    ("option", "files", "out", "message"),
+    [
+        ("--sketch", ["a.png"], "pages", "out '{out}' is the sketch folder itself; its images would be replaced"),
+        ("--sketch", ["a.jpg", "a.png"], "colored", "a.jpg and a.png in '{pages}' would both be written to a.png"),
+        ("--color-image", ["notes.txt"], "colored", "color_image folder '{pages}' contains no .png, .jpg, .jpeg, .webp files"),
+        ("--sketch", ["a.png", "file"], "pages/file", "out '{out}' is a file; expected a folder"),
+    ],
+)
+def test_colorize_a_folder_checks_everything_before_the_first_image(tiny_run, tmp_path, capsys, monkeypatch, option, files, out, message):
+    import sketchcolor.colorize as colorize_module
+
+    monkeypatch.setattr(colorize_module, "load_generator", lambda *args, **kwargs: pytest.fail("loaded the model before the checks"))
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for name in files:
+        _write_image(pages / name, (32, 32), 0) if name.endswith((".png", ".jpg")) else (pages / name).write_text("x")
+    out = tmp_path / out
+    assert main(["colorize", option, str(pages), "--reference", str(pages / files[0]), "--checkpoint", str(tiny_run), "-o", str(out)]) == 2
+    assert message.format(out=out, pages=pages) in capsys.readouterr().err
+    assert sorted(path.name for path in pages.iterdir()) == sorted(files)
+
+
 def test_colorize_reports_a_missing_checkpoint(tmp_path, capsys):
     image = _write_image(tmp_path / "image.png", (32, 32), 3)
     code = main(["colorize", "--sketch", str(image), "--reference", str(image), "--checkpoint", str(tmp_path / "nope"), "-o", str(tmp_path / "o.png")])
