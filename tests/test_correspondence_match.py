@@ -97,3 +97,14 @@ def test_training_scores_evenly_spaced_rows_beyond_its_limit(monkeypatch):
 def test_training_rate_without_a_true_cell_is_zero():
     key = _keys(1)
     assert within_one_rate(key[:, :3], key, torch.full((1, 3), -1), GRID) == 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [({"count": 0}, "count must be a positive int, got 0"), ({"samples": -1}, "samples must be a non-negative int, got -1")],
+)
+def test_evaluate_names_a_bad_argument(arguments, message, tmp_path):
+    from sketchcolor.evaluate import evaluate
+
+    with pytest.raises(ValueError, match=message):
+        evaluate(tmp_path / "no-checkpoint-needed", **arguments)
