@@ -25,7 +25,7 @@ import torch
 from kornia.metrics import psnr, ssim
 
 from .colorize import load_generator
-from .correspondence_match import best_keys, correspondence_hits
+from .correspondence_match import best_keys, match_counts
 from .data import make_dataset
 from .train import held_out_seed
 
@@ -47,7 +47,7 @@ class CorrespondenceScores:
     within_one: float
     """Fraction whose best-scoring key is at most one cell (Chebyshev) from the true cell."""
     chance_exact: float
-    """``exact`` of a uniformly random key: 1 / M."""
+    """``exact`` of a uniformly random key: 1 / M (0 with no cell scored, as the rates)."""
     chance_within_one: float
     """``within_one`` of a uniformly random key: the mean over the cells of |window| / M."""
     cells: int
@@ -106,10 +106,10 @@ def evaluate(
             torch.stack([item[name] for item in items]).to(device) for name in ("sketch", "reference", "ground_truth", "pos")
         )
         colorized = generator(sketch, reference)
-        hits += correspondence_hits(colorized.query, colorized.key, pos, (grid, grid)).cpu()
+        best = best_keys(colorized.query, colorized.key)
+        hits += match_counts(best, pos, (grid, grid)).cpu()
         if len(kept) < samples:
-            best = best_keys(colorized.query, colorized.key).cpu()
-            for item, output, item_best in zip(items[: samples - len(kept)], colorized.image.float().cpu(), best):
+            for item, output, item_best in zip(items[: samples - len(kept)], colorized.image.float().cpu(), best.cpu()):
                 kept.append({**item, "output": output, "best": item_best})
         outputs = {
             "model": colorized.image,
@@ -121,8 +121,9 @@ def evaluate(
         for method, output in outputs.items():
             totals[method] += image_scores((output.float() + 1) / 2, target01).sum(0).double().cpu()
     exact, within_one, chance_within_one, cells = hits.tolist()
-    scored = max(cells, 1.0)  # no cell with a true reference cell: rates of 0, not NaN
-    correspondence = CorrespondenceScores(exact / scored, within_one / scored, 1 / (grid * grid), chance_within_one / scored, int(cells))
+    scored = max(cells, 1.0)  # no cell with a true reference cell: rates of 0, not NaN, chance too
+    chance_exact = 1 / (grid * grid) if cells else 0.0
+    correspondence = CorrespondenceScores(exact / scored, within_one / scored, chance_exact, chance_within_one / scored, int(cells))
     return Evaluation({method: Scores(*(total / count).tolist()) for method, total in totals.items()}, correspondence, grid, kept)
 
 

@@ -173,12 +173,13 @@ class ColorizationLoss:
         return count, parts
 
     def _correspondence_term_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        key_grid = self._key_grid(batch["reference"])
+        key_grid = self._feature_grid(batch["reference"])
         return correspondence_term_count(batch["pos"], key_grid, self.config.negatives == "hardest", self.HARDEST_EXCLUSION)
 
-    def _key_grid(self, reference: torch.Tensor) -> tuple[int, int]:
-        """SCFT's grid of reference cells (h, w) for reference images (B, 3, H, W)."""
-        return reference.shape[-2] // self.scft_stride, reference.shape[-1] // self.scft_stride
+    def _feature_grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """SCFT's grid of cells (h, w) for images (B, C, H, W): its keys' for references, its
+        queries' for sketches."""
+        return images.shape[-2] // self.scft_stride, images.shape[-1] // self.scft_stride
 
     def run_D(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Discriminator loss on real (sketch, ground truth) and fake (sketch, G's output) pairs
@@ -196,7 +197,9 @@ class ColorizationLoss:
         weight 0 are not computed. The correspondence term is scaled by the batch's
         "correspondence_share" where ``weigh_micro_batches`` gave it one. Beside the terms,
         "SCFT/within_one": how often SCFT's best-scoring reference cell is within one cell of the
-        true one (``correspondence_match.within_one_rate``), whatever the loss weights."""
+        true one (``correspondence_match.within_one_rate``), whatever the loss weights; the loop
+        averages it over micro-batches and processes like the terms (batches of one size, in
+        which nearly every cell of an augmented-self pair has a true cell)."""
         config = self.config
         sketch, reference, ground_truth = batch["sketch"], batch["reference"], batch["ground_truth"]
         output = self.generator(sketch, reference)
@@ -208,7 +211,7 @@ class ColorizationLoss:
             )
         fake = output.image.float()
         terms: dict[str, torch.Tensor] = {
-            "SCFT/within_one": within_one_rate(output.query, output.key, pos, self._key_grid(reference))
+            "SCFT/within_one": within_one_rate(output.query, output.key, pos, self._feature_grid(sketch), self._feature_grid(reference))
         }
         loss = fake.new_zeros(())
 
@@ -246,7 +249,7 @@ class ColorizationLoss:
         # dot products.
         if config.negatives == "hardest":
             return ops.correspondence_loss(
-                query, key, pos, margin=config.triplet_margin, hardest=True, key_grid=self._key_grid(reference), impl=self.attn_impl
+                query, key, pos, margin=config.triplet_margin, hardest=True, key_grid=self._feature_grid(reference), impl=self.attn_impl
             )
         negatives = sample_negatives(pos, key.shape[1], config.num_negatives)
         return ops.correspondence_loss(query, key, pos, neg=negatives, margin=config.triplet_margin, impl=self.attn_impl)

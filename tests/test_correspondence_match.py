@@ -83,20 +83,83 @@ def test_a_key_grid_that_does_not_cover_the_keys_is_an_error():
         correspondence_hits(key[:, :2], key, torch.tensor([[0, 1]]), (4, 4))
 
 
-def test_training_scores_evenly_spaced_rows_beyond_its_limit(monkeypatch):
+@pytest.mark.parametrize(("height", "width"), [(4, 4), (32, 32), (33, 31), (256, 256), (512, 64), (5, 700)])
+def test_training_scores_a_lattice_spread_over_the_whole_grid(height, width):
+    rows = match_module.training_rows((height, width))
+    assert rows.unique().numel() == rows.numel() <= match_module.TRAINING_ROWS
+    if height * width <= match_module.TRAINING_ROWS:
+        assert torch.equal(rows, torch.arange(height * width))
+        return
+    rows_used, columns_used = (rows // width).unique(), (rows % width).unique()
+    assert rows.numel() == rows_used.numel() * columns_used.numel()  # a lattice
+    # Evenly spaced, the same along both axes (whole columns, say, would over-weigh a border), and no
+    # border left out: every cell is within one spacing of a scored one.
+    spacings = set()
+    for used, side in ((rows_used, height), (columns_used, width)):
+        spacing = int(used[1] - used[0]) if used.numel() > 1 else side
+        assert (used.diff() == spacing).all() and used[0] < spacing and used[-1] >= side - spacing
+        if used.numel() > 1:
+            spacings.add(spacing)
+    assert len(spacings) == 1
+    assert rows.numel() > match_module.TRAINING_ROWS // 4  # and not many fewer cells than allowed
+
+
+def test_training_rate_is_the_within_one_share_of_the_lattice(monkeypatch):
+    monkeypatch.setattr(match_module, "TRAINING_ROWS", 4)  # a 4 x 5 grid: the cells (1, 1), (1, 3), (3, 1), (3, 3)
     generator = torch.Generator().manual_seed(2)
-    query, key = torch.randn(2, 5, 8, generator=generator), torch.randn(2, 12, 8, generator=generator)
-    pos = torch.randint(0, 12, (2, 5), generator=generator)
-    _, within_one, _, cells = correspondence_hits(query, key, pos, GRID)
-    assert within_one_rate(query, key, pos, GRID) == within_one / cells
-    monkeypatch.setattr(match_module, "TRAINING_ROWS", 2)  # rows 0 and 3 of each item
-    _, within_one, _, cells = correspondence_hits(query[:, [0, 3]], key, pos[:, [0, 3]], GRID)
-    assert cells == 4 and within_one_rate(query, key, pos, GRID) == within_one / cells
+    query, key = torch.randn(2, 20, 8, generator=generator), torch.randn(2, 12, 8, generator=generator)
+    pos = torch.randint(0, 12, (2, 20), generator=generator)
+    rows = torch.tensor([6, 8, 16, 18])
+    assert torch.equal(match_module.training_rows((4, 5)), rows)
+    _, within_one, _, cells = correspondence_hits(query[:, rows], key, pos[:, rows], GRID)
+    assert cells == 8 and within_one_rate(query, key, pos, (4, 5), GRID) == within_one / cells
 
 
 def test_training_rate_without_a_true_cell_is_zero():
     key = _keys(1)
-    assert within_one_rate(key[:, :3], key, torch.full((1, 3), -1), GRID) == 0
+    assert within_one_rate(key[:, :3], key, torch.full((1, 3), -1), (1, 3), GRID) == 0
+
+
+def test_chance_agrees_with_counting_the_window_cell_by_cell():
+    height, width = 5, 7
+    generator = torch.Generator().manual_seed(4)
+    pos = torch.randint(-1, height * width, (3, 40), generator=generator)
+    best = torch.randint(0, height * width, (3, 40), generator=generator)
+    expected = torch.zeros(4, dtype=torch.float64)
+    for true, chosen in zip(pos.flatten().tolist(), best.flatten().tolist()):
+        if true < 0:
+            continue
+        ty, tx = divmod(true, width)
+        cy, cx = divmod(chosen, width)
+        window = sum(1 for y in range(height) for x in range(width) if max(abs(y - ty), abs(x - tx)) <= 1)
+        expected += torch.tensor([chosen == true, max(abs(cy - ty), abs(cx - tx)) <= 1, window / (height * width), 1], dtype=torch.float64)
+    torch.testing.assert_close(match_module.match_counts(best, pos, (height, width)), expected)
+
+
+def test_scores_are_float32_under_bfloat16_autocast():
+    # Two keys whose scores differ by less than bfloat16 resolves: bfloat16 scores would tie and
+    # pick the first; float32 scores pick the second, the better one.
+    key = torch.zeros(1, 12, 2)
+    key[0, 0] = torch.tensor([1.0, 0.0])
+    key[0, 1] = torch.tensor([1.001, 0.0])
+    query = torch.tensor([[[1.0, 0.0]]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert match_module.best_keys(query, key).tolist() == [[1]]
+        assert match_module.best_keys(query.bfloat16(), key.bfloat16()).tolist() == [[0]]  # the inputs' own rounding stays
+
+
+@pytest.mark.parametrize(
+    ("pos", "message"),
+    [
+        (torch.tensor([[0, 12]]), r"pos must hold key indices in \[-1, 12\), got values in \[0, 12\]"),
+        (torch.tensor([[0, -2]]), r"pos must hold key indices in \[-1, 12\), got values in \[-2, 0\]"),
+        (torch.tensor([[0]]), r"pos must have shape \(B, N\) = \(1, 2\), got \(1, 1\)"),
+    ],
+)
+def test_a_bad_pos_is_named(pos, message):
+    key = _keys(1)
+    with pytest.raises(ValueError, match=message):
+        correspondence_hits(key[:, :2], key, pos, GRID)
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,8 @@ def _placement_reason(impl: str, device: torch.device, op_name: str) -> str | No
             return (
                 "TRITON_INTERPRET=1 was set after the Triton kernels were imported, and Triton chooses "
                 "between interpreting a kernel and compiling it for a GPU when it imports it: set "
-                "TRITON_INTERPRET=1 before sketchcolor.kernels is first imported"
+                "TRITON_INTERPRET=1 before importing sketchcolor (on a machine with a GPU, importing "
+                "sketchcolor.ops imports the kernels)"
             )
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return triton_load_error()
