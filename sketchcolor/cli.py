@@ -140,9 +140,9 @@ def add_demo(subparsers) -> None:
         help="train briefly on the built-in shapes and evaluate (minutes on a CPU)",
         description="Train a small model (64x64, narrow channels) on the built-in procedural shapes, then score it "
         "on held-out pairs against the blank-reference and mean-color baselines, with how often SCFT finds the true "
-        "correspondence. Writes sample grids, a "
-        "checkpoint, metrics.jsonl, eval.json and matches.png (SCFT's correspondence, drawn) to --out. Run again with the same --out, it continues the run "
-        "there (one that stopped early trains on; a finished one is only evaluated again).",
+        "correspondence. Writes sample grids, a checkpoint, metrics.jsonl, eval.json and matches.png (SCFT's "
+        "correspondence, drawn) to --out. Run again with the same --out, it continues the run there (one that "
+        "stopped early trains on; a finished one is only evaluated again).",
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--steps", type=int, default=preset.steps, help="training steps (default: %(default)s)")

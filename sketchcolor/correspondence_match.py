@@ -87,5 +87,5 @@ def within_one_rate(
     cell. Training's running view of ``correspondence_hits``, unchecked and without a wait for
     the GPU."""
     rows = training_rows(query_grid).to(query.device)
-    _, within_one, _, cells = match_counts(best_keys(query[:, rows], key), pos[:, rows], key_grid)
+    _, within_one, _, cells = match_counts(best_keys(query.detach()[:, rows], key.detach()), pos[:, rows], key_grid)
     return within_one / cells.clamp_min(1)
