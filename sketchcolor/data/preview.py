@@ -102,17 +102,11 @@ def correspondence_panels(
 
 def render_preview(samples: list[dict[str, torch.Tensor]], grid: int) -> Image.Image:
     """A labelled grid image with one row per dataset item."""
-    size = samples[0]["sketch"].shape[-1]
-    sheet = Image.new("RGB", (size * len(COLUMNS), _LABEL_HEIGHT + size * len(samples)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for column, label in enumerate(COLUMNS):
-        draw.text((column * size + 4, 3), label, fill=(0, 0, 0))
-    for row, sample in enumerate(samples):
+    rows = []
+    for sample in samples:
         panels = [tensor_to_pil(_to_unit(sample[key])) for key in ("sketch", "reference", "ground_truth")]
-        panels += correspondence_panels(sample["sketch"], sample["reference"], sample["pos"], grid)
-        for column, panel in enumerate(panels):
-            sheet.paste(panel.convert("RGB"), (column * size, _LABEL_HEIGHT + row * size))
-    return sheet
+        rows.append(panels + list(correspondence_panels(sample["sketch"], sample["reference"], sample["pos"], grid)))
+    return _labelled_sheet(COLUMNS, rows)
 
 
 def render_matches(rows: list[dict[str, torch.Tensor]], grid: int) -> Image.Image:
@@ -123,19 +117,26 @@ def render_matches(rows: list[dict[str, torch.Tensor]], grid: int) -> Image.Imag
     # Small images (the demo's are 64 pixels) are enlarged by whole pixels, so the markers and
     # the labels have room.
     factor = -(-_MIN_MATCH_PANEL // rows[0]["sketch"].shape[-1])
-    size = rows[0]["sketch"].shape[-1] * factor
-    sheet = Image.new("RGB", (size * len(MATCH_COLUMNS), _LABEL_HEIGHT + size * len(rows)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for column, label in enumerate(MATCH_COLUMNS):
-        draw.text((column * size + 4, 3), label, fill=(0, 0, 0))
-    for row, item in enumerate(rows):
+    panel_rows = []
+    for item in rows:
         sketch, reference, output, truth = (
             item[name].repeat_interleave(factor, -1).repeat_interleave(factor, -2) for name in ("sketch", "reference", "output", "ground_truth")
         )
         sketch_panel, true_panel = marker_panels(sketch, reference, item["pos"], grid)
         # Only the cells with a true cell: the others have nothing to be right about.
         _, best_panel = marker_panels(sketch, reference, torch.where(item["pos"] >= 0, item["best"], -1), grid)
-        panels = [sketch_panel, true_panel, best_panel, tensor_to_pil(_to_unit(output)), tensor_to_pil(_to_unit(truth))]
+        panel_rows.append([sketch_panel, true_panel, best_panel, tensor_to_pil(_to_unit(output)), tensor_to_pil(_to_unit(truth))])
+    return _labelled_sheet(MATCH_COLUMNS, panel_rows)
+
+
+def _labelled_sheet(labels: tuple[str, ...], rows: list[list[Image.Image]]) -> Image.Image:
+    """Square panels of one size in a grid, one list per row, under a line of column labels."""
+    size = rows[0][0].size[0]
+    sheet = Image.new("RGB", (size * len(labels), _LABEL_HEIGHT + size * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for column, label in enumerate(labels):
+        draw.text((column * size + 4, 3), label, fill=(0, 0, 0))
+    for row, panels in enumerate(rows):
         for column, panel in enumerate(panels):
             sheet.paste(panel.convert("RGB"), (column * size, _LABEL_HEIGHT + row * size))
     return sheet
