@@ -79,6 +79,12 @@ def _source(sketch: str | Path | None, color_image: str | Path | None) -> tuple[
     return (Path(sketch), True) if sketch is not None else (Path(color_image), False)
 
 
+def _model(checkpoint: str | Path, size: int | None, device: str, attn: str) -> tuple[Generator, int]:
+    """The checkpoint's generator and the processing size: ``size``, or the training size."""
+    generator, train_config = load_generator(checkpoint, device, attn)
+    return generator, size if size is not None else int(train_config["size"])
+
+
 def colorize_file(
     checkpoint: str | Path,
     reference: str | Path,
@@ -94,8 +100,7 @@ def colorize_file(
     ``color_image`` (exactly one of them) like ``reference``; write the result to ``out``."""
     source, is_sketch = _source(sketch, color_image)
     check_output_image_path(out)
-    generator, train_config = load_generator(checkpoint, device, attn)
-    work_size = size if size is not None else int(train_config["size"])
+    generator, work_size = _model(checkpoint, size, device, attn)
     result = _colorized_image(generator, load_rgb_image(source), is_sketch, load_rgb_image(reference), work_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,8 +149,7 @@ def colorize_folder(
             raise ValueError(f"{by_name[path.stem].name} and {path.name} in {str(folder)!r} would both be written to {path.stem}.png")
         by_name[path.stem] = path
     check_output_folder("out", out, tuple(f"{name}.png" for name in by_name))
-    generator, train_config = load_generator(checkpoint, device, attn)
-    work_size = size if size is not None else int(train_config["size"])
+    generator, work_size = _model(checkpoint, size, device, attn)
     reference_image = load_rgb_image(reference)
     out.mkdir(parents=True, exist_ok=True)
     result = FolderResult([], [])
