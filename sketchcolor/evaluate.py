@@ -25,7 +25,7 @@ import torch
 from kornia.metrics import psnr, ssim
 
 from .colorize import load_generator
-from .correspondence_match import best_keys, match_counts
+from .correspondence_match import best_keys, correspondence_hits
 from .data import make_dataset
 from .train import held_out_seed
 
@@ -106,10 +106,13 @@ def evaluate(
             torch.stack([item[name] for item in items]).to(device) for name in ("sketch", "reference", "ground_truth", "pos")
         )
         colorized = generator(sketch, reference)
-        best = best_keys(colorized.query, colorized.key)
-        hits += match_counts(best, pos, (grid, grid)).cpu()
-        if len(kept) < samples:
-            for item, output, item_best in zip(items[: samples - len(kept)], colorized.image.float().cpu(), best.cpu()):
+        hits += correspondence_hits(colorized.query, colorized.key, pos, (grid, grid)).cpu()
+        wanted = min(samples - len(kept), len(items))
+        if wanted > 0:
+            # Only the few pairs drawn are searched a second time: the scores go through the checked
+            # correspondence_hits, which returns counts, not the best keys.
+            best = best_keys(colorized.query[:wanted], colorized.key[:wanted]).cpu()
+            for item, output, item_best in zip(items[:wanted], colorized.image[:wanted].float().cpu(), best):
                 kept.append({**item, "output": output, "best": item_best})
         outputs = {
             "model": colorized.image,
