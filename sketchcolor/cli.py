@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from .benchmarking.command import add_bench
-from .benchmarking.options import check_output_file
 from .ops._backends import IMPLS
+from .output_paths import check_output_file, check_output_image
 from .verify import add_verify
 
 # Annotations of the config fields the command line can set (they are strings under
@@ -319,7 +319,6 @@ def add_eval(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .data import check_output_image_path
     from .data.preview import render_matches
     from .evaluate import evaluate, evaluation_json, format_table
 
@@ -328,8 +327,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         check_output_file("--json", args.json)
     if args.matches:
-        check_output_image_path(args.matches, "--matches")
-        check_output_file("--matches", args.matches)
+        check_output_image("--matches", args.matches)
     rows = MATCH_SHEET_ROWS if args.matches else 0
     evaluation = evaluate(checkpoint, args.data, args.count, args.batch_size, _device(args), args.attn, samples=rows)
     print(f"{checkpoint}: {args.count} held-out pairs")

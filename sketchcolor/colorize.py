@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .benchmarking.options import check_output_folder
 from .checkpoint import read_checkpoint
-from .data import IMAGE_SUFFIXES, check_output_image_path, load_rgb_image, pil_to_tensor, tensor_to_pil, xdog
+from .data import IMAGE_SUFFIXES, load_rgb_image, pil_to_tensor, tensor_to_pil, xdog
 from .data.images import UNREADABLE_IMAGE_ERRORS
 from .models import SIZE_MULTIPLE, Generator, ModelConfig
 from .ops.scft_attention import FWD_OP as SCFT_ATTENTION_OP
+from .output_paths import check_output_folder, check_output_image
 from .train import check_attn
 
 
@@ -99,7 +99,7 @@ def colorize_file(
     """Color ``sketch`` (a line drawing, dark lines on white) or the XDoG sketch of
     ``color_image`` (exactly one of them) like ``reference``; write the result to ``out``."""
     source, is_sketch = _source(sketch, color_image)
-    check_output_image_path(out)
+    check_output_image("out", out, create_folder=True)
     generator, work_size = _model(checkpoint, size, device, attn)
     result = _colorized_image(generator, load_rgb_image(source), is_sketch, load_rgb_image(reference), work_size)
     out = Path(out)

@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .benchmarking.options import check_output_folder
 from .checkpoint import atomic_replacement, read_checkpoint, sync_folder, write_checkpoint
 from .data import make_dataset, tensor_to_pil
 from .distributed import (
@@ -46,6 +45,7 @@ from .models.discriminator import min_input_side
 from .ops._backends import IMPLS, unavailable_reason
 from .ops.correspondence_loss import FWD_OP as CORRESPONDENCE_LOSS_OP
 from .ops.scft_attention import FWD_OP as SCFT_ATTENTION_OP
+from .output_paths import check_output_folder
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_GLOB = "checkpoint-*.safetensors"

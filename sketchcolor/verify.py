@@ -31,8 +31,9 @@ from .benchmarking.cases import (
     output_gradient,
     skip_reason,
 )
-from .benchmarking.options import add_target_options, check_output_file, dtype_list, random_seed, selected_ops
+from .benchmarking.options import add_target_options, dtype_list, random_seed, selected_ops
 from .benchmarking.report import format_table, write_json
+from .output_paths import check_output_file
 from .testing import compare_mean_loss, compare_to_reference, score_rounding_error
 
 # (B, H or None, N, M, D, Dv). Quick covers odd N != M, a batch, heads, D = 992 and a D that is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -191,16 +192,37 @@ def test_colorize_rejects_options_it_cannot_run_with(tiny_run, tmp_path, capsys,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["colored", "colored.xyz"])
-def test_colorize_and_sketch_check_the_output_suffix_first(tiny_run, tmp_path, capsys, name):
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("colored", "out '{out}' must end in an image suffix Pillow writes, such as .png or .jpg; got none"),
+        ("colored.xyz", "out '{out}' must end in an image suffix Pillow writes, such as .png or .jpg; got .xyz"),
+        ("folder.png", "out '{out}' is a folder; expected the path of an image file to write"),
+        ("image.png/colored.png", "out '{out}': its folder cannot be created, '{tmp}/image.png' is a file"),
+    ],
+)
+def test_colorize_and_sketch_check_the_output_first(tiny_run, tmp_path, capsys, monkeypatch, name, message):
+    import sketchcolor.colorize as colorize_module
+
     image = _write_image(tmp_path / "image.png", (32, 32), 4)
+    (tmp_path / "folder.png").mkdir()
     out = tmp_path / name
-    suffix = out.suffix or "none"
+    monkeypatch.setattr(colorize_module, "load_generator", lambda *args, **kwargs: pytest.fail("loaded the model before the checks"))
     assert main(["colorize", "--sketch", str(image), "--reference", str(image), "--checkpoint", str(tiny_run), "-o", str(out)]) == 2
-    assert f"out {str(out)!r} must end in an image suffix Pillow writes, such as .png or .jpg; got {suffix}" in capsys.readouterr().err
+    assert f"sketchcolor colorize: error: {message.format(out=out, tmp=tmp_path)}" in capsys.readouterr().err
     assert main(["sketch", str(image), "-o", str(out)]) == 2
-    assert f"out {str(out)!r} must end in an image suffix Pillow writes" in capsys.readouterr().err
-    assert not out.exists()
+    assert f"sketchcolor sketch: error: out '{out}'" in capsys.readouterr().err
+    assert not out.is_file()
+
+
+def test_sketch_checks_its_output_folder_first(tmp_path, capsys, monkeypatch):
+    # The module, not the function that sketchcolor.data exports under its name.
+    xdog_module = importlib.import_module("sketchcolor.data.xdog")
+    image = _write_image(tmp_path / "image.png", (32, 32), 4)
+    out = tmp_path / "missing" / "lines.png"
+    monkeypatch.setattr(xdog_module, "load_rgb_image", lambda *args: pytest.fail("read the image before the checks"))
+    assert main(["sketch", str(image), "-o", str(out)]) == 2
+    assert f"sketchcolor sketch: error: out '{out}': the folder '{out.parent}' does not exist" in capsys.readouterr().err
 
 
 def test_sketch_extracts_outlines(tmp_path):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
+from ..output_paths import check_output_folder
 from . import machine
 from .cases import CORRESPONDENCE_MODES, DEFAULT_NEGATIVES, PAPER_HEAD_DIM, bench_case, dtype_skip_reason, providers_for, skip_reason
 from .options import (
     add_target_options,
-    check_output_folder,
     default_dtype,
     dtype,
     missing_cuda,

@@ -1,16 +1,12 @@
 """Command-line options shared by ``sketchcolor verify`` and ``sketchcolor bench``.
 
 Each type function raises argparse.ArgumentTypeError, so a bad value is reported by argparse
-as ``argument --<option>: <why>`` with exit status 2. The output path checks look at the file
-system, so the commands run them when they start (before any work, so that a long run does not
-fail at its end); they raise ValueError naming the option, which the CLI reports with exit
-status 2.
+as ``argument --<option>: <why>`` with exit status 2. (Their output paths are checked when the
+commands start, by ``sketchcolor.output_paths``.)
 """
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 import torch
 
@@ -137,40 +133,3 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
 
 def selected_ops(op: str) -> tuple[str, ...]:
     return OPS if op == "all" else (op,)
-
-
-def check_output_file(option: str, path: str | Path) -> None:
-    """Raise ValueError naming ``option`` unless the file ``path`` can be written (created or
-    replaced): it is not a folder, and its folder exists and is writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{option} {str(path)!r} is a folder; expected the path of a file to write")
-    if not path.parent.is_dir():
-        problem = "is not a folder" if path.parent.exists() else "does not exist"
-        raise ValueError(f"{option} {str(path)!r}: the folder {str(path.parent)!r} {problem}")
-    _check_writable(option, path if path.exists() else path.parent)
-
-
-def check_output_folder(option: str, path: str | Path, file_names: tuple[str, ...]) -> None:
-    """Raise ValueError naming ``option`` unless ``path`` is a folder in which the files
-    ``file_names`` can be written, or can be created as one (with its missing parents)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in file_names:
-            check_output_file(option, path / name)
-        return
-    if path.exists():
-        raise ValueError(f"{option} {str(path)!r} is a file; expected a folder (created if missing)")
-    nearest = path.parent
-    while not nearest.exists():
-        nearest = nearest.parent
-    if not nearest.is_dir():
-        raise ValueError(f"{option} {str(path)!r} cannot be created: {str(nearest)!r} is a file")
-    _check_writable(option, nearest)
-
-
-def _check_writable(option: str, path: Path) -> None:
-    kind = "folder" if path.is_dir() else "file"
-    # Creating a file in a folder needs write and search permission on the folder.
-    if not os.access(path, os.W_OK | os.X_OK if kind == "folder" else os.W_OK):
-        raise ValueError(f"{option}: the {kind} {str(path)!r} is not writable")

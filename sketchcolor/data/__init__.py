@@ -7,7 +7,7 @@ any folder of images; ``python -m sketchcolor.data.preview --out preview.png`` s
 from .color import ColorPerturbation
 from .dataset import DEFAULT_PROCEDURAL_LENGTH, PairConfig, PairDataset, item_generator, make_dataset
 from .folder import IMAGE_SUFFIXES, ImageFolder, UnreadableImageWarning
-from .images import check_output_image_path, load_rgb_image, pil_to_tensor, tensor_to_pil
+from .images import load_rgb_image, pil_to_tensor, tensor_to_pil
 from .procedural import ProceduralShapes
 from .warp import TPSParams, TPSWarp, cell_centers, fit_tps
 from .xdog import XDoGParams, extract_sketch_file, xdog
@@ -24,7 +24,6 @@ __all__ = [
     "TPSWarp",
     "UnreadableImageWarning",
     "XDoGParams",
-    "check_output_image_path",
     "cell_centers",
     "extract_sketch_file",
     "fit_tps",

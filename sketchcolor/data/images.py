@@ -1,5 +1,4 @@
-"""Reading any image file as RGB, checking where one can be written, and converting between
-Pillow images and tensors."""
+"""Reading any image file as RGB, and converting between Pillow images and tensors."""
 
 from __future__ import annotations
 
@@ -43,14 +42,6 @@ def load_rgb_image(path: str | Path) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     return image.convert("RGB")
-
-
-def check_output_image_path(path: str | Path, name: str = "out") -> None:
-    """Raise ValueError, naming the option ``name``, if Pillow cannot write an image to ``path``
-    (its format follows the suffix): checked before the work whose result would be lost."""
-    suffix = Path(path).suffix.lower()
-    if Image.registered_extensions().get(suffix) not in Image.SAVE:
-        raise ValueError(f"{name} {str(path)!r} must end in an image suffix Pillow writes, such as .png or .jpg; got {suffix or 'none'}")
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 from .dataset import make_dataset
-from .images import check_output_image_path, tensor_to_pil
+from ..output_paths import check_output_image
+from .images import tensor_to_pil
 
 COLUMNS = ("sketch", "reference", "ground truth", "sketch cells", "their reference cells", "sketch moved by pos")
 MATCH_COLUMNS = ("sketch cells", "true reference cells", "SCFT's best cells", "colorized", "ground truth")
@@ -142,21 +142,6 @@ def _labelled_sheet(labels: tuple[str, ...], rows: list[list[Image.Image]]) -> I
     return sheet
 
 
-def _out_problem(out: Path) -> str | None:
-    """Why the sheet cannot be written to ``out``, or None; checked before the samples are drawn."""
-    if out.is_dir():
-        return f"--out {str(out)!r} is a folder; expected the path of an image file to write"
-    try:
-        check_output_image_path(out, "--out")
-    except ValueError as error:
-        return str(error)
-    if not out.parent.is_dir():
-        return f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist"
-    if not os.access(out if out.exists() else out.parent, os.W_OK):
-        return f"--out {str(out)!r} is not writable"
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m sketchcolor.data.preview",
@@ -171,9 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be >= 1, got {args.count}")
-    out_problem = _out_problem(args.out)
-    if out_problem is not None:
-        parser.error(out_problem)
+    try:
+        # Before the samples are drawn.
+        check_output_image("--out", args.out)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         # length=count: a folder with fewer images repeats them with fresh augmentations.
         dataset = make_dataset(args.data, args.size, args.feature_grid, args.seed, args.count)

@@ -19,7 +19,8 @@ from kornia.color import rgb_to_grayscale
 from kornia.filters import gaussian_blur2d
 
 from .checks import check_real
-from .images import check_output_image_path, load_rgb_image, pil_to_tensor, tensor_to_pil
+from ..output_paths import check_output_image
+from .images import load_rgb_image, pil_to_tensor, tensor_to_pil
 
 # The largest value of any parameter. The filter computes in float32: a parameter beyond its range
 # becomes inf there (p = inf makes the sharpened image inf - inf = NaN, a sketch saved silently
@@ -92,7 +93,7 @@ def extract_sketch_file(in_path: str | Path, out_path: str | Path, **xdog_params
     ``xdog_params`` are ``XDoGParams`` fields (sigma, k, p, epsilon, phi). The output format
     follows ``out_path``'s suffix (PNG recommended).
     """
-    check_output_image_path(out_path)
+    check_output_image("out", out_path)
     params = XDoGParams(**xdog_params)
     sketch = xdog(pil_to_tensor(load_rgb_image(in_path)), params)
     tensor_to_pil(sketch).save(out_path)
