@@ -8,6 +8,7 @@ subcommand is one function plus one entry. Handlers return the exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from .benchmarking.command import add_bench
+from .models.config import ConfigFieldError
 from .ops._backends import IMPLS
 from .output_paths import check_output_file, check_output_image
 from .verify import add_verify
@@ -53,6 +55,16 @@ def _add_config_options(parser: argparse.ArgumentParser, config_class, title: st
 
 def _config_values(args: argparse.Namespace, config_class, prefix: str = "") -> dict:
     return {field.name: getattr(args, prefix + field.name) for field in dataclasses.fields(config_class) if "help" in field.metadata}
+
+
+@contextlib.contextmanager
+def _fields_named_as_flags():
+    """A config field's bad value, set from the command line, is reported under the field's flag
+    (``argument --l1-weight: must be ...``, as argparse reports its own checks), not its name."""
+    try:
+        yield
+    except ConfigFieldError as error:
+        raise ValueError(f"argument --{error.field.replace('_', '-')}: {error.problem}") from None
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -110,11 +122,12 @@ def run_train(args: argparse.Namespace) -> int:
     from .models import ModelConfig
     from .train import TrainConfig, train
 
-    config = TrainConfig(
-        **_config_values(args, TrainConfig),
-        model=ModelConfig(**_config_values(args, ModelConfig, "model.")),
-        loss=LossConfig(**_config_values(args, LossConfig, "loss.")),
-    )
+    with _fields_named_as_flags():
+        config = TrainConfig(
+            **_config_values(args, TrainConfig),
+            model=ModelConfig(**_config_values(args, ModelConfig, "model.")),
+            loss=LossConfig(**_config_values(args, LossConfig, "loss.")),
+        )
     with process_group(config.device, required=args.distributed):
         result = train(config)
         if rank() == 0:
@@ -181,9 +194,10 @@ def run_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = demo_config(args.out)
     # The demo continues the run in --out, if there is one, instead of refusing it.
-    config = dataclasses.replace(
-        config, attn=args.attn, device=args.device, resume="auto", steps=args.steps, workers=args.workers, max_minutes=args.max_minutes
-    )
+    with _fields_named_as_flags():
+        config = dataclasses.replace(
+            config, attn=args.attn, device=args.device, resume="auto", steps=args.steps, workers=args.workers, max_minutes=args.max_minutes
+        )
     started = time.monotonic()
     result = train(config)
     trained = time.monotonic() - started

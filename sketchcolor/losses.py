@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import ops
 from .correspondence_match import within_one_rate
 from .models import Generator, PatchDiscriminator, VGGFeatures
+from .models.config import ConfigFieldError
 
 GAN_LOSSES = ("lsgan", "hinge", "standard")
 NEGATIVE_MODES = ("sampled", "hardest")
@@ -42,13 +43,13 @@ class LossConfig:
         for name in ("l1_weight", "correspondence_weight", "adversarial_weight", "perceptual_weight", "style_weight", "triplet_margin"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+                raise ConfigFieldError(name, f"must be a finite non-negative number, got {value!r}")
         if self.negatives not in NEGATIVE_MODES:
-            raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {self.negatives!r}")
+            raise ConfigFieldError("negatives", f"must be one of {NEGATIVE_MODES}, got {self.negatives!r}")
         if not (isinstance(self.num_negatives, int) and not isinstance(self.num_negatives, bool) and self.num_negatives >= 1):
-            raise ValueError(f"num_negatives must be a positive int, got {self.num_negatives!r}")
+            raise ConfigFieldError("num_negatives", f"must be a positive int, got {self.num_negatives!r}")
         if self.gan_loss not in GAN_LOSSES:
-            raise ValueError(f"gan_loss must be one of {GAN_LOSSES}, got {self.gan_loss!r}")
+            raise ConfigFieldError("gan_loss", f"must be one of {GAN_LOSSES}, got {self.gan_loss!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

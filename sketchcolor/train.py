@@ -41,6 +41,7 @@ from .distributed import (
 )
 from .losses import ColorizationLoss, LossConfig
 from .models import SIZE_MULTIPLE, Generator, ModelConfig, PatchDiscriminator, VGGFeatures
+from .models.config import ConfigFieldError
 from .models.discriminator import min_input_side
 from .ops._backends import IMPLS, unavailable_reason
 from .ops.correspondence_loss import FWD_OP as CORRESPONDENCE_LOSS_OP
@@ -98,28 +99,28 @@ class TrainConfig:
         for name in ("size", "steps", "batch_size", "accumulate", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ConfigFieldError(name, f"must be a positive int, got {value!r}")
         if self.size % SIZE_MULTIPLE:
-            raise ValueError(f"size must be a multiple of {SIZE_MULTIPLE} (the encoders downsample {SIZE_MULTIPLE}x), got {self.size}")
+            raise ConfigFieldError("size", f"must be a multiple of {SIZE_MULTIPLE} (the encoders downsample {SIZE_MULTIPLE}x), got {self.size}")
         if self.dataset_length is not None and not (
             isinstance(self.dataset_length, int) and not isinstance(self.dataset_length, bool) and self.dataset_length >= 1
         ):
-            raise ValueError(f"dataset_length must be None or a positive int, got {self.dataset_length!r}")
+            raise ConfigFieldError("dataset_length", f"must be None or a positive int, got {self.dataset_length!r}")
         for name in ("seed", "workers"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+                raise ConfigFieldError(name, f"must be a non-negative int, got {value!r}")
         for name in ("lr_g", "lr_d"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+                raise ConfigFieldError(name, f"must be a finite positive number, got {value!r}")
         for name in ("beta1", "beta2"):
             if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < 1):
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise ConfigFieldError(name, f"must be in [0, 1), got {getattr(self, name)!r}")
         if self.attn not in IMPLS:
-            raise ValueError(f"attn must be one of {IMPLS}, got {self.attn!r}")
+            raise ConfigFieldError("attn", f"must be one of {IMPLS}, got {self.attn!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes must be positive, got {self.max_minutes!r}")
+            raise ConfigFieldError("max_minutes", f"must be positive, got {self.max_minutes!r}")
         if not isinstance(self.model, ModelConfig) or not isinstance(self.loss, LossConfig):
             raise ValueError("model must be a ModelConfig and loss a LossConfig")
         smallest_side = min_input_side(self.model)

@@ -79,9 +79,23 @@ def test_train_writes_a_run(tiny_run):
     assert config["model"]["width"] == 2 and config["size"] == 32
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "problem"),
+    [
+        ("--size", "40", "must be a multiple of 16 (the encoders downsample 16x), got 40"),
+        ("--lr-g", "nan", "must be a finite positive number, got nan"),
+        ("--residual-blocks", "0", "must be a positive int, got 0"),
+        ("--l1-weight", "-1", "must be a finite non-negative number, got -1.0"),
+        ("--num-negatives", "0", "must be a positive int, got 0"),
+    ],
+)
+def test_bad_config_values_name_the_flag(tmp_path, capsys, option, value, problem):
+    # One of each config's fields: training, model, loss.
+    assert main(["train", *TINY_TRAIN_OPTIONS, option, value, "--out", str(tmp_path)]) == 2
+    assert f"sketchcolor train: error: argument {option}: {problem}\n" == capsys.readouterr().err
+
+
 def test_bad_option_values_name_the_option(tmp_path, capsys):
-    assert main(["train", *TINY_TRAIN_OPTIONS, "--size", "40", "--out", str(tmp_path)]) == 2
-    assert "size must be a multiple of 16" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--scft-stride", "2"])
     assert "--scft-stride" in capsys.readouterr().err
@@ -315,9 +329,17 @@ def test_demo_continues_the_run_in_its_folder(tmp_path, capsys, tiny_demo):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 3]
 
 
-def test_demo_checks_its_options_before_training(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--eval-count", "0"]) == 2
-    assert "sketchcolor demo: error: --eval-count must be at least 1, got 0" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--eval-count", "0"], "--eval-count must be at least 1, got 0"),
+        (["--steps", "0"], "argument --steps: must be a positive int, got 0"),
+        (["--max-minutes", "-1"], "argument --max-minutes: must be positive, got -1.0"),
+    ],
+)
+def test_demo_checks_its_options_before_training(tmp_path, capsys, options, message):
+    assert main(["demo", "--out", str(tmp_path / "demo"), *options]) == 2
+    assert f"sketchcolor demo: error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
 
 

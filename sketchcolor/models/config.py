@@ -14,9 +14,19 @@ SIZE_MULTIPLE = ENCODER_LAYER_STRIDES[-1]
 SCFT_STRIDES = (16, 8, 4)
 
 
+class ConfigFieldError(ValueError):
+    """A config field's value is not one it can take. ``field`` names it, so that the command
+    line can name its flag instead (--l1-weight for l1_weight); the message is the field's name
+    and ``problem``."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
 def _positive_int(name: str, value) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ConfigFieldError(name, f"must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,7 @@ class ModelConfig:
         for name in ("width", "residual_blocks", "disc_width", "disc_layers"):
             _positive_int(name, getattr(self, name))
         if self.scft_stride not in SCFT_STRIDES:
-            raise ValueError(f"scft_stride must be one of {SCFT_STRIDES}, got {self.scft_stride!r}")
+            raise ConfigFieldError("scft_stride", f"must be one of {SCFT_STRIDES}, got {self.scft_stride!r}")
 
     @property
     def encoder_channels(self) -> tuple[int, ...]:
