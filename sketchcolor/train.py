@@ -240,6 +240,33 @@ def _ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _workers_start_ignoring_interrupts():
+    """Starts DataLoader workers with SIGINT ignored from their first instruction. A worker
+    started by spawn or forkserver (macOS; Linux from Python 3.14) otherwise imports torch under
+    Python's default SIGINT handler for seconds before ``_ignore_interrupts`` runs, and a Ctrl-C
+    then kills it and the run with it, unsaved. An ignored signal stays ignored across fork and
+    exec, and Python keeps it so; the forkserver, which the first loader starts, passes it on.
+    Meanwhile this process holds a Ctrl-C back (blocked, pending) rather than dropping it, unless
+    multiprocessing's resource tracker starts in the block and unblocks SIGINT on its way out:
+    then one pressed during those milliseconds is lost, and the next stops the run as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        # Only the main thread may set handlers; its Ctrl-C handling is the one that matters.
+        yield
+        return
+    masked = hasattr(signal, "pthread_sigmask")
+    if masked:
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # Set after blocking: setting SIG_IGN discards a pending SIGINT, restoring the handler does not.
+    previous_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+
 class BatchStream:
     """Endless micro-batches, epoch after epoch, whose position (epoch, items used in it) is
     resumable: the order is a function of (seed, epoch) and the items of (seed, epoch, index).
@@ -295,7 +322,8 @@ class BatchStream:
                     # torch's global generator, and a resumed run would draw different negatives.
                     generator=torch.Generator().manual_seed(self.seed),
                 )
-                self._batches = iter(loader)
+                with _workers_start_ignoring_interrupts():
+                    self._batches = iter(loader)
             try:
                 batch = next(self._batches)
             except StopIteration:

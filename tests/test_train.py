@@ -418,6 +418,48 @@ def test_batch_stream_resumes_mid_epoch_and_wraps():
         BatchStream(dataset, 6, seed=0, workers=0)
 
 
+class _SigintAtStartDataset(torch.utils.data.Dataset):
+    """Items that say whether SIGINT was ignored when the worker process unpickled the dataset:
+    under spawn and forkserver, at its start, before its worker_init_fn."""
+
+    def __init__(self) -> None:
+        # Also makes the pickled state non-empty, without which unpickling skips __setstate__.
+        self.ignored_at_start = False
+
+    def __len__(self) -> int:
+        return 2
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.ignored_at_start = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"ignored_at_start": torch.tensor(self.ignored_at_start)}
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_batch_stream_workers_ignore_ctrl_c_from_their_start(start_method):
+    # A worker started by spawn or forkserver runs seconds of imports before its worker_init_fn
+    # ignores SIGINT; a Ctrl-C then killed it, and the run with it, unsaved. This process's own
+    # handler and signal mask are as they were afterwards.
+    import torch.multiprocessing as mp
+
+    if start_method not in mp.get_all_start_methods():
+        pytest.skip(f"no {start_method} start method on this platform")
+    handler, mask = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    previous = mp.get_start_method()
+    mp.set_start_method(start_method, force=True)
+    try:
+        batch = next(BatchStream(_SigintAtStartDataset(), 2, seed=0, workers=1))
+    finally:
+        mp.set_start_method(previous, force=True)
+    assert batch["ignored_at_start"].all()
+    assert signal.getsignal(signal.SIGINT) == handler and signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 
 
