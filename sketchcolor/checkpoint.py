@@ -98,6 +98,18 @@ def sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def make_folders(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each new entry flushed to disk like a rename
+    (``sync_folder``): a checkpoint is only as durable as the entries of the folders above it."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        sync_folder(new.parent)
+
+
 def write_checkpoint(path: str | Path, state: dict) -> None:
     """Write ``state`` (a dict tree holding tensors) to ``path`` atomically."""
     tensors: dict[str, torch.Tensor] = {}

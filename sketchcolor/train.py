@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import atomic_replacement, read_checkpoint, sync_folder, write_checkpoint
+from .checkpoint import atomic_replacement, make_folders, read_checkpoint, sync_folder, write_checkpoint
 from .data import make_dataset, tensor_to_pil
 from .distributed import (
     any_rank,
@@ -598,7 +598,7 @@ def save_checkpoint(trainer: Trainer, out: Path, state: dict | None = None) -> P
     """Write the trainer's state (or ``state``) as OUT/checkpoints/checkpoint-<step>.safetensors
     and delete all but the ``keep_checkpoints`` latest."""
     path = checkpoint_path(out, trainer.step)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     write_checkpoint(path, checkpoint_state(trainer) if state is None else state)
     for old in list_checkpoints(out)[: -trainer.config.keep_checkpoints]:
         old.unlink()
@@ -693,7 +693,8 @@ class MetricsLog:
         except ImportError:
             self._tensorboard = None
         else:
-            self._tensorboard = SummaryWriter(str(out / "tensorboard"))
+            # Like metrics.jsonl, drops the events of later steps that a resumed run logs again.
+            self._tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self._file.write(json.dumps({"step": step, **values}) + "\n")
@@ -821,7 +822,8 @@ def train(config: TrainConfig, *, is_main: bool = True) -> TrainResult:
     sample_batch = _sample_batch(config, feature_grid, device) if is_main else None
     metrics = None
     if is_main:
-        (out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+        # The run's folder too, whose entry the first checkpoint's durability rests on.
+        make_folders(out / SAMPLES_DIR)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         metrics = MetricsLog(out, trainer.step)
 

@@ -522,6 +522,40 @@ def test_a_checkpoint_write_flushes_the_file_then_the_rename(tmp_path, monkeypat
     assert events == ["fsync file", "rename", "fsync folder"]
 
 
+def test_a_new_run_flushes_the_entries_of_the_folders_it_creates(tmp_path, monkeypatch):
+    # A checkpoint is only as durable as the entries of the new folders above it: the run's
+    # folder in its parent, checkpoints/ in the run's folder.
+    import sketchcolor.checkpoint as checkpoint_module
+
+    flushed = []
+    monkeypatch.setattr(checkpoint_module, "sync_folder", flushed.append)
+    out = tmp_path / "runs" / "first"
+    train(tiny_config(out, steps=1, checkpoint_every=1))
+    assert {tmp_path, tmp_path / "runs", out} <= set(flushed)
+    assert flushed.index(out) < flushed.index(out / "checkpoints")  # checkpoints/'s entry before the file's rename
+    flushed.clear()
+    checkpoint_module.make_folders(out / "checkpoints")
+    assert flushed == []  # nothing new, nothing to flush
+
+
+def test_tensorboard_drops_the_steps_a_resumed_run_logs_again(tmp_path, monkeypatch):
+    # Like metrics.jsonl: events after the checkpoint the run resumes from are logged again.
+    made = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir, **options):
+            made.append((log_dir, options))
+
+        def close(self):
+            pass
+
+    fake = type(sys)("torch.utils.tensorboard")
+    fake.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    train_module.MetricsLog(tmp_path, 7).close()
+    assert made == [(str(tmp_path / "tensorboard"), {"purge_step": 8})]
+
+
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
