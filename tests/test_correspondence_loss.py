@@ -224,6 +224,33 @@ def test_cpp_index_tensors_with_head_axis(mode):
     compare_with_reference(q, k, pos, kwargs)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_scores_low_precision_inputs_in_float32(mode, dtype):
+    # As the reference does: the margin and the hardest negative's rank are differences of scores.
+    # Scores rounded to bf16 moved the nll and hardest losses by ~1e-4 of their value; what is left
+    # is the order of float32 sums.
+    torch.manual_seed(0)
+    q, k, pos, kwargs = make_case(2, None, 64, 48, (6, 8), 40, dtype, margin=4.0, **MODES[mode])
+    loss = correspondence_loss(q, k, pos, impl="cpp", **kwargs)
+    torch.testing.assert_close(loss, correspondence_loss(q, k, pos, impl="reference", **kwargs), rtol=2e-6, atol=0)
+
+
+def test_cpp_hardest_negative_is_the_float32_best_for_low_precision_inputs():
+    # Rounded to bf16, q.k of this case ranks keys otherwise on one row, and the hardest negative
+    # there (the key its gradient goes to) moved.
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 64, 32).bfloat16(), torch.randn(1, 48, 32).bfloat16()
+    pos = torch.randint(0, 48, (1, 64))
+    _, neg = torch.ops.sketchcolor.corr_hardest_fwd(q, k, pos, 6, 8, 0, 32**-0.5, 12.0)
+    dots = (q.float() @ k.float().mT)[0]
+    scores, rounded = dots * 32**-0.5, dots.bfloat16().float() * 32**-0.5
+    for candidates in (scores, rounded):
+        candidates.scatter_(-1, pos[0][:, None], float("-inf"))  # exclusion 0: all but the true key
+    assert not torch.equal(rounded.argmax(-1), scores.argmax(-1))  # the case tells the two apart
+    assert torch.equal(neg[0], scores.argmax(-1))
+
+
 def test_cpp_float16():
     q, k, pos, kwargs = make_case(1, None, 40, 50, (5, 10), 64, torch.float16, **MODES["nll"])
     compare_with_reference(q, k, pos, kwargs)

@@ -4,6 +4,9 @@
 //  - hardest triplet: GEMM score tiles streamed past each query tile with a masked running
 //    max/argmax; its backward is the sampled-triplet backward with the chosen negatives;
 //  - nll: the loss and its gradient in one pass over GEMM score tiles (see nll_loss_kernel).
+// Scores are float32 for float16 and bfloat16 inputs, as on every backend (the margin and the
+// hardest negative's rank are differences of scores): the gather kernels accumulate in float32,
+// and the GEMM kernels take float32 copies of q and k (see score_input).
 // Parallel work is split over query tiles (or keys), so every core is busy at batch 1.
 #include "correspondence_loss/correspondence_loss_cpu.h"
 
@@ -14,7 +17,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "common/avx512.h"
@@ -395,7 +397,6 @@ void nll_loss_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
     // Phase B: dS = w (P - onehot(pos)) from the strip; dk += scale dS^T Q, dq += scale dS K.
     parallel_for_in_caller_state(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-      const auto dscores_lp_buffer = at::empty({BLOCK_Q, BLOCK_K}, q.options());
       TileGemm tile_gemm(std::max(BLOCK_Q, BLOCK_K) * std::max(BLOCK_K, d), q.options(), isa);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / chunks, chunk = item % chunks, row0 = b * n + q0;
@@ -414,13 +415,8 @@ void nll_loss_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
             const int64_t p = pos_data[row0 + r];
             if (p >= k0 && p < k0 + cols) dscore_data[r * m + p - k0] -= weight;
           }
-          // The second GEMMs read dS in the input dtype, like the attention backward.
-          at::Tensor dscores_lp = dscores;
-          if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-            dscores_lp = tile_view(dscores_lp_buffer, rows, cols).copy_(dscores);
-          }
-          tile_gemm(dscores_lp.t(), q_tile, grad_k_rows.narrow(0, b * m + k0, cols), scale, true);
-          tile_gemm(dscores_lp, k_tile, grad_q_tile, scale, true);
+          tile_gemm(dscores.t(), q_tile, grad_k_rows.narrow(0, b * m + k0, cols), scale, true);
+          tile_gemm(dscores, k_tile, grad_q_tile, scale, true);
         }
       }
     });
@@ -435,6 +431,13 @@ void nll_loss_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       });
     }
   }
+}
+
+// The GEMM kernels' view of q or k: contiguous, and float32 for float16 and bfloat16 inputs. A
+// reduced-precision GEMM would round every score to the input dtype, which moves losses by ~1e-4
+// and can change which key is the hardest negative. O((N + M) D) more memory, never N x M.
+at::Tensor score_input(const at::Tensor& x) {
+  return corr_stat_type(x) == x.scalar_type() ? x.contiguous() : x.to(corr_stat_type(x)).contiguous();
 }
 
 // Zero-filled contiguous gradient accumulators in the accumulator type.
@@ -494,8 +497,8 @@ std::tuple<at::Tensor, at::Tensor> corr_hardest_fwd_cpu(const at::Tensor& q, con
   auto terms = at::empty(pos.sizes(), q.options().dtype(corr_stat_type(q)));
   auto neg = at::empty(pos.sizes(), pos.options());
   if (terms.numel() == 0) return {terms, neg};
-  const auto qc = q.contiguous(), kc = k.contiguous(), pos_c = pos.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "corr_hardest_fwd_cpu", [&] {
+  const auto qc = score_input(q), kc = score_input(k), pos_c = pos.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "corr_hardest_fwd_cpu", [&] {
     hardest_forward_kernel<scalar_t>(qc, kc, pos_c, grid_w, exclusion, scale, margin, terms, neg);
   });
   return {terms, neg};
@@ -513,8 +516,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_nll_loss_cpu(const at::Tenso
   auto grad_k = with_grad ? grad_accumulator(k) : at::empty({0}, stat_options);
   const int64_t valid_count = (pos >= 0).sum().item<int64_t>();
   if (terms.numel() > 0) {
-    const auto qc = q.contiguous(), kc = k.contiguous(), pos_c = pos.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "corr_nll_loss_cpu", [&] {
+    const auto qc = score_input(q), kc = score_input(k), pos_c = pos.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "corr_nll_loss_cpu", [&] {
       nll_loss_kernel<scalar_t>(qc, kc, pos_c, scale, with_grad, valid_count, terms, grad_q, grad_k);
     });
   }
