@@ -803,6 +803,15 @@ def test_bad_inputs_name_the_argument(message, corrupt):
         correspondence_loss(q, k, pos, **kwargs)
 
 
+def test_a_key_grid_whose_product_wraps_around_to_m_is_rejected():
+    # 4 * (2**62 + 1) is 2**64 + 4: 4 in int64, in NumPy's arithmetic and in C++'s.
+    q, k, pos = torch.randn(1, 3, 8), torch.randn(1, 4, 8), torch.tensor([[0, 1, 2]])
+    with pytest.raises(ValueError, match="key_grid must be a pair of positive ints"):
+        correspondence_loss(q, k, pos, hardest=True, key_grid=(np.int64(4), np.int64(2**62 + 1)), impl="cpp")
+    with pytest.raises(RuntimeError, match="key_grid \\(h, w\\) must be positive with h \\* w == M = 4, got \\(4, 4611686018427387905\\)"):
+        torch.ops.sketchcolor.corr_hardest_fwd(q, k, pos, 4, 2**62 + 1, 1, 0.5, 1.0)
+
+
 def test_numpy_scalars_are_numbers():
     q, k, pos, kwargs = _base()
     exact = correspondence_loss(q, k, pos, margin=1.0, scale=0.5, impl="reference", **kwargs)

@@ -81,7 +81,8 @@ inline void check_corr_hardest_args(const char* op, const at::Tensor& q, const a
                                     IndexRangeCheck range_check) {
   check_corr_inputs(op, q, k, scale);
   check_corr_index(op, "pos", pos, {q.size(0), q.size(1)}, q, k.size(1), range_check);
-  TORCH_CHECK(grid_h >= 1 && grid_w >= 1 && grid_h * grid_w == k.size(1), op,
+  // Divided, not multiplied: h * w can overflow int64 and wrap around to M.
+  TORCH_CHECK(grid_h >= 1 && grid_w >= 1 && k.size(1) % grid_w == 0 && k.size(1) / grid_w == grid_h, op,
               ": key_grid (h, w) must be positive with h * w == M = ", k.size(1), ", got (", grid_h, ", ", grid_w,
               ")");
   TORCH_CHECK(exclusion >= 0, op, ": exclusion must be >= 0, got ", exclusion);

@@ -177,7 +177,8 @@ def _check_key_grid(key_grid, num_keys: int) -> tuple[int, int]:
         not isinstance(key_grid, (tuple, list))
         or len(key_grid) != 2
         or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in key_grid)
-        or key_grid[0] * key_grid[1] != num_keys
+        # In Python ints: a product of NumPy int64s can wrap around to M.
+        or int(key_grid[0]) * int(key_grid[1]) != num_keys
     ):
         raise ValueError(f"key_grid must be {expected}, got {key_grid!r}")
     return int(key_grid[0]), int(key_grid[1])
