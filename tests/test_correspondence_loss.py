@@ -773,6 +773,7 @@ BAD_INPUTS = [
     ("exclusion must be an int >= 0", _replace(exclusion=-1)),
     ("exclusion must be an int >= 0", _replace(exclusion=1.0)),
     ("q must be a dense \\(strided\\) tensor, got layout torch.sparse_coo", _replace(q=lambda q: q.to_sparse())),
+    ("k must be a dense \\(strided\\) tensor, got a nested tensor", _replace(k=lambda k: torch.nested.nested_tensor(list(k)))),
     ("pos must have dtype", _replace(pos=lambda p: p.int())),
     ("pos must have rank", _replace(pos=lambda p: p[0])),
     ("pos: leading dims", _replace(pos=lambda p: p[:, :4])),

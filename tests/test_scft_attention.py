@@ -447,6 +447,7 @@ BAD_INPUTS = [
     ("v: Dv must be at least 1", lambda q, k, v: (q, k, v[..., :0])),
     ("q must be a torch.Tensor", lambda q, k, v: (q.tolist(), k, v)),
     ("v must be a dense \\(strided\\) tensor, got layout torch.sparse_coo", lambda q, k, v: (q, k, v.to_sparse())),
+    ("q must be a dense \\(strided\\) tensor, got a nested tensor", lambda q, k, v: (torch.nested.nested_tensor(list(q)), k, v)),
 ]
 
 

@@ -23,6 +23,9 @@ def check_tensor(name: str, t, ranks: tuple[int, ...], dtypes: tuple[torch.dtype
         raise TypeError(f"{name} must be a torch.Tensor, got {type_name(t)}")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.is_nested:
+        # A nested tensor of strided layout has no shape to check.
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor")
     if t.dim() not in ranks:
         raise ValueError(f"{name} must have rank {' or '.join(map(str, ranks))}, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
