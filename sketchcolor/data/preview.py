@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .dataset import make_dataset
 from ..output_paths import check_output_image
+from .dataset import make_dataset
 from .images import tensor_to_pil
 
 COLUMNS = ("sketch", "reference", "ground truth", "sketch cells", "their reference cells", "sketch moved by pos")

@@ -18,8 +18,8 @@ import torch
 from kornia.color import rgb_to_grayscale
 from kornia.filters import gaussian_blur2d
 
-from .checks import check_real
 from ..output_paths import check_output_image
+from .checks import check_real
 from .images import load_rgb_image, pil_to_tensor, tensor_to_pil
 
 # The largest value of any parameter. The filter computes in float32: a parameter beyond its range
