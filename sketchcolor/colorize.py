@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .checkpoint import read_checkpoint
 from .data import IMAGE_SUFFIXES, load_rgb_image, pil_to_tensor, tensor_to_pil, xdog
-from .data.images import UNREADABLE_IMAGE_ERRORS
+from .data.images import UnreadableImageError
 from .models import SIZE_MULTIPLE, Generator, ModelConfig
 from .ops.scft_attention import FWD_OP as SCFT_ATTENTION_OP
 from .output_paths import check_output_folder, check_output_image
@@ -156,7 +156,7 @@ def colorize_folder(
     for path in tqdm(sources, desc="colorize", unit="image", dynamic_ncols=True):
         try:
             source = load_rgb_image(path)
-        except UNREADABLE_IMAGE_ERRORS:
+        except UnreadableImageError:
             result.unreadable.append(path)
             continue
         target = out / f"{path.stem}.png"

@@ -239,6 +239,20 @@ def test_sketch_checks_its_output_folder_first(tmp_path, capsys, monkeypatch):
     assert f"sketchcolor sketch: error: out '{out}': the folder '{out.parent}' does not exist" in capsys.readouterr().err
 
 
+def test_an_image_too_large_to_decode_safely_is_an_error_not_a_crash(tiny_run, tmp_path, capsys, monkeypatch):
+    # Pillow's DecompressionBombError is neither a ValueError nor an OSError: it escaped the
+    # command line's error handling as a traceback. 32 x 32 is over twice this limit, as a
+    # 20000 x 20000 header is over twice the default one.
+    image = _write_image(tmp_path / "image.png", (32, 32), 4)
+    small = _write_image(tmp_path / "small.png", (8, 8), 5)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+    expected = f"cannot read the image '{image}': Image size (1024 pixels) exceeds limit of 800 pixels"
+    assert main(["sketch", str(image), "-o", str(tmp_path / "lines.png")]) == 2
+    assert f"sketchcolor sketch: error: {expected}" in capsys.readouterr().err
+    assert main(["colorize", "--sketch", str(small), "--reference", str(image), "--checkpoint", str(tiny_run), "-o", str(tmp_path / "o.png")]) == 2
+    assert f"sketchcolor colorize: error: {expected}" in capsys.readouterr().err
+
+
 def test_sketch_extracts_outlines(tmp_path):
     source = Image.new("RGB", (48, 40), (230, 200, 40))
     source.paste((20, 40, 200), (10, 10, 30, 30))

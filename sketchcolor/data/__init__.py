@@ -7,7 +7,7 @@ any folder of images; ``python -m sketchcolor.data.preview --out preview.png`` s
 from .color import ColorPerturbation
 from .dataset import DEFAULT_PROCEDURAL_LENGTH, PairConfig, PairDataset, item_generator, make_dataset
 from .folder import IMAGE_SUFFIXES, ImageFolder, UnreadableImageWarning
-from .images import load_rgb_image, pil_to_tensor, tensor_to_pil
+from .images import UnreadableImageError, load_rgb_image, pil_to_tensor, tensor_to_pil
 from .procedural import ProceduralShapes
 from .warp import TPSParams, TPSWarp, cell_centers, fit_tps
 from .xdog import XDoGParams, extract_sketch_file, xdog
@@ -22,6 +22,7 @@ __all__ = [
     "ProceduralShapes",
     "TPSParams",
     "TPSWarp",
+    "UnreadableImageError",
     "UnreadableImageWarning",
     "XDoGParams",
     "cell_centers",

@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .checks import check_int
-from .images import UNREADABLE_IMAGE_ERRORS, load_rgb_image, pil_to_tensor
+from .images import UnreadableImageError, load_rgb_image, pil_to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -56,9 +56,9 @@ class ImageFolder(Dataset):
                 continue
             try:
                 image = load_rgb_image(path)
-            except UNREADABLE_IMAGE_ERRORS as error:
+            except UnreadableImageError as error:
                 self._unreadable.add(path)
-                warnings.warn(f"skipping unreadable image {path}: {error}", UnreadableImageWarning, stacklevel=2)
+                warnings.warn(f"skipping unreadable image {path}: {error.reason}", UnreadableImageWarning, stacklevel=2)
                 continue
             return pil_to_tensor(self._scale(image))
         # ValueError: bad input, which the command line reports as an error naming the folder.

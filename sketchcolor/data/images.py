@@ -10,7 +10,16 @@ from PIL import Image, ImageOps
 
 # Errors Pillow raises for files that are not images, are truncated or corrupt, or are too
 # large to decode safely. Anything else is a bug and should propagate.
-UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_PILLOW_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class UnreadableImageError(ValueError):
+    """An image file could not be decoded. A ValueError (bad input, which the command line
+    reports as an error), whatever Pillow raised: ``reason`` says what that was."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"cannot read the image {str(path)!r}: {reason}")
+        self.path, self.reason = Path(path), reason
 
 
 def load_rgb_image(path: str | Path) -> Image.Image:
@@ -19,12 +28,15 @@ def load_rgb_image(path: str | Path) -> Image.Image:
     Grayscale and palette images are expanded to RGB; transparent images (an alpha channel, or
     a transparent colour key such as PNG's tRNS chunk on gray, RGB, 16-bit or palette images)
     are composited over white, since line art is usually drawn on transparent or white paper;
-    16-bit images are scaled to 8 bits; EXIF orientation is applied. Raises one of
-    ``UNREADABLE_IMAGE_ERRORS`` when the file cannot be decoded.
+    16-bit images are scaled to 8 bits; EXIF orientation is applied. Raises
+    UnreadableImageError when the file cannot be decoded.
     """
-    with Image.open(path) as opened:
-        opened.load()
-        image = ImageOps.exif_transpose(opened)
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except _PILLOW_DECODE_ERRORS as error:
+        raise UnreadableImageError(path, str(error) or type(error).__name__) from error
     transparent_key = image.info.get("transparency")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         # 32-bit and 16-bit integer grayscale: Pillow's convert("RGB") would clip at 255.
