@@ -7,6 +7,7 @@ naming the option (``--json``, ``out``), which the command line reports with exi
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -41,16 +42,23 @@ def check_output_folder(option: str, path: str | Path, file_names: tuple[str, ..
     _check_writable(option, nearest)
 
 
-def check_output_image(option: str, path: str | Path, *, create_folder: bool = False) -> None:
-    """``check_output_file`` for an image that Pillow writes in the format of ``path``'s suffix,
-    which must be one it can write. With ``create_folder`` the image's folder may be missing (the
-    writer creates it) where it can be created."""
+def check_output_image(option: str, path: str | Path, *, mode: str = "RGB", create_folder: bool = False) -> None:
+    """``check_output_file`` for an image of Pillow mode ``mode`` ("RGB", "L") that Pillow writes
+    in the format of ``path``'s suffix, which must be one it can write that mode in (a 1 x 1
+    image is written to memory to find out: XBM, MSP and Palm take only 1-bit images, and HDF5
+    has no writer). With ``create_folder`` the image's folder may be missing (the writer creates
+    it) where it can be created."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{option} {str(path)!r} is a folder; expected the path of an image file to write")
     suffix = path.suffix.lower()
-    if Image.registered_extensions().get(suffix) not in Image.SAVE:
+    image_format = Image.registered_extensions().get(suffix)
+    if image_format not in Image.SAVE:
         raise ValueError(f"{option} {str(path)!r} must end in an image suffix Pillow writes, such as .png or .jpg; got {suffix or 'none'}")
+    try:
+        Image.new(mode, (1, 1)).save(io.BytesIO(), format=image_format)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{option} {str(path)!r}: Pillow cannot write {mode} images as {image_format} ({error}); use .png") from None
     if not create_folder or path.parent.is_dir():
         check_output_file(option, path)
         return

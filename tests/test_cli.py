@@ -211,6 +211,7 @@ def test_colorize_rejects_options_it_cannot_run_with(tiny_run, tmp_path, capsys,
     [
         ("colored", "out '{out}' must end in an image suffix Pillow writes, such as .png or .jpg; got none"),
         ("colored.xyz", "out '{out}' must end in an image suffix Pillow writes, such as .png or .jpg; got .xyz"),
+        ("colored.xbm", "out '{out}': Pillow cannot write RGB images as XBM (cannot write mode RGB as XBM); use .png"),
         ("folder.png", "out '{out}' is a folder; expected the path of an image file to write"),
         ("image.png/colored.png", "out '{out}': its folder cannot be created, '{tmp}/image.png' is a file"),
     ],
@@ -390,6 +391,7 @@ def test_a_demo_stopped_by_its_time_limit_says_so(tmp_path, capsys, tiny_demo, m
         ("--json", "missing/scores.json", "--json '{path}': the folder '{folder}' does not exist"),
         ("--matches", "missing/matches.png", "--matches '{path}': the folder '{folder}' does not exist"),
         ("--matches", "matches.json", "--matches '{path}' must end in an image suffix Pillow writes"),
+        ("--matches", "matches.xbm", "--matches '{path}': Pillow cannot write RGB images as XBM"),
     ],
 )
 def test_eval_checks_its_outputs_before_evaluating(tiny_run, tmp_path, capsys, monkeypatch, option, name, message):

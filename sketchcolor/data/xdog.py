@@ -93,7 +93,7 @@ def extract_sketch_file(in_path: str | Path, out_path: str | Path, **xdog_params
     ``xdog_params`` are ``XDoGParams`` fields (sigma, k, p, epsilon, phi). The output format
     follows ``out_path``'s suffix (PNG recommended).
     """
-    check_output_image("out", out_path)
+    check_output_image("out", out_path, mode="L")
     params = XDoGParams(**xdog_params)
     sketch = xdog(pil_to_tensor(load_rgb_image(in_path)), params)
     tensor_to_pil(sketch).save(out_path)
