@@ -21,7 +21,7 @@ from .data import IMAGE_SUFFIXES, load_rgb_image, pil_to_tensor, tensor_to_pil, 
 from .data.images import UnreadableImageError
 from .models import SIZE_MULTIPLE, Generator, ModelConfig
 from .ops.scft_attention import FWD_OP as SCFT_ATTENTION_OP
-from .output_paths import check_output_folder, check_output_image
+from .output_paths import check_not_an_input, check_output_folder, check_output_image
 from .train import check_attn
 
 
@@ -39,10 +39,14 @@ def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu", a
     return generator.to(device).eval(), state["config"]
 
 
-def processing_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) scaled so the longer side is ``size``, each rounded to a multiple of 16 (at least 16)."""
+def _check_size(size) -> None:
     if not (isinstance(size, int) and size >= SIZE_MULTIPLE):
         raise ValueError(f"size must be an int >= {SIZE_MULTIPLE}, got {size!r}")
+
+
+def processing_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is ``size``, each rounded to a multiple of 16 (at least 16)."""
+    _check_size(size)
     factor = size / max(width, height)
     return tuple(max(SIZE_MULTIPLE, round(side * factor / SIZE_MULTIPLE) * SIZE_MULTIPLE) for side in (width, height))
 
@@ -81,6 +85,8 @@ def _source(sketch: str | Path | None, color_image: str | Path | None) -> tuple[
 
 def _model(checkpoint: str | Path, size: int | None, device: str, attn: str) -> tuple[Generator, int]:
     """The checkpoint's generator and the processing size: ``size``, or the training size."""
+    if size is not None:
+        _check_size(size)  # before the checkpoint is read
     generator, train_config = load_generator(checkpoint, device, attn)
     return generator, size if size is not None else int(train_config["size"])
 
@@ -100,6 +106,7 @@ def colorize_file(
     ``color_image`` (exactly one of them) like ``reference``; write the result to ``out``."""
     source, is_sketch = _source(sketch, color_image)
     check_output_image("out", out, create_folder=True)
+    check_not_an_input("out", out, {"sketch" if is_sketch else "color_image": source, "reference": reference})
     generator, work_size = _model(checkpoint, size, device, attn)
     result = _colorized_image(generator, load_rgb_image(source), is_sketch, load_rgb_image(reference), work_size)
     out = Path(out)
@@ -149,6 +156,8 @@ def colorize_folder(
             raise ValueError(f"{by_name[path.stem].name} and {path.name} in {str(folder)!r} would both be written to {path.stem}.png")
         by_name[path.stem] = path
     check_output_folder("out", out, tuple(f"{name}.png" for name in by_name))
+    for name in by_name:
+        check_not_an_input("out", out / f"{name}.png", {"reference": reference})
     generator, work_size = _model(checkpoint, size, device, attn)
     reference_image = load_rgb_image(reference)
     out.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,14 @@ def check_output_image(option: str, path: str | Path, *, mode: str = "RGB", crea
     _check_writable(option, nearest)
 
 
+def check_not_an_input(option: str, path: str | Path, inputs: dict[str, str | Path]) -> None:
+    """Raise ValueError naming ``option`` if writing ``path`` would replace one of the command's
+    ``inputs`` (argument name -> file)."""
+    for name, input_path in inputs.items():
+        if Path(path).resolve() == Path(input_path).resolve():
+            raise ValueError(f"{option} {str(path)!r} is the {name} file itself, which it would replace: choose another path")
+
+
 def _nearest_existing(path: Path) -> Path:
     while not path.exists():
         path = path.parent

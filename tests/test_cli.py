@@ -230,6 +230,37 @@ def test_colorize_and_sketch_check_the_output_first(tiny_run, tmp_path, capsys, 
     assert not out.is_file()
 
 
+@pytest.mark.parametrize("replaced", ["sketch", "reference"])
+def test_colorize_and_sketch_refuse_to_write_over_their_inputs(tiny_run, tmp_path, capsys, monkeypatch, replaced):
+    import sketchcolor.colorize as colorize_module
+
+    sketch = _write_image(tmp_path / "sketch.png", (32, 32), 4)
+    reference = _write_image(tmp_path / "reference.png", (32, 32), 5)
+    before = {path: path.read_bytes() for path in (sketch, reference)}
+    out = tmp_path / f"{replaced}.png"
+    monkeypatch.setattr(colorize_module, "load_generator", lambda *args, **kwargs: pytest.fail("loaded the model before the checks"))
+    assert main(["colorize", "--sketch", str(sketch), "--reference", str(reference), "--checkpoint", str(tiny_run), "-o", str(out)]) == 2
+    assert f"sketchcolor colorize: error: out '{out}' is the {replaced} file itself, which it would replace" in capsys.readouterr().err
+    # A folder whose sketch has the reference's name would write over the reference.
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    _write_image(pages / "reference.jpg", (32, 32), 6)
+    assert main(["colorize", "--sketch", str(pages), "--reference", str(reference), "--checkpoint", str(tiny_run), "-o", str(tmp_path)]) == 2
+    assert f"sketchcolor colorize: error: out '{reference}' is the reference file itself" in capsys.readouterr().err
+    assert main(["sketch", str(sketch), "-o", str(sketch)]) == 2
+    assert f"sketchcolor sketch: error: out '{sketch}' is the image file itself" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in (sketch, reference)} == before
+
+
+def test_colorize_checks_size_before_loading_the_model(tiny_run, tmp_path, capsys, monkeypatch):
+    import sketchcolor.colorize as colorize_module
+
+    image = _write_image(tmp_path / "image.png", (32, 32), 4)
+    monkeypatch.setattr(colorize_module, "load_generator", lambda *args, **kwargs: pytest.fail("loaded the model before the checks"))
+    assert main(["colorize", "--sketch", str(image), "--reference", str(image), "--checkpoint", str(tiny_run), "-o", str(tmp_path / "o.png"), "--size", "8"]) == 2
+    assert "sketchcolor colorize: error: size must be an int >= 16, got 8" in capsys.readouterr().err
+
+
 def test_sketch_checks_its_output_folder_first(tmp_path, capsys, monkeypatch):
     # The module, not the function that sketchcolor.data exports under its name.
     xdog_module = importlib.import_module("sketchcolor.data.xdog")

@@ -18,7 +18,7 @@ import torch
 from kornia.color import rgb_to_grayscale
 from kornia.filters import gaussian_blur2d
 
-from ..output_paths import check_output_image
+from ..output_paths import check_not_an_input, check_output_image
 from .checks import check_real
 from .images import load_rgb_image, pil_to_tensor, tensor_to_pil
 
@@ -94,6 +94,7 @@ def extract_sketch_file(in_path: str | Path, out_path: str | Path, **xdog_params
     follows ``out_path``'s suffix (PNG recommended).
     """
     check_output_image("out", out_path, mode="L")
+    check_not_an_input("out", out_path, {"image": in_path})
     params = XDoGParams(**xdog_params)
     sketch = xdog(pil_to_tensor(load_rgb_image(in_path)), params)
     tensor_to_pil(sketch).save(out_path)
