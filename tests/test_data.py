@@ -123,6 +123,19 @@ def test_the_smallest_xdog_sigma_draws_and_the_command_line_names_a_bad_paramete
     assert not (tmp_path / "out.png").exists()
 
 
+def test_xdog_rejects_a_blur_far_wider_than_the_image(tmp_path, capsys):
+    # The blur pads the image by its radius: sigma 1e12 asked for terabytes, 1e30 overflowed.
+    # The radius 4 * sigma * k may reach max(64, the longer side): 100 pixels here.
+    image = torch.rand(3, 40, 100)
+    assert xdog(image, XDoGParams(sigma=5.0, k=5.0)).shape == (1, 40, 100)
+    with pytest.raises(ValueError, match="sigma \\* k = 25.5 pixels .* 100x40 image: its radius 4 \\* sigma \\* k must be at most max\\(64, the image's longer side\\) = 100 pixels"):
+        xdog(image, XDoGParams(sigma=5.1, k=5.0))
+    assert xdog(torch.rand(1, 1, 1)).shape == (1, 1, 1)  # the defaults fit any image
+    square_image(32).save(tmp_path / "in.png")
+    assert cli.main(["sketch", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--sigma", "1e30"]) == 2
+    assert "sketchcolor sketch: error: sigma * k = 4.5e+30 pixels (the outer Gaussian) is too wide" in capsys.readouterr().err
+
+
 def test_xdog_rejects_bad_images():
     with pytest.raises(ValueError, match="image"):
         xdog(torch.rand(4, 16, 16))

@@ -30,6 +30,11 @@ MAX_PARAMETER = torch.finfo(torch.float32).max
 # Gaussian narrower than about 0.1 pixel already leaves every pixel as it is (its neighbours'
 # weights underflow), so no sigma below this bound would draw anything different.
 MIN_SIGMA = 1e-3
+# The outer Gaussian's radius (4 sigma k pixels) may reach this far past the image, or as far as
+# the image's longer side. The blur pads the image by its radius on every side, so an unbounded
+# one asked for terabytes (sigma 1e12) or overflowed (1e30); a blur that much wider than the
+# image averages it into one tone and draws nothing anyway.
+MIN_RADIUS_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,12 @@ def xdog(image: torch.Tensor, params: XDoGParams = XDoGParams()) -> torch.Tensor
         raise ValueError(f"image must be a tensor (C, H, W) or (B, C, H, W) with C = 1 or 3, got {shape}")
     if not image.is_floating_point():
         raise ValueError(f"image must be a float tensor in [0, 1], got dtype {image.dtype}")
+    limit = max(MIN_RADIUS_LIMIT, *image.shape[-2:])
+    if 4 * params.sigma * params.k > limit:
+        raise ValueError(
+            f"sigma * k = {params.sigma * params.k:.4g} pixels (the outer Gaussian) is too wide for a {image.shape[-1]}x{image.shape[-2]} "
+            f"image: its radius 4 * sigma * k must be at most max({MIN_RADIUS_LIMIT}, the image's longer side) = {limit} pixels"
+        )
     batch = image if image.dim() == 4 else image.unsqueeze(0)
     gray = rgb_to_grayscale(batch) if batch.shape[1] == 3 else batch
     sharpened = (1 + params.p) * _gaussian(gray, params.sigma) - params.p * _gaussian(gray, params.sigma * params.k)
