@@ -437,7 +437,10 @@ void nll_loss_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // reduced-precision GEMM would round every score to the input dtype, which moves losses by ~1e-4
 // and can change which key is the hardest negative. O((N + M) D) more memory, never N x M.
 at::Tensor score_input(const at::Tensor& x) {
-  return corr_stat_type(x) == x.scalar_type() ? x.contiguous() : x.to(corr_stat_type(x)).contiguous();
+  // A dtype change writes the contiguous copy itself: one copy, not two, for a strided input. (With
+  // the dtype unchanged, to() would return a strided x as it is.)
+  const auto type = corr_stat_type(x);
+  return type == x.scalar_type() ? x.contiguous() : x.to(type, false, false, at::MemoryFormat::Contiguous);
 }
 
 // Zero-filled contiguous gradient accumulators in the accumulator type.
