@@ -236,7 +236,8 @@ def build_loss(config: TrainConfig, generator: Generator, discriminator: PatchDi
 
 def _ignore_interrupts(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; workers keep serving so the main process can
-    # finish its step and save (see _InterruptFlag).
+    # finish its step and save (see _InterruptFlag). Workers usually start ignoring it already
+    # (_workers_start_ignoring_interrupts); this covers loaders started off the main thread.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
